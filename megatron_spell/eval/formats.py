@@ -1,0 +1,332 @@
+"""Evaluation input formats: load benchmark files into typed `EvalExample` records (spec section 8.1).
+
+Supported formats (detected from the fields of the first record, or forced with `format=`):
+
+| format         | fields used                                              | task            |
+|----------------|----------------------------------------------------------|-----------------|
+| `hotpotqa`     | official dev JSON: `question`, `answer`, `context` as     | doc_general_qa  |
+|                | [title, [sentences]] pairs (`_id`)                        |                 |
+| `longbench`    | LongBench / LongBench-E JSONL: `input`, `context`,        | doc_general_qa  |
+|                | `answers` (`dataset`, `_id`)                              |                 |
+| `longbench_v2` | `question`, `choice_A`..`choice_D`, `answer` (a letter),  | doc_mc          |
+|                | `context` (`_id`)                                         |                 |
+| `docmath`      | DocMath-Eval: `paragraphs`, `question`, numeric           | docmath_qa      |
+|                | `ground_truth` (`question_id`)                            |                 |
+| `corpus`       | our corpus rows with questions: `paragraphs`, `question`, | from            |
+|                | `answer` (`data_source`, optional `task`, `options`)      | `data_source`   |
+
+Files may be a JSON array, a JSON object holding a list under `data`, or JSONL (one object per line).
+
+Context rendering follows the reference's generate.py (spec 8.1): DocMath paragraphs and corpus paragraphs are
+joined by a newline; LongBench contexts are used as given. The official HotpotQA dev file is not in the
+reference (it uses LongBench-E's hotpotqa); its paragraphs are rendered like the reference's Frames items
+(title, newline, the sentences concatenated), joined by a newline.
+
+Deliberate deviations:
+* All gold answers are kept (LongBench's `answers` list); the protocol scores a prediction against each and
+  takes the best, as LongBench's own metric does. The reference uses `answers[0]` only.
+* A corpus row's task comes from an explicit `task` field when present, otherwise from `data_source` with the
+  scorer dispatch of spec 3.1 (`doc_mc` -> doc_mc, `docmath` -> docmath_qa, anything else -> doc_general_qa).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_spell.types import Task
+
+logger = logging.getLogger(__name__)
+
+MC_LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    """One evaluation question.
+
+    `question` is what follows the documents in the responder prompt; for multiple choice it already holds the
+    choices block. `references` are the bare gold answers (an MC letter, a number as text, or answer phrases).
+    """
+
+    id: str
+    benchmark: str
+    task: Task
+    documents: str
+    question: str
+    references: tuple[str, ...]
+
+
+def format_mc_question(question: str, options: dict[str, str]) -> str:
+    """Render a multiple-choice block: the question, then one `X. option` line per letter A-D."""
+    lines = [question.strip(), ""]
+    lines += [f"{letter}. {str(options[letter]).strip()}" for letter in MC_LETTERS]
+    return "\n".join(lines)
+
+
+def format_number(value: Any) -> str:
+    """Render a numeric ground truth as text (integers without a trailing `.0`)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value)
+    return str(value).strip()
+
+
+def task_from_data_source(data_source: str) -> Task:
+    """Map a `data_source` name to its task with the scorer dispatch of spec 3.1."""
+    name = data_source.lower()
+    if "doc_mc" in name or "longbench_v2" in name or "longbench-v2" in name:
+        return Task.DOC_MC
+    if "docmath" in name:
+        return Task.DOCMATH_QA
+    return Task.DOC_GENERAL_QA
+
+
+def _str_id(row: dict, keys: tuple[str, ...], fallback: str) -> str:
+    for key in keys:
+        if row.get(key) not in (None, ""):
+            return str(row[key])
+    return fallback
+
+
+def _hotpotqa(row: dict, index: int, stem: str) -> EvalExample:
+    paragraphs = []
+    for pair in row["context"]:
+        title, sentences = pair[0], pair[1]
+        text = "".join(sentences) if isinstance(sentences, list) else str(sentences)
+        paragraphs.append(f"{title}\n{text.strip()}")
+    return EvalExample(
+        id=_str_id(row, ("_id", "id"), f"{stem}-{index}"),
+        benchmark="hotpotqa",
+        task=Task.DOC_GENERAL_QA,
+        documents="\n".join(paragraphs),
+        question=str(row["question"]).strip(),
+        references=(str(row["answer"]).strip(),),
+    )
+
+
+def _longbench(row: dict, index: int, stem: str) -> EvalExample:
+    answers = row["answers"]
+    if isinstance(answers, str):
+        answers = [answers]
+    dataset = str(row.get("dataset") or stem)
+    benchmark = dataset[:-2] if dataset.endswith("_e") else dataset
+    return EvalExample(
+        id=_str_id(row, ("_id", "id"), f"{stem}-{index}"),
+        benchmark=benchmark,
+        task=Task.DOC_GENERAL_QA,
+        documents=str(row["context"]),
+        question=str(row["input"]).strip(),
+        references=tuple(str(a).strip() for a in answers),
+    )
+
+
+def _longbench_v2(row: dict, index: int, stem: str) -> EvalExample:
+    options = {letter: row[f"choice_{letter}"] for letter in MC_LETTERS}
+    return EvalExample(
+        id=_str_id(row, ("_id", "id"), f"{stem}-{index}"),
+        benchmark="longbench-v2",
+        task=Task.DOC_MC,
+        documents=str(row["context"]),
+        question=format_mc_question(str(row["question"]), options),
+        references=(str(row["answer"]).strip().upper(),),
+    )
+
+
+def _docmath(row: dict, index: int, stem: str) -> EvalExample:
+    return EvalExample(
+        id=_str_id(row, ("question_id", "id", "_id"), f"{stem}-{index}"),
+        benchmark="docmath",
+        task=Task.DOCMATH_QA,
+        documents="\n".join(str(p) for p in row["paragraphs"]),
+        question=str(row["question"]).strip(),
+        references=(format_number(row["ground_truth"]),),
+    )
+
+
+def _corpus(row: dict, index: int, stem: str) -> EvalExample:
+    data_source = str(row.get("data_source") or stem)
+    task = Task(row["task"]) if row.get("task") else task_from_data_source(data_source)
+    question = str(row["question"]).strip()
+    options = row.get("options")
+    if isinstance(options, dict) and all(letter in options for letter in MC_LETTERS):
+        task = Task.DOC_MC
+        question = format_mc_question(question, options)
+    answer = row["answer"]
+    if task is Task.DOCMATH_QA:
+        reference = format_number(answer)
+    elif task is Task.DOC_MC:
+        reference = str(answer).strip().upper()
+    else:
+        reference = str(answer).strip()
+    paragraphs = row["paragraphs"]
+    documents = paragraphs if isinstance(paragraphs, str) else "\n".join(str(p) for p in paragraphs)
+    return EvalExample(
+        id=_str_id(row, ("question_id", "id", "_id"), f"{stem}-{index}"),
+        benchmark=data_source,
+        task=task,
+        documents=documents,
+        question=question,
+        references=(reference,),
+    )
+
+
+@dataclass(frozen=True)
+class _Format:
+    required: tuple[str, ...]
+    build: Callable[[dict, int, str], EvalExample]
+
+
+# Detection order matters: the more specific field sets come first.
+FORMATS: dict[str, _Format] = {
+    "longbench_v2": _Format(
+        ("question", "choice_A", "choice_B", "choice_C", "choice_D", "answer", "context"),
+        _longbench_v2,
+    ),
+    "hotpotqa": _Format(("question", "answer", "context"), _hotpotqa),
+    "longbench": _Format(("input", "context", "answers"), _longbench),
+    "docmath": _Format(("paragraphs", "question", "ground_truth"), _docmath),
+    "corpus": _Format(("paragraphs", "question", "answer"), _corpus),
+}
+
+
+def detect_format(row: dict) -> str | None:
+    """Return the name of the first format whose required fields the row has, or None."""
+    for name, fmt in FORMATS.items():
+        if all(key in row for key in fmt.required):
+            if name == "hotpotqa" and not isinstance(row["context"], list):
+                continue
+            return name
+    return None
+
+
+def _supported() -> str:
+    return "; ".join(f"{name} ({', '.join(fmt.required)})" for name, fmt in FORMATS.items())
+
+
+def read_records(path: Path) -> list[dict]:
+    """Read a JSON array, a JSON object with a `data` list, or JSONL into a list of dicts."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped:
+        raise ValueError(f"{path}: the file is empty; expected JSON or JSONL records")
+    if stripped[0] == "[" or (stripped[0] == "{" and path.suffix == ".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}); use a JSON array or JSONL") from err
+        if isinstance(data, dict):
+            data = data.get("data", [data])
+        rows = list(data)
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({err})") from err
+    bad = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
+    if bad:
+        raise ValueError(
+            f"{path}: record {bad[0]} is not a JSON object; expected one object per record"
+        )
+    return rows
+
+
+def load_examples(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    task: Task | str | None = None,
+    limit: int | None = None,
+) -> list[EvalExample]:
+    """Load one benchmark file into `EvalExample` records.
+
+    `format` forces a format (see `FORMATS`); otherwise it is detected from the first record's fields.
+    `task` overrides the task of every example. `limit` keeps the first `limit` records.
+    Raises ValueError naming the file, the fields found and the supported formats when nothing matches.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--data {path}: no such file")
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"--format {format!r} is unknown; supported formats: {', '.join(FORMATS)}")
+    rows = read_records(path)
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        return []
+    name = format or detect_format(rows[0])
+    if name is None:
+        raise ValueError(
+            f"{path}: unknown evaluation format; fields found: {sorted(rows[0])}. "
+            f"Supported formats (required fields): {_supported()}. Pass --format to force one."
+        )
+    fmt = FORMATS[name]
+    examples = []
+    for index, row in enumerate(rows):
+        missing = [key for key in fmt.required if key not in row]
+        if missing:
+            raise ValueError(f"{path}: record {index} lacks {missing} required by format {name!r}")
+        example = fmt.build(row, index, path.stem)
+        if task is not None:
+            example = _with_task(example, Task(task))
+        examples.append(example)
+    logger.info("loaded %d examples from %s (format %s)", len(examples), path, name)
+    return _dedupe_ids(examples)
+
+
+def _with_task(example: EvalExample, task: Task) -> EvalExample:
+    return EvalExample(
+        id=example.id,
+        benchmark=example.benchmark,
+        task=task,
+        documents=example.documents,
+        question=example.question,
+        references=example.references,
+    )
+
+
+def _dedupe_ids(examples: Iterable[EvalExample]) -> list[EvalExample]:
+    """Make (benchmark, id) unique by suffixing repeats with `#k` (grouping keys must be unique)."""
+    seen: dict[tuple[str, str], int] = {}
+    out = []
+    for ex in examples:
+        key = (ex.benchmark, ex.id)
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        if count:
+            logger.warning(
+                "duplicate id %s in %s; renamed to %s#%d", ex.id, ex.benchmark, ex.id, count
+            )
+            ex = EvalExample(
+                f"{ex.id}#{count}", ex.benchmark, ex.task, ex.documents, ex.question, ex.references
+            )
+        out.append(ex)
+    return out
+
+
+def load_all(
+    paths: Iterable[str | Path],
+    *,
+    format: str | None = None,
+    task: Task | str | None = None,
+    limit: int | None = None,
+) -> list[EvalExample]:
+    """Load several files; (benchmark, id) stays unique across them."""
+    examples: list[EvalExample] = []
+    for path in paths:
+        examples += load_examples(path, format=format, task=task, limit=limit)
+    return _dedupe_ids(examples)
