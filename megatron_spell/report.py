@@ -1,0 +1,109 @@
+"""`megatron-spell report RUN_DIR`: a PNG of the main training curves and a short markdown summary.
+
+Reads only `RUN_DIR/metrics.jsonl` (written by `metrics.MetricsLogger`), so it works on a finished run, a
+running one, or a copy of the file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from megatron_spell.metrics import read_jsonl
+
+PANELS = (
+    ("Loss", ("train/loss",)),
+    ("Rewards", ("responder/reward_mean", "questioner/reward_mean", "verifier/reward_mean")),
+    (
+        "Questioner cases",
+        (
+            "questioner/bad_format_frac",
+            "questioner/bad_ground_frac",
+            "questioner/zero_variance_frac",
+        ),
+    ),
+    ("Verifier", ("verifier/agreement", "verifier/invalid_vote_frac")),
+    ("Context", ("questioner/docs_per_prompt", "data/history_size")),
+    (
+        "Time per step (s)",
+        ("timing/generate_s", "timing/train_s", "timing/sync_s", "timing/step_s"),
+    ),
+)
+
+
+def _series(rows: list[dict[str, float]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        value = row.get(key)
+        if value is not None and math.isfinite(value):
+            xs.append(int(row["step"]))
+            ys.append(float(value))
+    return xs, ys
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write `report.png` and `report.md` into `run_dir`; return a one-line description of both."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{metrics_path} does not exist: is {run_dir} a training run directory?"
+        )
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        raise ValueError(f"{metrics_path} has no rows yet: run at least one step")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=key.split("/", 1)[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"SPELL run {run_dir.name}: {len(rows)} steps")
+    fig.tight_layout()
+    png = run_dir / "report.png"
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+    md = run_dir / "report.md"
+    md.write_text(_markdown(run_dir.name, rows))
+    return f"wrote {png} and {md}"
+
+
+def _markdown(name: str, rows: list[dict[str, float]]) -> str:
+    keys = [k for _, ks in PANELS for k in ks]
+    lines = [
+        f"# SPELL run `{name}`",
+        "",
+        f"{len(rows)} steps logged (steps {int(rows[0]['step'])}..{int(rows[-1]['step'])}).",
+        "",
+        "| metric | first | last | mean |",
+        "|---|---|---|---|",
+    ]
+    for key in keys:
+        _, ys = _series(rows, key)
+        if ys:
+            lines.append(f"| {key} | {ys[0]:.4g} | {ys[-1]:.4g} | {sum(ys) / len(ys):.4g} |")
+    timing = [k for k in sorted(rows[-1]) if k.startswith("timing/")]
+    if timing:
+        total = rows[-1].get("timing/step_s") or sum(rows[-1][k] for k in timing)
+        lines += [
+            "",
+            "Time of the last step by phase:",
+            "",
+            "| phase | s | share |",
+            "|---|---|---|",
+        ]
+        for key in timing:
+            share = rows[-1][key] / total if total else float("nan")
+            lines.append(f"| {key[7:]} | {rows[-1][key]:.2f} | {share:.0%} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,50 @@
+"""MetricsLogger sinks (JSONL, TensorBoard event files) and the report PNG/markdown."""
+
+import math
+
+import pytest
+
+from megatron_spell.metrics import MetricsLogger, read_jsonl
+from megatron_spell.report import write_report
+
+
+def test_logger_writes_jsonl_tensorboard_and_report(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    for step in range(1, 4):
+        logger.add({"loss": 1.0 / step, "grad_norm": 0.5}, prefix="train")
+        logger.add({"responder/reward_mean": 0.1 * step, "questioner/bad_format_frac": 0.2})
+        with logger.timer("generate"):
+            pass
+        with logger.timer("generate"):
+            pass
+        out = logger.flush(step)
+        assert out["train/loss"] == pytest.approx(1.0 / step)
+        assert out["timing/generate_s"] >= 0.0
+    logger.close()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["responder/reward_mean"] == pytest.approx(0.3)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    msg = write_report(tmp_path)
+    assert "report.png" in msg
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    md = (tmp_path / "report.md").read_text()
+    assert "| train/loss | 1 | 0.3333 |" in md
+
+
+def test_disabled_logger_keeps_timers_and_writes_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path / "x", enabled=False)
+    with logger.timer("train"):
+        pass
+    logger.add({"a/b": math.nan})
+    out = logger.flush(1)
+    assert "timing/train_s" in out and math.isnan(out["a/b"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+        write_report(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no rows"):
+        write_report(tmp_path)
