@@ -40,7 +40,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "abort"
 
 
-class CaseType(str, enum.Enum):
+class CaseType(str, enum.Enum):  # noqa: UP042 (same form as Role and Task)
     """Why a questioner sample is not a "good" case (spec sections 1.3-1.5, 3.5).
 
     `BAD_FORMAT` (-1), `BAD_GROUND` (-0.5) and `ZERO_VARIANCE` (0) are penalised bad cases that can be sampled
