@@ -115,16 +115,6 @@ def validate_layout(parallel: ParallelConfig, shape: ModelShape, world_size: int
     ep = parallel.expert_model_parallel_size
     etp = parallel.expert_tensor_parallel_size or tp
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
-    mp = tp * pp * cp
-    if world_size % mp:
-        raise _err(
-            "world size",
-            world_size,
-            f"is not a multiple of TP*PP*CP = {tp}*{pp}*{cp} = {mp}",
-            f"launch a multiple of {mp} ranks or change the parallel sizes "
-            f"(divisors of {world_size}: {_divisors(world_size)})",
-        )
-    dp = world_size // mp
     if shape.num_attention_heads % tp:
         raise _err(
             "parallel.tensor_model_parallel_size",
@@ -157,6 +147,16 @@ def validate_layout(parallel: ParallelConfig, shape: ModelShape, world_size: int
             f"does not divide the {shape.num_experts} experts",
             f"use one of {_divisors(shape.num_experts)}",
         )
+    mp = tp * pp * cp
+    if world_size % mp:
+        raise _err(
+            "world size",
+            world_size,
+            f"is not a multiple of TP*PP*CP = {tp}*{pp}*{cp} = {mp}",
+            f"launch a multiple of {mp} ranks or change the parallel sizes "
+            f"(divisors of {world_size}: {_divisors(world_size)})",
+        )
+    dp = world_size // mp
     if (tp * cp * dp) % (etp * ep):
         raise _err(
             "parallel.expert_model_parallel_size x expert_tensor_parallel_size",
