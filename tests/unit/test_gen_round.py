@@ -1,0 +1,149 @@
+"""One generation round with a scripted generator: cases, rewards, verifier candidates, history (spec 1.1-1.5)."""
+
+import json
+
+from megatron_spell.config import SpellConfig
+from megatron_spell.gen_round import QuestionerInput, run_gen_round
+from megatron_spell.spell import prompts
+from megatron_spell.types import CaseType, Completion, DocSet, Role, Task
+
+DOCS = DocSet(
+    data_source="hotpotqa_docs",
+    question_id="row0",
+    paragraphs=("Alpha doc about Alice.", "Beta doc.", "Gamma doc."),
+)
+
+
+class FakeChat:
+    """render() gives each distinct text one token id; the generator maps it back."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def render(self, text):
+        self.texts.append(text)
+        return [len(self.texts) - 1]
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+
+def qa(question, answer):
+    return "Reasoning.\n```json\n" + json.dumps({"question": question, "answer": answer}) + "\n```"
+
+
+class FakeGenerator:
+    def __init__(self, chat):
+        self.chat = chat
+        self.calls = []
+
+    def _respond(self, text, n):
+        if text.startswith(prompts.questioner_prompt(Task.DOC_GENERAL_QA, ["x"])[:40]):
+            if "Alpha" in text and "Beta" in text and "Gamma" not in text:
+                return [qa("Who is in Alpha?", "Alice")]
+            if "Gamma" in text and "Alpha" not in text:
+                return ["I refuse to write JSON"]
+            if "Beta" in text and "Alpha" not in text:
+                return [qa("What is two plus two?", "four")]
+            return [qa("Which doc mentions Alice?", "Alpha")]
+        if text.startswith("Your job is to decide"):
+            yes = "Answer 1: Alice" in text or "Answer 1: Alpha" in text
+            if yes:
+                return ["Same.\n[[YES]]"] * (n - 1) + ["NOT the same.\n[[NO]]"]
+            return ["Different.\n[[NO]]"] * n
+        no_ctx = f"<text>\n{prompts.NO_CONTEXT}\n</text>" in text
+        if "two plus two" in text:
+            return ["The correct answer is four"] * n
+        if no_ctx:
+            return ["The correct answer is unknown"] * n
+        if "Who is in Alpha?" in text:
+            return ["The correct answer is Alice"] * (n // 2) + ["The correct answer is Bob"] * (
+                n - n // 2
+            )
+        if "Which doc mentions Alice?" in text:
+            return ["The correct answer is Alpha"] * n
+        return ["no idea"] * n
+
+    def generate(self, prompt_ids, n, *, max_tokens=None):
+        self.calls.append((len(prompt_ids), n))
+        out = []
+        for ids in prompt_ids:
+            texts = self._respond(self.chat.texts[ids[0]], n)
+            out.append(
+                [
+                    Completion(
+                        token_ids=(1, 2), text=t, logprobs=(-0.1, -0.2), finish_reason="stop"
+                    )
+                    for t in texts
+                ]
+            )
+        return out
+
+
+def test_round_cases_rewards_and_candidates():
+    chat = FakeChat()
+    gen = FakeGenerator(chat)
+    inputs = [
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),  # good, mixed
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(2,)),  # bad format
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(1,)),  # bad ground
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),  # all correct
+    ]
+    spell = SpellConfig(responder_n=4, verifier_n=4)
+    res = run_gen_round(inputs, gen, chat, spell, uid_prefix="s0r0", max_response_tokens=64)
+    cases = {s.uid: s.case for s in res.questioner}
+    assert cases == {
+        "s0r0q0": None,
+        "s0r0q1": CaseType.BAD_FORMAT,
+        "s0r0q2": CaseType.BAD_GROUND,
+        "s0r0q3": None,
+    }
+    # calls: questioner (4 prompts, n=1), pre-filter (3 parsed, n=1), responder (2 grounded, n=4), verifier
+    assert gen.calls[:3] == [(4, 1), (3, 1), (2, 4)]
+    groups = {g.uid: g for g in res.responder_groups}
+    assert set(groups) == {"s0r0q0", "s0r0q3"}
+    # verifier upgrades nothing here (it says NO to Bob): rewards equal the rule scores
+    assert groups["s0r0q0"].rewards == (1.0, 1.0, 0.0, 0.0)
+    assert groups["s0r0q3"].rewards == (1.0, 1.0, 1.0, 1.0)
+    assert all(t.role is Role.RESPONDER for t in groups["s0r0q0"].trajectories)
+    # every response is judged: 8 jobs; "Alice"/"Alpha" judged 3 YES + 1 NO (agreement 0.75, majority 1 =
+    # rule 1: candidates); "Bob" judged 4 NO (unanimous, agreement 1.0 > 0.99: not a candidate)
+    assert res.metrics["verifier/num_judged"] == 8
+    assert len(res.verifier_candidates) == 6
+    cand = res.verifier_candidates[0]
+    assert [t.reward for t in cand.trajectories] == [1.0, 1.0, 1.0, 0.0]
+    assert all(t.role is Role.VERIFIER for t in cand.trajectories)
+    assert res.metrics["questioner/bad_format_frac"] == 0.25
+    assert res.metrics["questioner/bad_ground_frac"] == 0.25
+    assert res.metrics["responder/reward_mean"] == 0.75
+    rates = {h.entry.question: h.success_rate for h in res.history}
+    assert rates == {"Who is in Alpha?": 0.5, "Which doc mentions Alice?": 1.0}
+    assert res.history[0].entry.evidence == (0, 1)
+
+
+def test_round_with_nothing_parsed_is_empty_not_a_crash():
+    chat = FakeChat()
+    gen = FakeGenerator(chat)
+    inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(2,))]
+    res = run_gen_round(inputs, gen, chat, SpellConfig(), uid_prefix="x", max_response_tokens=8)
+    assert res.responder_groups == [] and res.verifier_candidates == []
+    assert [s.case for s in res.questioner] == [CaseType.BAD_FORMAT]
+
+
+def test_overlong_responder_prompt_is_dropped():
+    chat = FakeChat()
+
+    class Overlong(FakeGenerator):
+        def generate(self, prompt_ids, n, *, max_tokens=None):
+            out = super().generate(prompt_ids, n, max_tokens=max_tokens)
+            return [
+                [] if n > 1 else o for o in out
+            ]  # the engine excludes the long responder prompts
+
+    gen = Overlong(chat)
+    inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
+    res = run_gen_round(
+        inputs, gen, chat, SpellConfig(responder_n=2), uid_prefix="x", max_response_tokens=8
+    )
+    assert res.responder_groups == [] and res.questioner == []
+    assert res.metrics["responder/overlong_dropped"] == 1
