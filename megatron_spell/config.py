@@ -10,6 +10,7 @@ Cross-checks that need the model shape or the world size (parallel layout, seque
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -175,6 +176,9 @@ class SpellConfig:
     verifier_lower: float = 0.51
     verifier_upper: float = 0.99
     tasks: tuple[str, ...] = TASKS
+    # what a step does when max_num_gen_batches rounds gave fewer than train_batch_size groups:
+    # "error" (the reference) or "train_available" (train on the groups there are; logged as batch/shortfall)
+    on_batch_shortfall: Literal["error", "train_available"] = "error"
 
     def __post_init__(self) -> None:
         _positive(
@@ -354,10 +358,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config {where}={value!r}: expected a number")
         return float(value)

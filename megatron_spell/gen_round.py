@@ -389,3 +389,41 @@ def as_chat_renderer(tokenizer) -> ChatRenderer:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return _Renderer()
+
+
+_SUMMED = ("num_", "_tokens", "overlong_dropped", "num_candidates")
+
+
+def merge_rounds(results: Sequence[RoundResult]) -> RoundResult:
+    """Concatenate the rounds of all rollout groups (rank order) and combine their metrics.
+
+    Counts (`num_*`, `*_tokens`, drops) are summed; fractions and means are averaged weighted by each part's
+    number of questioner prompts (responder/verifier means by their group and judgement counts).
+    """
+    merged = RoundResult()
+    for r in results:
+        merged.questioner += r.questioner
+        merged.responder_groups += r.responder_groups
+        merged.verifier_candidates += r.verifier_candidates
+        merged.history += r.history
+        merged.records += r.records
+    keys = {k for r in results for k in r.metrics}
+    for key in keys:
+        parts = [r for r in results if key in r.metrics]
+        if any(s in key for s in _SUMMED):
+            merged.metrics[key] = float(sum(r.metrics[key] for r in parts))
+            continue
+        weight_key = (
+            "responder/num_groups"
+            if key.startswith("responder/")
+            else "verifier/num_judged"
+            if key.startswith("verifier/")
+            else "questioner/num_prompts"
+        )
+        weights = [r.metrics.get(weight_key, 0.0) for r in parts]
+        total = sum(weights)
+        if total:
+            merged.metrics[key] = sum(w * r.metrics[key] for w, r in zip(weights, parts)) / total
+        else:
+            merged.metrics[key] = sum(r.metrics[key] for r in parts) / len(parts)
+    return merged
