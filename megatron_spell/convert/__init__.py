@@ -5,6 +5,7 @@ Megatron distributed checkpoints, `megatron_spell.convert.smollm2` builds the re
 """
 
 from megatron_spell.convert.stream import (
+    canonical_megatron_name,
     expected_megatron_names,
     hf_to_megatron_state_dict,
     megatron_to_hf,
@@ -13,6 +14,7 @@ from megatron_spell.convert.tables import ArchFamily, get_family, supported_arch
 
 __all__ = [
     "ArchFamily",
+    "canonical_megatron_name",
     "expected_megatron_names",
     "get_family",
     "hf_to_megatron_state_dict",

@@ -220,3 +220,13 @@ def megatron_to_hf(
             out.append(("lm_head.weight", cut))
         return out
     return [(names[0], tensor)]
+
+
+def canonical_megatron_name(name: str) -> str:
+    """Map a TE-spec or grouped-expert parameter name onto the local-spec name the tables use."""
+    for alias, canon in MEGATRON_ALIASES:
+        m = _regex(alias).match(name)
+        if m:
+            d = m.groupdict()
+            return _fmt(canon, d.get("i"), d.get("e"))
+    return name

@@ -1,0 +1,307 @@
+"""Megatron-Core distributed checkpoints of HF models: convert, load at any layout, export (issue 2, item 5).
+
+Checkpoint directory layout (Megatron-LM's, so a Megatron-LM run can `--load` it as a release checkpoint):
+
+    CKPT/latest_checkpointed_iteration.txt   "release"
+    CKPT/release/                            dist_checkpointing, torch_dist format
+                                             state dict {"model": GPTModel.sharded_state_dict(), ...}
+    CKPT/hf/                                 config.json, generation_config.json, tokenizer files
+    CKPT/conversion.json                     source dir, dtype, tensor count, megatron-core version
+
+How the keys are made exact: `convert_hf_to_megatron` builds the model at TP=PP=EP=1 in this process
+(`build_model`), copies the streamed, converted tensors into its parameters and saves
+`model.sharded_state_dict()`. So the keys, global shapes and layer/expert stacking are by construction what
+any GPTModel asks for; dist_checkpointing reshards at load (TP/PP/EP/VPP). Extra alias key: for MoE layers
+the local spec stores the pre-MLP norm as `mlp.linear_fc1.layer_norm_weight` while the Transformer Engine
+MoE spec asks for `pre_mlp_layernorm.weight`; both are written so either spec loads the checkpoint.
+
+Memory (measured, see tools/README or the converter report): the model is materialised once in the
+target dtype, plus one HF tensor at a time (safetensors are memory-mapped): peak ~ 1x model size + the
+process baseline (torch/megatron imports). Export: 1x model + one output shard (`max_shard_bytes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from megatron_spell.convert.hf_io import (
+    ShardedSafetensorsWriter,
+    check_hf_dir,
+    copy_hf_side_files,
+    hf_total_bytes,
+    iter_hf_tensors,
+)
+from megatron_spell.convert.stream import canonical_megatron_name, hf_to_megatron_state_dict
+from megatron_spell.convert.stream import megatron_to_hf as _megatron_to_hf
+from megatron_spell.convert.tables import get_family
+from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+apply_cpu_patches()  # before megatron imports; no-op with CUDA
+
+from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402
+from megatron.core.dist_checkpointing.validation import StrictHandling  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+HF_SUBDIR = "hf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ConversionStats:
+    """What one conversion moved and cost. peak_rss_mb is the process high-water mark (incl. imports)."""
+
+    tensors: int
+    bytes_written: int
+    seconds: float
+    baseline_rss_mb: float
+    peak_rss_mb: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class _SingleRank:
+    """ParallelConfig-like layout of the one-process conversion (TP=PP=CP=EP=1)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    sequence_parallel: bool = False
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def resolve_release_dir(ckpt_dir: str | os.PathLike[str]) -> Path:
+    """CKPT -> CKPT/<iteration dir> via the tracker file; a dist-checkpoint dir itself is returned as is."""
+    p = Path(ckpt_dir)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(p)!r} does not exist")
+    if (p / "metadata.json").is_file():
+        return p
+    tracker = p / TRACKER
+    if not tracker.is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} is not a Megatron checkpoint: no {TRACKER} and no metadata.json"
+        )
+    it = tracker.read_text().strip()
+    sub = p / (RELEASE if it == RELEASE else f"iter_{int(it):07d}")
+    if not (sub / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(sub)!r} named by {TRACKER} is missing or incomplete"
+        )
+    return sub
+
+
+def hf_dir_of(ckpt_dir: str | os.PathLike[str]) -> Path:
+    """The HF config/tokenizer directory stored inside a converted checkpoint."""
+    p = Path(ckpt_dir) / HF_SUBDIR
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} has no config.json (not written by convert_hf_to_megatron?)"
+        )
+    return p
+
+
+def _build_single_rank_model(hf_config: Any, dtype: torch.dtype):
+    from megatron_spell.mcore.model import build_model
+    from megatron_spell.mcore.parallel import init_parallel
+
+    ctx = init_parallel(_SingleRank())
+    (model,) = build_model(hf_config, ctx, dtype=dtype)
+    return model, ctx
+
+
+def _param_table(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Model tensors keyed by their canonical (local-spec, global-index at TP=PP=1) names."""
+    return {
+        canonical_megatron_name(n): t
+        for n, t in model.state_dict(keep_vars=True).items()
+        if not n.endswith("_extra_state")
+    }
+
+
+def _add_te_moe_norm_aliases(sd: dict[str, Any]) -> None:
+    """For MoE layers also store the pre-MLP norm under the TE MoE spec's key (see module docstring)."""
+    for name, sh in list(sd.items()):
+        if not (name.endswith("pre_mlp_layernorm.weight") and isinstance(sh, ShardedTensor)):
+            continue
+        if name.replace("pre_mlp_layernorm.weight", "mlp.router.weight") not in sd:
+            continue
+        alias = sh.key.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+        if alias != sh.key:
+            sd[name + ".__te_alias"] = dataclasses.replace(sh, key=alias)
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> ConversionStats:
+    """Convert an HF model directory into a Megatron-Core dist checkpoint at `out_dir` (layout above)."""
+    from megatron_spell.mcore.model import load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel
+
+    hf_path = check_hf_dir(hf_dir)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output directory {str(out)!r} is not empty; remove it or choose another")
+    hf_config = load_hf_config(hf_path)
+    get_family(hf_config)  # unsupported architectures fail before any heavy work
+    baseline, t0 = _rss_mb(), time.perf_counter()
+    model, _ = _build_single_rank_model(hf_config, dtype)
+    try:
+        params = _param_table(model)
+        shapes = {n: tuple(t.shape) for n, t in params.items()}
+        padded_vocab = shapes["embedding.word_embeddings.weight"][0]
+        stream = hf_to_megatron_state_dict(
+            iter_hf_tensors(hf_path),
+            hf_config,
+            padded_vocab_size=padded_vocab,
+            expected_shapes=shapes,
+        )
+        filled: set[str] = set()
+        total = hf_total_bytes(hf_path)
+        with (
+            torch.no_grad(),
+            tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar,
+        ):
+            for name, tensor in stream:
+                params[name].copy_(tensor)
+                filled.add(name)
+                bar.update(tensor.numel() * tensor.element_size())
+        if missing := sorted(set(params) - filled):
+            raise ValueError(
+                f"the Megatron model has tensors the converter did not fill: {missing[:5]}"
+            )
+        release = out / RELEASE
+        release.mkdir(parents=True)
+        sd = model.sharded_state_dict()
+        _add_te_moe_norm_aliases(sd)
+        dist_checkpointing.save(
+            {"model": sd, "checkpoint_version": 3.0, "iteration": 0}, str(release)
+        )
+        (out / TRACKER).write_text(RELEASE)
+        copy_hf_side_files(hf_path, out / HF_SUBDIR)
+        nbytes = sum(t.numel() * t.element_size() for t in params.values())
+        stats = ConversionStats(len(filled), nbytes, time.perf_counter() - t0, baseline, _rss_mb())
+        meta = {
+            "source": str(hf_path.resolve()),
+            "dtype": str(dtype).removeprefix("torch."),
+            **_stats(stats),
+        }
+        (out / "conversion.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return stats
+    finally:
+        destroy_parallel()
+
+
+def _stats(s: ConversionStats) -> dict[str, Any]:
+    d = dataclasses.asdict(s)
+    d["mb_per_s"] = round(s.mb_per_s, 1)
+    import megatron.core
+
+    d["megatron_core"] = megatron.core.__version__
+    return d
+
+
+def load_checkpoint(
+    model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | os.PathLike[str], ctx: Any = None
+) -> None:
+    """Load a dist checkpoint into this rank's model chunks, for any TP/PP/EP/VPP layout.
+
+    Every rank of the job calls it. ValueError if the checkpoint lacks a tensor the model needs.
+    `ctx` (ParallelContext) is accepted for symmetry with the other mcore entry points; the layout is
+    taken from the chunks' sharded_state_dict.
+    """
+    del ctx
+    release = resolve_release_dir(ckpt_dir)
+    keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    sharded = {k: c.sharded_state_dict() for k, c in zip(keys, model_chunks, strict=True)}
+    loaded, missing, _unexpected = dist_checkpointing.load(
+        sharded, str(release), strict=StrictHandling.RETURN_ALL
+    )
+    if missing:
+        raise ValueError(
+            f"checkpoint {str(release)!r} lacks tensors the model needs: {sorted(missing)[:5]}"
+        )
+    for k, chunk in zip(keys, model_chunks, strict=True):
+        chunk.load_state_dict(loaded[k], strict=True)
+
+
+def convert_megatron_to_hf(
+    ckpt_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = True,
+) -> ConversionStats:
+    """Export a converted checkpoint to an HF directory (safetensors shards + index, config, tokenizer).
+
+    dtype: output dtype (default: the checkpoint's). Memory: the TP=1 model + one output shard.
+    """
+    from megatron_spell.mcore.model import load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel
+
+    resolve_release_dir(ckpt_dir)
+    hf_src = hf_dir_of(ckpt_dir)
+    hf_config = load_hf_config(hf_src)
+    get_family(hf_config)
+    meta_path = Path(ckpt_dir) / "conversion.json"
+    ck_dtype = torch.float32
+    if meta_path.is_file():
+        ck_dtype = getattr(torch, json.loads(meta_path.read_text()).get("dtype", "float32"))
+    out_dtype = dtype or ck_dtype
+    baseline, t0 = _rss_mb(), time.perf_counter()
+    model, ctx = _build_single_rank_model(hf_config, ck_dtype)
+    try:
+        load_checkpoint([model], ckpt_dir, ctx)
+        writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+        params = _param_table(model)
+        n = 0
+        for name, tensor in tqdm(params.items(), unit="tensor", disable=not progress):
+            for hf_name, hf_tensor in _megatron_to_hf(name, tensor.detach(), hf_config):
+                writer.add(hf_name, hf_tensor.to(out_dtype))
+                n += 1
+        writer.close()
+    finally:
+        destroy_parallel()
+    copy_hf_side_files(hf_src, out_dir)
+    _set_config_dtype(Path(out_dir) / "config.json", out_dtype)
+    return ConversionStats(n, writer.total_bytes, time.perf_counter() - t0, baseline, _rss_mb())
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    cfg = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = name
+    if "dtype" not in cfg and "torch_dtype" not in cfg:
+        cfg["dtype"] = name
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
