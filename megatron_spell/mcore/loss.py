@@ -1,0 +1,128 @@
+"""PPO clipped policy loss with dual clip, low-variance KL and entropy bonus (spell-algorithm.md section 5).
+
+Per response token (verl `core_algos.compute_policy_loss`, vanilla mode):
+
+    ratio = exp(clamp(logp - old_logp, -20, 20))
+    L     = max(-A * ratio, -A * clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high))
+    L     = min(L, -A * clip_ratio_c)            if A < 0   (dual clip)
+    L    += kl_coef * clamp(exp(ref - logp) - (ref - logp) - 1, -10, 10)   (low_var_kl / k3)
+    L    -= entropy_coef * entropy
+
+Aggregation (deliberate deviation, spec section 9 item 12): the reference takes a token mean inside each
+micro-batch and weights micro-batches by `len(micro) / normalised_mini_batch_size`, which is neither a token
+mean nor a sequence mean of the global batch and depends on how dynamic batching happened to cut the batch
+(total weight ~1.3). Here every token carries a weight fixed by the *global* batch before packing:
+
+- `token_mean` (default): weight = 1 / (response tokens of the whole global batch, all DP ranks);
+- `seq_mean`: weight = 1 / (response tokens of its sequence * sequences in the global batch).
+
+Summing `weight * L` over the local tokens of every micro-batch on every DP and CP rank gives exactly the
+global mean, so the loss and its gradient are invariant to the micro-batch cut, DP, CP, TP and PP. Gradients
+are therefore *summed* (not averaged) across DP x CP by the train step.
+
+Metrics are returned as weighted sums with the same weights, so summing them over micro-batches and ranks
+gives global means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_AGG_MODES = ("token_mean", "seq_mean")
+KL_LOSS_TYPES = ("low_var_kl",)
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Loss hyperparameters (TrainConfig names; defaults from spec section 5)."""
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    kl_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
+    entropy_coef: float = 0.0
+    loss_agg_mode: str = "token_mean"
+
+    def __post_init__(self) -> None:
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(
+                f"train.loss_agg_mode={self.loss_agg_mode!r} is not one of {LOSS_AGG_MODES}"
+            )
+        if self.kl_loss_type not in KL_LOSS_TYPES:
+            raise ValueError(
+                f"train.kl_loss_type={self.kl_loss_type!r} is not one of {KL_LOSS_TYPES}"
+            )
+        if self.clip_ratio_c <= 1.0:
+            raise ValueError(
+                f"train.clip_ratio_c must be > 1.0 (dual clip), got {self.clip_ratio_c}"
+            )
+
+
+def token_weights(
+    loss_mask: torch.Tensor,
+    seq_num_loss_tokens: torch.Tensor,
+    *,
+    mode: str,
+    global_num_loss_tokens: int,
+    global_num_sequences: int,
+) -> torch.Tensor:
+    """Per-token weights whose sum over all response tokens of the global batch is 1."""
+    if mode == "token_mean":
+        return loss_mask / max(global_num_loss_tokens, 1)
+    if mode == "seq_mean":
+        return loss_mask / (seq_num_loss_tokens.clamp(min=1) * max(global_num_sequences, 1))
+    raise ValueError(f"train.loss_agg_mode={mode!r} is not one of {LOSS_AGG_MODES}")
+
+
+def low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || ref), clamped to [-10, 10] (verl `kl_penalty`, low_var_kl)."""
+    kl = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    return (kl.exp() - kl - 1.0).clamp(-10.0, 10.0)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: PolicyLossConfig,
+    *,
+    entropy: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the per-token PPO loss; all inputs are 1-D over the same tokens.
+
+    `weights` is zero on non-response tokens (see `token_weights`). Returns (loss, metrics) where each metric
+    is a weighted sum (a 0-d tensor, detached): `pg_loss`, `clip_frac`, `ppo_kl`, `entropy`, `kl`.
+    """
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+    clipped = torch.maximum(pg1, pg2)
+    dual = torch.minimum(clipped, -advantages * cfg.clip_ratio_c)
+    pg = torch.where(advantages < 0, dual, clipped)
+    per_token = pg
+    metrics: dict[str, torch.Tensor] = {
+        "pg_loss": (weights * pg).sum().detach(),
+        "clip_frac": (weights * (pg2 > pg1).float()).sum().detach(),
+        "dual_clip_frac": (
+            weights * ((advantages < 0) & (clipped > -advantages * cfg.clip_ratio_c)).float()
+        )
+        .sum()
+        .detach(),
+        "ppo_kl": (weights * -log_ratio).sum().detach(),
+    }
+    if ref_logprobs is not None and cfg.kl_coef != 0.0:
+        kl = low_var_kl(logprobs, ref_logprobs)
+        per_token = per_token + cfg.kl_coef * kl
+        metrics["kl"] = (weights * kl).sum().detach()
+    if entropy is not None:
+        metrics["entropy"] = (weights * entropy).sum().detach()
+        if cfg.entropy_coef != 0.0:
+            per_token = per_token - cfg.entropy_coef * entropy
+    loss = (weights * per_token).sum()
+    return loss, metrics
