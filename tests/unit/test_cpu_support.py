@@ -1,0 +1,110 @@
+"""Tests for megatron_spell/mcore/cpu_support.py: Megatron-Core GPTModel runs on CPU after the patches."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.dist import run_distributed
+
+torch = pytest.importorskip("torch")
+if torch.cuda.is_available():  # the patches are a no-op with CUDA; these checks are CPU-only
+    pytest.skip("CPU-only checks", allow_module_level=True)
+
+
+def _tiny_gpt(moe: bool):  # noqa: ANN202
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        qk_layernorm=True,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        num_moe_experts=4 if moe else None,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=32 if moe else None,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+    )
+    spec = get_gpt_layer_local_spec(
+        num_experts=cfg.num_moe_experts, qk_layernorm=True, normalization="RMSNorm"
+    )
+    return GPTModel(
+        cfg, spec, vocab_size=128, max_sequence_length=64, position_embedding_type="rope"
+    )
+
+
+def _fwd_bwd_rank(rank: int, world_size: int, moe: bool) -> None:
+    from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+    apply_cpu_patches()
+    apply_cpu_patches()  # idempotent
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    ps.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    model = _tiny_gpt(moe)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (2, 12), generator=gen)
+    pos = torch.arange(12).expand(2, 12)
+    logits = model(ids, pos, None)  # no mask: the patched default causal mask on CPU
+    assert logits.shape == (2, 12, 128) and logits.device.type == "cpu"
+    assert torch.isfinite(logits).all()
+    logits.float().square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    # With top-2 of 4 experts some expert may get no token; every other parameter must get a grad.
+    assert all(".experts." in n for n in no_grad), no_grad
+    # Causality: changing the last token must not change earlier positions' logits.
+    ids2 = ids.clone()
+    ids2[:, -1] = (ids2[:, -1] + 1) % 128
+    with torch.no_grad():
+        a, b = model(ids, pos, None), model(ids2, pos, None)
+    assert torch.equal(a[:, :-1], b[:, :-1]) and not torch.equal(a[:, -1], b[:, -1])
+    ps.destroy_model_parallel()
+
+
+def _cuda_calls_rank(rank: int, world_size: int) -> None:
+    from torch.overrides import _get_current_function_mode_stack
+
+    from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+    apply_cpu_patches()
+    depth = len(_get_current_function_mode_stack())
+    apply_cpu_patches()
+    assert len(_get_current_function_mode_stack()) == depth == 1
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+    assert (
+        torch.ones(1).cuda().device.type == "cpu" and torch.ones(1).to("cuda").device.type == "cpu"
+    )
+    assert torch.cuda.current_device() == torch.device("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    s = torch.cuda.Stream()
+    assert isinstance(s, torch.cuda.Stream)  # still a class (transformers annotates with it)
+    with torch.cuda.stream(s):
+        s.wait_stream(torch.cuda.current_stream())
+    torch.cuda.Event().record()
+
+
+def _all_checks_rank(rank: int, world_size: int) -> None:
+    _cuda_calls_rank(rank, world_size)
+    _fwd_bwd_rank(rank, world_size, False)
+    _fwd_bwd_rank(rank, world_size, True)
+
+
+def test_cpu_patches_gpt_dense_and_moe_forward_backward() -> None:
+    # One spawned process for all checks: importing megatron dominates the time.
+    run_distributed(_all_checks_rank, 1, timeout=240)
