@@ -1,0 +1,59 @@
+"""History memory (spec 4.1) and the section 9 item 2 / item 15 decisions."""
+
+import json
+
+import pytest
+
+from megatron_spell.data.history import HistoryMemory, evidence_union
+from megatron_spell.types import HistoryEntry, Task
+
+
+def entry(q, ev=(0, 1)):
+    return HistoryEntry(tuple(ev), q, "ans")
+
+
+def test_default_gate_is_paper_r_que_positive():
+    """Decision: remember only 0 < mean < 1; the reference also stores mean == 1.0 ("too easy")."""
+    mem = HistoryMemory()
+    assert not mem.record(Task.DOC_MC, "r1", entry("q0"), 0.0)
+    assert not mem.record(Task.DOC_MC, "r1", entry("q1"), 1.0)
+    assert mem.record(Task.DOC_MC, "r1", entry("q2"), 0.125)
+    reference = HistoryMemory(lower=0.01, upper=1.0, inclusive=True)
+    assert reference.record(Task.DOC_MC, "r1", entry("q1"), 1.0)
+    assert not reference.record(Task.DOC_MC, "r1", entry("q3"), 0.005)
+
+
+def test_dedup_works():
+    """Decision: the reference's broken de-dup is fixed; the same question (modulo case/space) is kept once."""
+    mem = HistoryMemory()
+    assert mem.record("doc_mc", "r", entry("What is X?"), 0.5)
+    assert not mem.record("doc_mc", "r", entry("what  is x?", (3,)), 0.5)
+    assert mem.entries("doc_mc", "r") == [entry("What is X?")]
+
+
+def test_bounded_per_task_and_row():
+    mem = HistoryMemory(size=3)
+    for i in range(5):
+        mem.record(Task.DOCMATH_QA, "r", entry(f"q{i}", (i,)), 0.5)
+    assert [e.question for e in mem.entries(Task.DOCMATH_QA, "r")] == ["q2", "q3", "q4"]
+    assert mem.entries(Task.DOC_MC, "r") == []  # keyed by task too
+    assert evidence_union(mem.entries(Task.DOCMATH_QA, "r")) == [2, 3, 4]
+
+
+def test_serialisable_round_trip():
+    mem = HistoryMemory(size=2, lower=0.01, upper=0.99, inclusive=True)
+    mem.record(Task.DOC_MC, "a", entry("q1", (4, 2)), 0.5)
+    mem.record(Task.DOC_GENERAL_QA, "b", entry("q2"), 0.5)
+    state = json.loads(json.dumps(mem.state_dict()))
+    back = HistoryMemory.from_state_dict(state)
+    assert back.entries(Task.DOC_MC, "a") == mem.entries(Task.DOC_MC, "a")
+    assert back.entries(Task.DOC_GENERAL_QA, "b") == [entry("q2")]
+    assert (back.size, back.lower, back.upper, back.inclusive) == (2, 0.01, 0.99, True)
+    assert len(back) == 2
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="history_size"):
+        HistoryMemory(size=0)
+    with pytest.raises(ValueError, match="gate"):
+        HistoryMemory(lower=0.9, upper=0.1)
