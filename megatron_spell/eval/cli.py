@@ -4,7 +4,8 @@
         --max-input-tokens 16384 --out DIR
 
 Loads the files (`eval.formats`), starts the rollout engine (`rollout.engine.RolloutEngine`: vLLM, CPU or GPU,
-`--tensor-parallel-size` passed through), runs the protocol (`eval.protocol`, spec 8.1-8.2) and writes
+`--tensor-parallel-size` passed through; under torchrun the world is split into tensor-parallel replicas that
+share the questions), runs the protocol (`eval.protocol`, spec 8.1-8.2) and writes
 predictions, metrics, the markdown table and the pass@k plot (`eval.report`) to `--out`.
 All user errors are ValueErrors raised before the engine starts.
 """
@@ -58,6 +59,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     e.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU only: KV cache bound")
     e.add_argument("--seed", type=int, default=42, help="engine seed")
+    e.add_argument("--dtype", default="auto", help="vLLM dtype: auto, float32, bfloat16, float16")
     j = parser.add_argument_group("optional LLM judge (spec 8.2); final score = max(rule, judge)")
     j.add_argument("--judge", choices=["none", "engine", "openai"], default="none")
     j.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
@@ -111,11 +113,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def build_engine(args: argparse.Namespace) -> Any:
     """Start the rollout engine for `args.model` with the eval's lengths and sampling defaults."""
-    from megatron_spell.config import RolloutConfig
-    from megatron_spell.rollout.engine import RolloutEngine
+    from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
 
     judge_tokens = args.judge_max_tokens if args.judge == "engine" else 0
-    config = RolloutConfig(
+    settings = EngineSettings(
         temperature=args.temperature,
         top_p=args.top_p,
         max_prompt_length=args.max_input_tokens,
@@ -124,8 +125,47 @@ def build_engine(args: argparse.Namespace) -> Any:
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_gib=args.kv_cache_gib,
         seed=args.seed,
+        dtype=args.dtype,
     )
-    return RolloutEngine(args.model, config)
+    return RolloutEngine(args.model, settings)
+
+
+def _init_distributed(tp: int) -> tuple[int, int, int]:
+    """(rank, data-parallel rank, data-parallel size); initialises torch.distributed under torchrun.
+
+    Under `torchrun --nproc-per-node W` each rank hosts one engine; consecutive groups of `tp` ranks form one
+    tensor-parallel vLLM replica and the W / tp replicas split the questions between them.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if world % tp:
+        raise ValueError(f"--tensor-parallel-size {tp} must divide the world size {world}")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    return rank, rank // tp, world // tp
+
+
+def _gather_rows(rows: list[dict[str, Any]], dp_size: int) -> list[dict[str, Any]]:
+    """All ranks' rows in question order (rows carry their global `index`); identity without torchrun."""
+    if dp_size == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return rows
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo")  # object gathers on CPU whatever the main backend is
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows, group=group)
+    seen: dict[int, dict[str, Any]] = {}
+    for part in parts:  # tensor-parallel peers return the same rows; keep one copy
+        for row in part:
+            seen.setdefault(row["index"], row)
+    return [seen[i] for i in sorted(seen)]
 
 
 def _judge(args: argparse.Namespace, engine: Any, tokenizer: Any) -> Any:
@@ -159,6 +199,7 @@ def run_eval(args: argparse.Namespace) -> int:
     examples = load_all(args.data, format=args.format, task=args.task, limit=args.limit)
     if not examples:
         raise ValueError(f"--data {args.data}: no examples to evaluate")
+    rank, dp_rank, dp_size = _init_distributed(args.tensor_parallel_size)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -166,16 +207,30 @@ def run_eval(args: argparse.Namespace) -> int:
     engine = build_engine(args)
     judge = _judge(args, engine, tokenizer)
     t1 = time.monotonic()
+    indices = list(range(dp_rank, len(examples), dp_size))
     rows = evaluate(
-        examples, engine, tokenizer, settings, judge=judge, ks=ks, progress=not args.no_progress
+        [examples[i] for i in indices],
+        engine,
+        tokenizer,
+        settings,
+        judge=judge,
+        ks=ks,
+        progress=not args.no_progress and rank == 0,
     )
+    for i, row in zip(indices, rows, strict=True):
+        row["index"] = i
+    rows = _gather_rows(rows, dp_size)
     t2 = time.monotonic()
+    if rank != 0:
+        return 0
     run_settings = {
         "model": str(args.model),
         "data": [str(d) for d in args.data],
         "ks": list(ks),
         "judge": args.judge,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "data_parallel_size": dp_size,
+        "dtype": args.dtype,
         "seed": args.seed,
         **{k: getattr(settings, k) for k in settings.__dataclass_fields__},
         "engine_start_s": round(t1 - t0, 2),

@@ -176,8 +176,11 @@ def evaluate(
             temperature=settings.temperature,
             top_p=settings.top_p,
         )
-        if len(outs) != len(batch):
-            raise RuntimeError(f"engine returned {len(outs)} groups for {len(batch)} prompts")
+        if len(outs) != len(batch) or any(len(group) != settings.n for group in outs):
+            raise RuntimeError(
+                f"engine returned {[len(g) for g in outs]} samples for {len(batch)} prompts, "
+                f"expected {settings.n} each (was a prompt longer than the engine's limit?)"
+            )
         completions += outs
         bar.update(len(batch))
     bar.close()

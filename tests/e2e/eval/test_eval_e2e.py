@@ -1,0 +1,158 @@
+"""End to end: `python -m megatron_spell.eval` on a tiny real model through the real vLLM rollout engine.
+
+Checks the protocol's observable contract on real generation: every file is written, each question has n
+samples, long prompts are middle-truncated to exactly --max-input-tokens, and the markdown table agrees with
+the per-example JSONL (recomputed independently by brute force). A random tiny model answers nothing right, so
+an OpenAI-compatible judge (a local HTTP stub that says YES to some candidates) makes the scores non-trivial and
+exercises max(rule, judge) over real model text.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from megatron_spell.eval.cli import main
+from megatron_spell.eval.report import METRICS, PLOT, PREDICTIONS, TABLE
+from tests.unit.eval.recompute import assert_table_matches
+
+N = 4
+MAX_INPUT = 96
+
+LONG_CONTEXT = " ".join(
+    f"Passage {i}: the river town of Riverside built a bridge in year {1900 + i}."
+    for i in range(40)
+)
+
+
+def _write_data(tmp: Path) -> list[Path]:
+    longbench = tmp / "longbench_e.jsonl"
+    longbench.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {
+                    "_id": "lb-long",
+                    "input": "When was the bridge built?",
+                    "context": LONG_CONTEXT,
+                    "answers": ["1987"],
+                    "dataset": "hotpotqa_e",
+                },
+                {
+                    "_id": "lb-short",
+                    "input": "Who cut the ribbon?",
+                    "context": "The mayor, Anna Lopez, cut the ribbon.",
+                    "answers": ["Anna Lopez"],
+                    "dataset": "musique_e",
+                },
+            ]
+        )
+    )
+    v2 = tmp / "longbench_v2.json"
+    v2.write_text(
+        json.dumps(
+            [
+                {
+                    "_id": "v2-1",
+                    "question": "How long was the bridge?",
+                    "choice_A": "12 meters",
+                    "choice_B": "240 meters",
+                    "choice_C": "5 meters",
+                    "choice_D": "100 meters",
+                    "answer": "B",
+                    "context": "The bridge was 240 meters long.",
+                }
+            ]
+        )
+    )
+    docmath = tmp / "docmath.jsonl"
+    docmath.write_text(
+        json.dumps(
+            {
+                "question_id": "dm-1",
+                "paragraphs": ["The library had 12,000 books.", "It added 3,000 books."],
+                "question": "How many books does it have now?",
+                "ground_truth": 15000,
+            }
+        )
+        + "\n"
+    )
+    return [longbench, v2, docmath]
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """Says YES to a deterministic half of the candidates (by a checksum of the request)."""
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        content = body["messages"][0]["content"]
+        reply = "[[YES]]" if zlib.crc32(content.encode()) % 2 else "It is NOT a match. [[NO]]"
+        data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers.tiny_models import make_tiny_hf_model
+
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3")
+
+
+@pytest.mark.slow
+def test_eval_tiny_model_through_vllm(tiny_model: Path, tmp_path: Path) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "out"
+    argv = [
+        "--model", str(tiny_model),
+        "--n", str(N),
+        "--max-input-tokens", str(MAX_INPUT),
+        "--max-new-tokens", "12",
+        "--kv-cache-gib", "0.25",
+        "--batch-size", "2",
+        "--out", str(out),
+        "--judge", "openai",
+        "--judge-url", f"http://127.0.0.1:{server.server_address[1]}/v1",
+        "--judge-model", "stub",
+        "--no-progress",
+    ]  # fmt: skip
+    for path in _write_data(tmp_path):
+        argv += ["--data", str(path)]
+    try:
+        assert main(argv) == 0
+    finally:
+        server.shutdown()
+
+    for name in (PREDICTIONS, METRICS, TABLE, PLOT):
+        assert (out / name).stat().st_size > 0
+    rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
+    by_id = {r["id"]: r for r in rows}
+    assert sorted(by_id) == ["dm-1", "lb-long", "lb-short", "v2-1"]
+    assert [r["benchmark"] for r in rows] == ["hotpotqa", "musique", "longbench-v2", "docmath"]
+    for r in rows:
+        assert len(r["predictions"]) == len(r["scores"]) == len(r["rule_scores"]) == N
+        assert all(0 < t <= 12 for t in r["response_tokens"])
+        assert r["prompt_tokens"] <= MAX_INPUT
+        for rule, judge, final in zip(
+            r["rule_scores"], r["judge_scores"], r["scores"], strict=True
+        ):
+            assert final == (max(rule, judge) if judge is not None else rule)
+    long = by_id["lb-long"]
+    assert long["truncated"] and long["prompt_tokens"] == MAX_INPUT
+    assert long["prompt_tokens_untruncated"] > MAX_INPUT
+    assert by_id["v2-1"]["judge_scores"] == [None] * N  # no judge for multiple choice
+    judged = [j for r in rows for j in r["judge_scores"] if j is not None]
+    assert judged and 0 < sum(judged) < len(judged)  # the stub says YES to some, NO to others
+    assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1, 2, 4], n=N)
