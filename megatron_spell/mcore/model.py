@@ -1,0 +1,413 @@
+"""Build Megatron-Core GPT models from Hugging Face configs (Llama, Qwen2/2.5, Qwen3, Qwen3-MoE).
+
+Implements item 4 of issue 2 (model builder). `transformer_config_from_hf` maps an HF config onto a
+`TransformerConfig`; `build_model` builds one `GPTModel` chunk per virtual pipeline stage with the
+Transformer Engine layer spec when TE imports and the local spec otherwise; `layer_spec` is the hook through
+which the training engine swaps in its own core attention (packed THD sequences, context parallelism).
+
+Mapping decisions (see the report in issue 2 for the full per-family table):
+- Qwen3-MoE `norm_topk_prob=True` (renormalised top-k softmax) is Megatron's `moe_router_pre_softmax=False`
+  (softmax over the top-k logits, the same numbers); `norm_topk_prob=False` is `pre_softmax=True`.
+- For RL the MoE auxiliary loss is off by default (`moe_router_load_balancing_type="none"`,
+  `moe_aux_loss_coeff=0`); pass overrides to turn it on.
+- Router in fp32 (`moe_router_dtype="fp32"`), as HF computes the router softmax in fp32.
+- `batch_p2p_comm=False` without CUDA: batched p2p on gloo gives a silently wrong loss with interleaved
+  pipelines (docs/platform.md).
+- The vocabulary is padded only when TP does not divide it (to a multiple of 128 x TP, Megatron's rule);
+  `padded_vocab_size` tells converters and the logprob code the size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+apply_cpu_patches()  # before megatron imports (paged_stash stand-in); no-op with CUDA
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+)
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+
+from megatron_spell.mcore.parallel import ParallelConfigLike, ParallelContext  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# architectures entry -> model_type; the families this builder (and the converter) support.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+SUPPORTED_MODEL_TYPES = tuple(SUPPORTED_ARCHITECTURES.values())
+_VOCAB_DIVISIBLE_BY = 128  # Megatron's make_vocab_size_divisible_by default
+_LLAMA3_MEGATRON_DEFAULTS = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def _have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "no TE" (ImportError, CUDA errors)
+        return False
+    return torch.cuda.is_available()
+
+
+def load_hf_config(hf_dir: str | Path) -> Any:
+    """Load an HF config.json from a model directory; ValueError if it is missing or unsupported."""
+    from transformers import AutoConfig
+
+    path = Path(hf_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"HF model directory {str(path)!r} has no config.json; pass a model directory"
+        )
+    cfg = AutoConfig.from_pretrained(path)
+    model_family(cfg)  # fail early on unsupported architectures
+    return cfg
+
+
+def model_family(hf_config: Any) -> str:
+    """Return the model_type of a supported HF config, else ValueError listing the supported ones."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    model_type = getattr(hf_config, "model_type", None)
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch]
+    if not archs and model_type in SUPPORTED_MODEL_TYPES:
+        return str(model_type)
+    raise ValueError(
+        f"unsupported architecture {archs or None} (model_type {model_type!r}); supported: "
+        f"{', '.join(f'{a} ({t})' for a, t in SUPPORTED_ARCHITECTURES.items())}"
+    )
+
+
+def padded_vocab_size(hf_config: Any, tp: int) -> int:
+    """Megatron's vocab size for `hf_config` at tensor-parallel size `tp` (padded only if needed)."""
+    vocab = int(hf_config.vocab_size)
+    if vocab % tp == 0:
+        return vocab
+    multiple = _VOCAB_DIVISIBLE_BY * tp
+    return -(-vocab // multiple) * multiple
+
+
+# --- RoPE ------------------------------------------------------------------------------------------
+
+
+def rope_settings(hf_config: Any) -> dict[str, Any]:
+    """GPTModel RoPE kwargs (and yarn config attributes under "yarn") from an HF config.
+
+    Handles transformers 5 (`rope_parameters`) and older (`rope_theta` + `rope_scaling`) layouts.
+    """
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or params)
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        theta = 10000.0
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    out: dict[str, Any] = {
+        "position_embedding_type": "rope",
+        "rotary_base": float(theta),
+        "rotary_percent": float(
+            params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+            or 1.0
+        ),
+        "seq_len_interpolation_factor": None,
+        "rope_scaling": False,
+        "rope_scaling_factor": 8.0,
+    }
+    if rope_type == "default":
+        return out
+    factor = float(scaling.get("factor", 1.0))
+    if rope_type == "linear":
+        out["seq_len_interpolation_factor"] = factor
+    elif rope_type == "llama3":
+        for key, megatron_value in _LLAMA3_MEGATRON_DEFAULTS.items():
+            if float(scaling.get(key, megatron_value)) != float(megatron_value):
+                raise ValueError(
+                    f"rope_scaling llama3 with {key}={scaling.get(key)} is not supported: "
+                    f"Megatron-Core hard-codes {key}={megatron_value}"
+                )
+        out.update(rope_scaling=True, rope_scaling_factor=factor)
+    elif rope_type == "yarn":
+        if scaling.get("attention_factor") is not None:
+            raise ValueError("rope_scaling yarn with an explicit attention_factor is not supported")
+        out["position_embedding_type"] = "yarn"
+        out["yarn"] = {
+            "yarn_rotary_scaling_factor": factor,
+            "yarn_original_max_position_embeddings": int(
+                scaling.get("original_max_position_embeddings") or hf_config.max_position_embeddings
+            ),
+            "yarn_beta_fast": float(scaling.get("beta_fast") or 32.0),
+            "yarn_beta_slow": float(scaling.get("beta_slow") or 1.0),
+            "yarn_mscale": float(scaling.get("mscale") or 1.0),
+            "yarn_mscale_all_dim": float(scaling.get("mscale_all_dim") or 0.0),
+            "yarn_correction_range_round_to_int": bool(scaling.get("truncate", True)),
+        }
+    else:
+        raise ValueError(
+            f"rope_scaling type {rope_type!r} is not supported; supported: default, linear, "
+            "llama3 (Megatron's fixed low/high freq factors), yarn"
+        )
+    return out
+
+
+# --- TransformerConfig -------------------------------------------------------------------------------
+
+
+def _attention_fields(hf: Any, family: str) -> dict[str, Any]:
+    heads = int(hf.num_attention_heads)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    if family != "qwen2" and attention_bias:
+        raise ValueError(
+            f"{family}: attention_bias=True (bias on q/k/v and o_proj) is not supported; "
+            "Megatron's add_qkv_bias covers q/k/v only"
+        )
+    if getattr(hf, "use_sliding_window", False):
+        raise ValueError(f"{family}: use_sliding_window=True is not supported; set it to false")
+    return {
+        "num_attention_heads": heads,
+        "num_query_groups": int(getattr(hf, "num_key_value_heads", None) or heads),
+        "kv_channels": int(head_dim),
+        "add_qkv_bias": family == "qwen2",  # Qwen2 always has q/k/v biases (no o_proj bias)
+        "qk_layernorm": family in ("qwen3", "qwen3_moe"),
+        "attention_dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+    }
+
+
+def _moe_layer_pattern(hf: Any) -> list[int]:
+    """1 for MoE layers, 0 for dense ones (HF Qwen3-MoE's decoder_sparse_step / mlp_only_layers)."""
+    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
+    dense = set(getattr(hf, "mlp_only_layers", None) or [])
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(int(hf.num_hidden_layers))]
+
+
+def _moe_fields(hf: Any) -> dict[str, Any]:
+    if getattr(hf, "shared_expert_intermediate_size", 0):
+        raise ValueError("MoE shared experts (Qwen2-MoE style) are not supported")
+    pattern = _moe_layer_pattern(hf)
+    return {
+        "num_moe_experts": int(hf.num_experts),
+        "moe_router_topk": int(hf.num_experts_per_tok),
+        "moe_ffn_hidden_size": int(hf.moe_intermediate_size),
+        # norm_topk_prob: softmax over the top-k logits == renormalised top-k of the full softmax.
+        "moe_router_pre_softmax": not bool(getattr(hf, "norm_topk_prob", True)),
+        "moe_router_score_function": "softmax",
+        "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "none",  # RL: no auxiliary loss by default
+        "moe_aux_loss_coeff": 0.0,
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_grouped_gemm": _have_transformer_engine(),
+        "moe_layer_freq": 1 if all(pattern) else pattern,
+    }
+
+
+def _parallel_fields(parallel: ParallelConfigLike, dtype: torch.dtype) -> dict[str, Any]:
+    tp = parallel.tensor_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    cuda = torch.cuda.is_available()
+    return {
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": vpp if vpp and vpp > 1 else None,
+        "context_parallel_size": parallel.context_parallel_size,
+        "expert_model_parallel_size": parallel.expert_model_parallel_size,
+        "expert_tensor_parallel_size": parallel.expert_tensor_parallel_size or tp,
+        "sequence_parallel": bool(parallel.sequence_parallel),
+        "pipeline_dtype": dtype,
+        "variable_seq_lengths": True,  # packed RL micro-batches differ in length
+        # Megatron rejects variable_seq_lengths with its default allgather dispatcher, even for dense.
+        "moe_token_dispatcher_type": "alltoall",
+        "batch_p2p_comm": cuda,  # batched p2p on gloo: silently wrong loss with VPP
+        "use_cpu_initialization": not cuda,
+    }
+
+
+def transformer_config_from_hf(
+    hf_config: Any,
+    parallel: ParallelConfigLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> TransformerConfig:
+    """Map a supported HF config (+ parallel layout) to Megatron's TransformerConfig.
+
+    `overrides` replace any TransformerConfig field (for example recompute_granularity="full",
+    moe_aux_loss_coeff=1e-3); an unknown field name is a ValueError.
+    """
+    hf = hf_config
+    family = model_family(hf)
+    act = getattr(hf, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{family}: hidden_act={act!r} is not supported (SwiGLU with silu only)")
+    if family == "llama" and getattr(hf, "mlp_bias", False):
+        raise ValueError("llama: mlp_bias=True is not supported; Megatron biases are all-or-none")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    fields: dict[str, Any] = {
+        "num_layers": int(hf.num_hidden_layers),
+        "hidden_size": int(hf.hidden_size),
+        "ffn_hidden_size": int(hf.intermediate_size),
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": float(hf.rms_norm_eps),
+        "gated_linear_unit": True,
+        "activation_func": F.silu,
+        "add_bias_linear": False,
+        "hidden_dropout": 0.0,
+        "init_method_std": float(getattr(hf, "initializer_range", 0.02)),
+        "params_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "attention_softmax_in_fp32": True,
+        "apply_rope_fusion": False,
+        "bias_activation_fusion": False,
+        "bias_dropout_fusion": False,
+        "masked_softmax_fusion": False,
+        "persist_layer_norm": False,
+        "gradient_accumulation_fusion": False,
+        "cross_entropy_loss_fusion": False,
+        **_attention_fields(hf, family),
+        **_parallel_fields(parallel, dtype),
+    }
+    if family == "qwen3_moe":
+        fields.update(_moe_fields(hf))
+    valid = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown TransformerConfig override(s) {unknown}; check the field names")
+    fields.update(overrides)
+    config = TransformerConfig(**fields)
+    for key, value in rope_settings(hf).get("yarn", {}).items():
+        setattr(config, key, value)  # GPTModel reads the yarn_* settings as config attributes
+    return config
+
+
+# --- layer spec and model ----------------------------------------------------------------------------
+
+
+def _with_core_attention(spec: ModuleSpec, core_attention: Any) -> ModuleSpec:
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = core_attention
+    return spec
+
+
+def layer_spec(
+    config: TransformerConfig, *, core_attention: Any = None, vp_stage: int | None = None
+) -> Any:
+    """The transformer layer spec for `config` (TE when available, else local).
+
+    core_attention: a module class replacing the spec's core attention (DotProductAttention or
+    TEDotProductAttention), constructed by Megatron with the same arguments. Returns a ModuleSpec when all
+    layers are alike, or the TransformerBlockSubmodules of pipeline stage (`vp_stage`) for mixed
+    dense/MoE layers.
+    """
+    use_te = _have_transformer_engine()
+    if isinstance(config.moe_layer_freq, list) and config.num_moe_experts:
+        block = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
+        )
+        if core_attention is not None:
+            block.layer_specs = [_with_core_attention(s, core_attention) for s in block.layer_specs]
+        return block
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm,
+        )
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=False,
+            qk_layernorm=config.qk_layernorm,
+            normalization="RMSNorm",
+        )
+    return spec if core_attention is None else _with_core_attention(spec, core_attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ParallelOf:
+    """ParallelConfig-shaped view of a ParallelContext (for transformer_config_from_hf)."""
+
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    virtual_pipeline_model_parallel_size: int | None
+    context_parallel_size: int
+    expert_model_parallel_size: int
+    expert_tensor_parallel_size: int | None
+    sequence_parallel: bool
+
+
+def parallel_config_of(ctx: ParallelContext) -> _ParallelOf:
+    return _ParallelOf(ctx.tp, ctx.pp, ctx.vpp, ctx.cp, ctx.ep, ctx.etp, ctx.sequence_parallel)
+
+
+def build_model(
+    hf_config: Any,
+    ctx: ParallelContext,
+    *,
+    dtype: torch.dtype = torch.float32,
+    core_attention: Any = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> list[GPTModel]:
+    """Build this rank's GPTModel chunks (one per virtual pipeline stage) for `hf_config`.
+
+    Weights are randomly initialised; load a checkpoint into them (megatron_spell.mcore.checkpoint).
+    """
+    config = transformer_config_from_hf(
+        hf_config, parallel_config_of(ctx), dtype=dtype, **(config_overrides or {})
+    )
+    rope = {k: v for k, v in rope_settings(hf_config).items() if k != "yarn"}
+    vocab = padded_vocab_size(hf_config, ctx.tp)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    chunks = []
+    for stage in range(ctx.vpp):
+        vp_stage = stage if ctx.vpp > 1 else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(
+                config, core_attention=core_attention, vp_stage=vp_stage
+            ),
+            vocab_size=vocab,
+            max_sequence_length=int(hf_config.max_position_embeddings),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=tied,
+            pg_collection=ctx.pg_collection,
+            vp_stage=vp_stage,
+            **rope,
+        )
+        if torch.cuda.is_available():
+            model = model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    logger.info(
+        "built %d GPTModel chunk(s): %s, %d layers, tied=%s, vocab=%d",
+        len(chunks),
+        model_family(hf_config),
+        config.num_layers,
+        tied,
+        vocab,
+    )
+    return chunks
