@@ -184,7 +184,7 @@ def _last_boxed(text: str) -> str | None:
 
 def parse_docmath_answer(text: str) -> str | None:
     """Number string of a docmath response: last balanced `\\boxed{}` or an "answer is N" phrase."""
-    text = text.replace("*", "")
+    text = text.replace("*", "").replace("\u2212", "-")
     if "\\boxed{" in text:
         boxed = _last_boxed(text)
         return None if boxed is None else boxed.replace(",", "").strip().rstrip(".")
@@ -233,6 +233,7 @@ def _safe_arith(expr: str) -> float | None:
 
 def _clean_number_text(text: str) -> str | None:
     s = text.strip().rstrip(".").strip()
+    s = s.replace("\u2212", "-").replace("\u2013", "-")  # unicode minus / en dash: keep the sign
     s = _SCALE_WORDS_RE.sub("", _CURRENCY_RE.sub("", s))
     s = re.split(r"[=≈]", s)[-1]
     for ch in "`%$°":

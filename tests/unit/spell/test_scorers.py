@@ -100,6 +100,7 @@ class TestDocMath:
             ("10%", 10.0),
             ("approximately 5 or 6", 5.0),
             ("-$5", -5.0),
+            ("\u22125.5", -5.5),  # unicode minus keeps its sign
             ("12 km", 12.0),
             ("USD 300", 300.0),
             ("x = 42", 42.0),
@@ -151,6 +152,8 @@ class TestDocMath:
         assert compare_two_numbers(-5.0, -5.0)
         assert score(Task.DOCMATH_QA, "the answer is -5", "5") == 0.0
         assert score(Task.DOCMATH_QA, "the answer is -5", "-5") == 1.0
+        assert score(Task.DOCMATH_QA, "the answer is \u22125", "-5") == 1.0  # unicode minus
+        assert score(Task.DOCMATH_QA, "the answer is \u22125", "5") == 0.0
 
 
 def test_scorer_task_dispatch():
