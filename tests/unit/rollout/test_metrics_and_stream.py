@@ -1,0 +1,50 @@
+"""Pure parts of the rollout package: logprob mismatch, sync stats, bucket flattening, tied-head insertion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_spell.rollout.metrics import WeightSyncStats, logprob_mismatch
+from megatron_spell.rollout.weights import _Counter, _with_tied_head, flatten
+
+
+def test_logprob_mismatch_mean_max():
+    m = logprob_mismatch([[-1.0, -2.0], [-0.5]], [[-1.5, -2.0], [-0.25]])
+    assert m.num_tokens == 3
+    assert m.max_abs == pytest.approx(0.5)
+    assert m.mean_abs == pytest.approx((0.5 + 0.0 + 0.25) / 3)
+    t = logprob_mismatch(torch.tensor([-1.0, -3.0]), torch.tensor([-1.0, -2.0]))
+    assert (t.mean_abs, t.max_abs) == (pytest.approx(0.5), pytest.approx(1.0))
+    with pytest.raises(ValueError, match="sequence 0"):
+        logprob_mismatch([[-1.0]], [[-1.0, -2.0]])
+
+
+def test_sync_stats_rate():
+    s = WeightSyncStats(seconds=2.0, num_bytes=4_000_000_000, num_tensors=3)
+    assert s.gb_per_s == pytest.approx(2.0)
+    assert s.as_metrics()["timing/weight_sync_s"] == 2.0
+
+
+def test_flatten_buckets_and_tied_head():
+    emb, w = torch.ones(4, 2), torch.zeros(3)
+    buckets = [[("model.embed_tokens.weight", emb)], [("model.norm.weight", w)]]
+    counter = _Counter()
+    out = list(_with_tied_head(flatten(buckets), True, counter))
+    assert [n for n, _ in out] == [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+    ]
+    assert out[1][1] is emb
+    assert counter.num_tensors == 2 and counter.num_bytes == (8 + 3) * 4
+    # an explicit lm_head in the stream is not duplicated; untied models get no extra head
+    pairs = [("model.embed_tokens.weight", emb), ("lm_head.weight", emb)]
+    assert [n for n, _ in _with_tied_head(iter(pairs), True, _Counter())] == [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    ]
+    assert [n for n, _ in _with_tied_head(flatten(buckets), False, _Counter())] == [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+    ]
