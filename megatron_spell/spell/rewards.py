@@ -19,7 +19,7 @@ from megatron_spell.types import CaseType
 
 GAUSSIAN_SIGMA = 1.0 / 6.0
 MAPPINGS = ("gaussian", "reverse", "rzero")
-COMBINES = ("max", "mean", "min", "sum")
+COMBINES = ("max", "mean", "min", "sum", "rule")
 BAD_CASE_REWARDS: dict[CaseType, float] = {
     CaseType.BAD_FORMAT: -1.0,
     CaseType.BAD_GROUND: -0.5,
@@ -31,7 +31,7 @@ def responder_reward(rule_score: float, majority_vote: int, combine: str = "max"
     """Eq. 6: combine the rule score with a valid verifier majority (0 or 1); else the rule score."""
     if combine not in COMBINES:
         raise ValueError(f"reward_combine={combine!r}: expected one of {COMBINES}")
-    if majority_vote not in (0, 1):
+    if majority_vote not in (0, 1) or combine == "rule":
         return float(rule_score)
     v = float(majority_vote)
     if combine == "max":

@@ -37,6 +37,9 @@ ADVERSARIAL = [
     "0/0",
     "The correct answer is " + "A" * 100000,
     "x" * 2_000_000,
+    "the answer is (" * 20000,
+    "answer is " * 50000,
+    "[[YES" * 50000,
 ]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 texts = st.one_of(

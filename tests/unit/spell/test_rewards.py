@@ -66,6 +66,7 @@ def test_bad_case_values():
         (1.0, 1, "sum", 2.0),
         (0.0, -1, "max", 0.0),  # invalid majority: the rule score
         (1.0, -100, "min", 1.0),  # not judged: the rule score
+        (0.0, 1, "rule", 0.0),  # "rule" ignores the verifier
     ],
 )
 def test_responder_reward(rule, vote, combine, expected):
