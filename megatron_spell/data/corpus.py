@@ -67,13 +67,17 @@ def resolve_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
     import datasets  # imported lazily: it is heavy and only data loading needs it
 
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(
-            SUFFIXES[path.suffix], data_files=str(path), split="train", keep_in_memory=True
+            SUFFIXES[path.suffix],
+            data_files=str(path),
+            split="train",
+            keep_in_memory=True,
+            cache_dir=cache_dir,
         )
     except Exception as exc:  # datasets raises many types for unreadable files
         raise ValueError(f"corpus file {path} could not be read: {exc}") from exc
@@ -109,14 +113,20 @@ def _row_to_docset(row: dict[str, Any], path: Path, index: int) -> tuple[DocSet 
     return DocSet(data_source=source, question_id=str(qid), paragraphs=tuple(docs)), empty
 
 
-def load_corpus(paths: str | Path | Sequence[str | Path]) -> tuple[list[DocSet], CorpusStats]:
-    """Load every row of every corpus file, in file order then row order (see module docstring)."""
+def load_corpus(
+    paths: str | Path | Sequence[str | Path], *, cache_dir: str | Path | None = None
+) -> tuple[list[DocSet], CorpusStats]:
+    """Load every row of every corpus file, in file order then row order (see module docstring).
+
+    `cache_dir` is the `datasets` cache (default: its usual ~/.cache/huggingface/datasets).
+    """
     files = resolve_files(paths)
     rows: list[DocSet] = []
     seen: dict[tuple[str, str], str] = {}
     empty_docs = empty_rows = 0
     for path in files:
-        for index, row in enumerate(_read_rows(path)):
+        rows_of_file = _read_rows(path, None if cache_dir is None else str(cache_dir))
+        for index, row in enumerate(rows_of_file):
             docset, empty = _row_to_docset(row, path, index)
             empty_docs += empty
             if docset is None:

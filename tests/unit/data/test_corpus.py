@@ -1,12 +1,20 @@
 """Corpus loading through `datasets` (spec 7.2): formats, directories, schema errors, empty documents."""
 
+import functools
 import json
 
 import pandas as pd
 import pytest
 
-from megatron_spell.data.corpus import load_corpus, resolve_files, source_prefix
+from megatron_spell.data import corpus
+from megatron_spell.data.corpus import resolve_files, source_prefix
 from megatron_spell.types import DocSet
+
+
+@pytest.fixture
+def load_corpus(tmp_path_factory):
+    """`corpus.load_corpus` with a private datasets cache (keeps the tests out of the user's home)."""
+    return functools.partial(corpus.load_corpus, cache_dir=tmp_path_factory.mktemp("hf_cache"))
 
 
 def write_jsonl(path, rows):
@@ -14,7 +22,7 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_three_formats_and_directory(tmp_path):
+def test_three_formats_and_directory(load_corpus, tmp_path):
     rows = [
         {"data_source": "docmath_a", "question_id": "m1", "paragraphs": ["p1", "p2"], "extra": 1},
         {"data_source": "ultrafineweb_b", "question_id": "u1", "paragraphs": ["x"]},
@@ -39,7 +47,7 @@ def test_three_formats_and_directory(tmp_path):
     assert sorted(same, key=lambda d: d.question_id) == sorted(docs, key=lambda d: d.question_id)
 
 
-def test_empty_documents_skipped_and_counted(tmp_path):
+def test_empty_documents_skipped_and_counted(load_corpus, tmp_path):
     path = write_jsonl(
         tmp_path / "e.jsonl",
         [
@@ -64,7 +72,7 @@ def test_empty_documents_skipped_and_counted(tmp_path):
         ({"data_source": "d_x", "question_id": "", "paragraphs": ["a"]}, "row 1: question_id"),
     ],
 )
-def test_schema_errors_name_file_and_row(tmp_path, row, message):
+def test_schema_errors_name_file_and_row(load_corpus, tmp_path, row, message):
     good = {"data_source": "d_x", "question_id": "0", "paragraphs": ["a"]}
     path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(ValueError, match=message) as info:
@@ -72,7 +80,7 @@ def test_schema_errors_name_file_and_row(tmp_path, row, message):
     assert "bad.jsonl" in str(info.value)
 
 
-def test_missing_column_and_duplicates(tmp_path):
+def test_missing_column_and_duplicates(load_corpus, tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"data_source": "d_x", "paragraphs": ["a"]}])
     with pytest.raises(ValueError, match=r"m\.jsonl.*question_id"):
         load_corpus(path)
@@ -82,7 +90,7 @@ def test_missing_column_and_duplicates(tmp_path):
         load_corpus(path)
 
 
-def test_bad_paths(tmp_path):
+def test_bad_paths(load_corpus, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         resolve_files(tmp_path / "nope.jsonl")
     (tmp_path / "x.csv").write_text("a")
