@@ -90,6 +90,7 @@ def test_reference_sizes_1024_128_128_128():
 
 
 def test_bad_case_carry_over():
+    """Spec 1.6 carry-over; section 9 item 16: ratio 0 disables bad cases, 1 = as many bad as good."""
     rng = random.Random(1)
     good = {Task.DOC_MC: 10, Task.DOCMATH_QA: 5}
     pools = {
@@ -125,6 +126,7 @@ def test_verifier_sampling():
 
 
 def test_world_size_truncation():
+    """Section 9 item 11: bad and verifier parts are cut to a multiple of the data-parallel size."""
     assert truncate_to_multiple(list(range(13)), 4) == list(range(12))
     rng = random.Random(0)
     config = BatchConfig(

@@ -70,6 +70,7 @@ def test_bad_case_values():
     ],
 )
 def test_responder_reward(rule, vote, combine, expected):
+    """Eq. 6; section 9 item 5: max (the default, kept for parity) lets the verifier only upgrade."""
     assert responder_reward(rule, vote, combine) == expected
 
 

@@ -64,6 +64,7 @@ def test_agreement_ratio():
 
 
 def test_candidate_selection_maj_cons_and_bounds():
+    """Section 9 item 4: maj_cons (default) keeps only groups agreeing with the rule score; maj drops it."""
     votes = [1] * 6 + [0] * 2  # agreement 0.75
     assert is_training_candidate(votes, rule_score=1.0)
     # maj_cons: majority must agree with the rule score (section 9 item 4) ...
