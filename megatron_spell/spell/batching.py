@@ -251,6 +251,14 @@ def build_final_batch(acc: StepAccumulator, config: BatchConfig, rng: random.Ran
         if group.uid not in seen and len(groups) < config.train_batch_size:
             seen.add(group.uid)
             groups.append(group)
+    odd = [g.uid for g in groups if len(g.trajectories) != config.responder_n]
+    if odd:
+        logger.warning(
+            "%d responder groups do not have spell.responder_n=%d responses (e.g. %s)",
+            len(odd),
+            config.responder_n,
+            odd[0],
+        )
     responder = [t for g in groups for t in g.trajectories]
     questioner: list[Trajectory] = []
     if config.update_questioner:
