@@ -65,6 +65,8 @@ class _AllGatherCP(torch.autograd.Function):
 
 
 def _seq_bounds(packed_seq_params, total: int) -> list[int]:
+    if packed_seq_params is None:
+        return [0, total]
     cu = packed_seq_params.cu_seqlens_q_padded
     if cu is None:
         cu = packed_seq_params.cu_seqlens_q

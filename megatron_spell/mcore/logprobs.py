@@ -48,9 +48,19 @@ def _chunk_stats(z: torch.Tensor, labels: torch.Tensor, vocab_start: int, group)
     return lse, target, ez / sum_e
 
 
+_MASKED = -1e30  # logit of padded vocabulary rows (finite: keeps p * z at 0 instead of nan)
+
+
+def _scaled_logits(hidden, weight, inv_temp, valid_cols):
+    z = (hidden @ weight.t()).float() * inv_temp
+    if valid_cols < z.size(-1):
+        z[:, max(valid_cols, 0) :] = _MASKED
+    return z
+
+
 class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, inv_temp, chunk_size, group, vocab_start):
+    def forward(ctx, hidden, weight, labels, inv_temp, chunk_size, group, vocab_start, valid_cols):
         n = hidden.size(0)
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs)
@@ -58,7 +68,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         mean_z_all = torch.empty_like(logprobs)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = (hidden[s:e] @ weight.t()).float() * inv_temp
+            z = _scaled_logits(hidden[s:e], weight, inv_temp, valid_cols)
             lse, target, mean_z = _chunk_stats(z, labels[s:e], vocab_start, group)
             del z
             logprobs[s:e] = target - lse
@@ -70,6 +80,7 @@ class _ChunkedLogprob(torch.autograd.Function):
             False
         )  # an unused output (often entropy) costs nothing in backward
         ctx.inv_temp, ctx.chunk_size, ctx.vocab_start = inv_temp, chunk_size, vocab_start
+        ctx.valid_cols = valid_cols
         return logprobs, entropy
 
     @staticmethod
@@ -81,7 +92,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         v_local = weight.size(0)
         for s in range(0, hidden.size(0), chunk_size):
             e = min(s + chunk_size, hidden.size(0))
-            z = (hidden[s:e] @ weight.t()).float() * inv_temp
+            z = _scaled_logits(hidden[s:e], weight, inv_temp, ctx.valid_cols)
             p = (z - lse_all[s:e, None]).exp()
             if grad_logprobs is not None:
                 g_lp = grad_logprobs[s:e].float()
@@ -100,7 +111,7 @@ class _ChunkedLogprob(torch.autograd.Function):
                 grad_hidden[s:e] = dz @ weight
             grad_weight += (dz.t() @ hidden[s:e]).float()
         grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_logprobs(
@@ -112,19 +123,29 @@ def chunked_logprobs(
     chunk_size: int = 1024,
     tp_group: dist.ProcessGroup | None = None,
     vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `labels` and entropy under softmax(hidden @ weight.T / temperature), chunked.
 
     hidden: [n, h] (already reduced/gathered for TP: identical on all TP ranks); weight: [V_local, h], the
     vocab rows [vocab_start, vocab_start + V_local) of the output layer on this TP rank; labels: [n] global
-    vocab ids. Returns fp32 (logprobs [n], entropy [n]). Differentiable in hidden and weight.
+    vocab ids. `vocab_size` is the true vocabulary: rows of a padded output layer at or beyond it are
+    excluded from the softmax (Megatron pads the vocab for TP; HF and vLLM do not). Returns fp32 (logprobs [n], entropy [n]). Differentiable in hidden and weight.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     if chunk_size <= 0:
         raise ValueError(f"train.logprob_chunk_size must be > 0, got {chunk_size}")
+    valid_cols = weight.size(0) if vocab_size is None else int(vocab_size) - int(vocab_start)
     return _ChunkedLogprob.apply(
-        hidden, weight, labels, 1.0 / temperature, int(chunk_size), tp_group, int(vocab_start)
+        hidden,
+        weight,
+        labels,
+        1.0 / temperature,
+        int(chunk_size),
+        tp_group,
+        int(vocab_start),
+        min(valid_cols, weight.size(0)),
     )
 
 

@@ -150,3 +150,14 @@ def test_chunked_logprob_peak_memory_bounded():
     full_logits = 16384 * 8192 * 4
     assert big < full_logits / 4, (small, big)
     assert big < 2.5 * small, (small, big)  # unchunked it would grow ~8x
+
+
+def test_padded_vocab_rows_are_excluded():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 8, generator=g)
+    weight = torch.randn(12, 8, generator=g)
+    labels = torch.randint(0, 10, (6,), generator=g)
+    lp, ent = chunked_logprobs(hidden, weight, labels, temperature=0.7, chunk_size=4, vocab_size=10)
+    ref_lp, ref_ent = reference_logprobs(hidden @ weight[:10].t(), labels, 0.7)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)

@@ -1,0 +1,160 @@
+"""Megatron DDP wrapping, the (distributed) Adam optimizer and the LR schedule (spec section 5).
+
+- `wrap_ddp`: Megatron's DistributedDataParallel around every model chunk, with
+  `calculate_per_token_loss=True` so that DDP *sums* gradients over DP x CP (the loss is already divided by
+  the global token count, see loss.py) and `finalize_model_grads` does no extra scaling.
+- `build_optimizer`: `megatron.core.optimizer.get_megatron_optimizer` with AdamW (betas 0.9/0.999, weight
+  decay 0.01, grad clip 1.0 by default), optionally the DistributedOptimizer.
+- `build_scheduler`: Megatron's `OptimizerParamScheduler` (constant LR 2e-6 with no warm-up by default, as the
+  reference; warm-up + cosine available).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+apply_cpu_patches()
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer settings (TrainConfig field names; defaults from spec section 5)."""
+
+    lr: float = 2e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    use_distributed_optimizer: bool = True
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # "constant" | "cosine" | "linear"
+    lr_decay_steps: int = 1
+
+
+def _cpu_clip_grad_by_total_norm_fp32(
+    parameters, max_norm, total_norm, use_decoupled_grad: bool = False
+) -> None:
+    """Megatron's clip without its `param.grad.type() == 'torch.cuda.FloatTensor'` assert (CPU only)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr, None) for p in parameters]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coeff, torch.Tensor):
+        coeff = coeff.clamp_max(1.0)
+    elif coeff >= 1.0:
+        return
+    for g in grads:
+        if g is not None:
+            g.detach().mul_(coeff)
+
+
+def _patch_clip_for_cpu() -> None:
+    """Workaround (belongs in cpu_support, owned by the foundation): Megatron's grad clipping asserts CUDA
+    tensors, so any clip_grad > 0 fails on CPU. Replaces the function where the optimizers look it up."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    optimizer_module.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+
+
+_patch_clip_for_cpu()
+
+
+def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, **kwargs):
+    """Grad all-reduce (DP x CP sum, SP norms, embeddings) without dividing by a token count."""
+    del num_tokens
+    return finalize_model_grads(model, None, pg_collection, **kwargs)
+
+
+def wrap_ddp(
+    chunks: list[torch.nn.Module], ctx: Any, *, use_distributed_optimizer: bool = True
+) -> list[DistributedDataParallel]:
+    """Wrap model chunks in Megatron DDP (grads reduced in fp32, summed over DP x CP)."""
+    config = chunks[0].config
+    config.calculate_per_token_loss = True  # before DDP: it fixes the gradient scaling factor
+    config.finalize_model_grads_func = _finalize_without_token_scaling
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+        average_in_collective=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=i > 0,  # Megatron-LM: only the first VPP chunk uses buckets
+                pg_collection=None,  # Megatron's parallel_state groups (same as ctx's)
+            )
+        )
+    return wrapped
+
+
+def build_optimizer(
+    ddp_chunks: list[DistributedDataParallel], cfg: OptimConfig, ctx: Any = None
+) -> Any:
+    """Megatron AdamW (fp32 params on CPU; bf16 params keep fp32 main weights on GPU)."""
+    model_config = ddp_chunks[0].config
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.grad_clip,
+        bf16=bool(model_config.bf16),
+        fp16=bool(model_config.fp16),
+        params_dtype=model_config.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(
+        opt_config,
+        ddp_chunks,
+        use_gloo_process_groups=not torch.cuda.is_available(),
+        pg_collection=None,
+    )
+
+
+def build_scheduler(optimizer: Any, cfg: OptimConfig) -> OptimizerParamScheduler:
+    """Constant LR by default; `lr_decay_style` cosine/linear with `lr_warmup_steps` linear warm-up."""
+    if cfg.lr_decay_style not in ("constant", "cosine", "linear"):
+        raise ValueError(f"lr_decay_style={cfg.lr_decay_style!r}: use constant, cosine or linear")
+    decay_steps = max(cfg.lr_decay_steps, cfg.lr_warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.lr_warmup_steps > 0 else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr if cfg.lr_decay_style != "constant" else cfg.lr,
+        lr_warmup_steps=cfg.lr_warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )

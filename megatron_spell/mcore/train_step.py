@@ -1,0 +1,325 @@
+"""One GRPO/PPO update and forward-only log-probs on Megatron-Core (spec sections 1.7 and 5).
+
+`PolicyEngine.train_step(samples)` performs exactly one optimizer step on the whole batch (ppo_epochs=1,
+one mini-batch, as the reference):
+
+1. `packing.pack_batch` plans the global batch (same plan on every rank), balances it over DP and builds this
+   rank's THD micro-batches (CP-split);
+2. Megatron's `get_forward_backward_func` runs them (no pipelining, 1F1B, or interleaved 1F1B with
+   `batch_p2p_comm=False` on gloo, set by the model builder); the model's `output_processor` hook turns the
+   final hidden states into response-token log-probs and entropies with `logprobs.chunked_logprobs`
+   (vocab-parallel, chunked), so no [tokens, vocab] logits tensor is built;
+3. `loss.policy_loss` with per-token weights normalised by the *global* response-token count (or sequence
+   count for seq_mean); gradients are summed over DP x CP by Megatron DDP (optimizer.wrap_ddp);
+4. non-finite loss or gradients on any rank skip the step everywhere (counted in `train/num_skipped_steps`);
+   otherwise the optimizer clips and steps, and the LR scheduler advances.
+
+`PolicyEngine.compute_logprobs(samples)` is the forward-only pass for old / reference log-probs: it returns
+the per-response-token log-probs of every sample, on every rank, in input order.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+apply_cpu_patches()
+
+from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.tensor_parallel import (  # noqa: E402
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from megatron_spell.mcore.logprobs import chunked_logprobs  # noqa: E402
+from megatron_spell.mcore.loss import PolicyLossConfig, policy_loss, token_weights  # noqa: E402
+from megatron_spell.mcore.packing import (  # noqa: E402
+    MicroBatch,
+    PackedBatch,
+    TrainSample,
+    pack_batch,
+    response_values,
+)
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl", "entropy", "kl")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of the update that are not optimizer settings (TrainConfig / RolloutConfig names)."""
+
+    temperature: float = 1.0  # rollout temperature: log-probs are taken of softmax(logits / T)
+    logprob_chunk_size: int = 1024
+    max_tokens_per_microbatch: int = 8192  # padded tokens per CP rank in one micro-batch
+    pad_token_id: int = 0
+    vocab_size: int | None = None  # the true (HF) vocabulary; padded output rows are masked
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+
+
+@dataclass
+class _Micro:
+    """Per-micro-batch tensors handed from the forward step to the output processor and the loss."""
+
+    mb: MicroBatch
+    select: torch.Tensor  # local positions that predict response tokens
+    labels: torch.Tensor
+    weights: torch.Tensor | None = None
+    old: torch.Tensor | None = None
+    adv: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+
+
+def _device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+class PolicyEngine:
+    """Train step and forward-only log-probs for DDP-wrapped Megatron model chunks."""
+
+    def __init__(
+        self,
+        models: list[Any],
+        ctx: Any,
+        cfg: EngineConfig,
+        *,
+        optimizer: Any = None,
+        scheduler: Any = None,
+    ):
+        self.models, self.ctx, self.cfg = models, ctx, cfg
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.num_skipped_steps = 0
+        self._device = _device()
+
+    # --- packing -------------------------------------------------------------------------------
+
+    def pack(self, samples: list[TrainSample]) -> PackedBatch:
+        c = self.ctx
+        return pack_batch(
+            samples,
+            max_tokens_per_microbatch=self.cfg.max_tokens_per_microbatch,
+            dp_size=c.dp,
+            dp_rank=c.dp_rank,
+            cp_size=c.cp,
+            cp_rank=c.cp_rank,
+            tp_size=c.tp,
+            sequence_parallel=c.sequence_parallel,
+            microbatch_multiple=c.pp if c.vpp > 1 else 1,
+            pad_id=self.cfg.pad_token_id,
+        )
+
+    def _micro(self, mb: MicroBatch, packed: PackedBatch | None, train: bool) -> _Micro:
+        d = self._device
+        select = torch.nonzero(mb.loss_mask > 0, as_tuple=False).flatten()
+        m = _Micro(mb=mb, select=select.to(d), labels=mb.labels[select].to(d))
+        if train:
+            assert packed is not None
+            w = token_weights(
+                mb.loss_mask,
+                mb.seq_num_loss_tokens,
+                mode=self.cfg.loss.loss_agg_mode,
+                global_num_loss_tokens=packed.global_num_loss_tokens,
+                global_num_sequences=packed.global_num_sequences,
+            )
+            m.weights = w[select].to(d)
+            m.old = mb.old_logprobs[select].to(d)
+            m.adv = mb.advantages[select].to(d)
+            if mb.ref_logprobs is not None:
+                m.ref = mb.ref_logprobs[select].to(d)
+        return m
+
+    # --- model call ------------------------------------------------------------------------------
+
+    def _output_processor(self, *, hidden_states, output_layer, output_weight, context, **_):
+        """[s(/tp), 1, h] final hidden states -> [2, n_response] (log-probs, entropies)."""
+        c = self.ctx
+        h = hidden_states
+        if c.sequence_parallel and c.tp > 1:
+            h = gather_from_sequence_parallel_region(h, True, c.tp_group)
+        elif c.tp > 1:
+            h = copy_to_tensor_model_parallel_region(h, c.tp_group)
+        h = h.squeeze(1).index_select(0, context.select)
+        weight = output_weight if output_weight is not None else output_layer.weight
+        lp, ent = chunked_logprobs(
+            h,
+            weight,
+            context.labels,
+            temperature=self.cfg.temperature,
+            chunk_size=self.cfg.logprob_chunk_size,
+            tp_group=c.tp_group if c.tp > 1 else None,
+            vocab_start=c.tp_rank * weight.size(0),
+            vocab_size=self.cfg.vocab_size,
+        )
+        return torch.stack([lp, ent])
+
+    def _forward_step(self, micros, train, data_iterator, model):
+        m: _Micro = micros[next(data_iterator)]
+        d = self._device
+        mb = m.mb
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=mb.cu_seqlens.to(d),
+            cu_seqlens_kv=mb.cu_seqlens.to(d),
+            cu_seqlens_q_padded=mb.cu_seqlens_padded.to(d),
+            cu_seqlens_kv_padded=mb.cu_seqlens_padded.to(d),
+            max_seqlen_q=mb.max_seqlen,
+            max_seqlen_kv=mb.max_seqlen,
+            cp_group=self.ctx.cp_group,
+        )
+        out = model(
+            mb.tokens[None].to(d),
+            mb.position_ids[None].to(d),
+            None,
+            packed_seq_params=params,
+            output_processor=self._output_processor,
+            output_processor_context=m,
+        )
+        loss_fn = self._train_loss if train else self._collect_logprobs
+        return out, functools.partial(loss_fn, m)
+
+    def _train_loss(self, m: _Micro, output: torch.Tensor):
+        lp, ent = output[0], output[1]
+        loss, metrics = policy_loss(
+            lp, m.old, m.adv, m.weights, self.cfg.loss, entropy=ent, ref_logprobs=m.ref
+        )
+        n = torch.tensor(int(m.select.numel()), dtype=torch.int)
+        return loss, n, {"loss": loss.detach(), **metrics}
+
+    @staticmethod
+    def _collect_logprobs(m: _Micro, output: torch.Tensor):
+        zero = output.sum() * 0.0
+        return (
+            zero,
+            torch.tensor(0, dtype=torch.int),
+            {"logprobs": output[0].detach().float().cpu()},
+        )
+
+    def _run(self, micros: list[_Micro], *, forward_only: bool) -> list[dict]:
+        fb = get_forward_backward_func()
+        n = len(micros)
+        iters = [iter(range(n)) for _ in self.models]
+        return fb(
+            forward_step_func=functools.partial(self._forward_step, micros, not forward_only),
+            data_iterator=iters if len(self.models) > 1 else iters[0],
+            model=self.models,
+            num_microbatches=n,
+            seq_length=max(m.mb.num_padded_tokens for m in micros),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    # --- public ------------------------------------------------------------------------------
+
+    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
+        """One optimizer step on the whole batch; returns globally reduced metrics (same on all ranks)."""
+        if self.optimizer is None:
+            raise ValueError("PolicyEngine.train_step needs an optimizer (build_optimizer)")
+        packed = self.pack(samples)
+        micros = [self._micro(mb, packed, train=True) for mb in packed.micro_batches]
+        for model in self.models:
+            model.train()
+            model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(micros, forward_only=False)
+        metrics = self._reduce_metrics(outputs)
+        finite = math.isfinite(metrics["loss"]) and self._grads_finite()
+        grad_norm = float("nan")
+        if finite:
+            _ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if self.scheduler is not None:
+                self.scheduler.step(increment=1)
+        else:
+            self.num_skipped_steps += 1
+            self.optimizer.zero_grad()
+            logger.warning(
+                "non-finite loss or gradient: step skipped (%d so far)", self.num_skipped_steps
+            )
+        out = {f"train/{k}": v for k, v in metrics.items()}
+        out.update(
+            {
+                "train/grad_norm": grad_norm,
+                "train/num_tokens": float(packed.global_num_loss_tokens),
+                "train/num_sequences": float(len(samples)),
+                "train/num_microbatches": float(len(micros)),
+                "train/num_skipped_steps": float(self.num_skipped_steps),
+                "train/skipped": float(not finite),
+                "train/lr": float(self.optimizer.param_groups[0]["lr"]),
+            }
+        )
+        return out
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[TrainSample]) -> list[torch.Tensor]:
+        """Forward-only per-response-token log-probs (fp32, CPU) of every sample, on every rank."""
+        packed = self.pack(samples)
+        micros = [self._micro(mb, None, train=False) for mb in packed.micro_batches]
+        for model in self.models:
+            model.eval()
+        outputs = self._run(micros, forward_only=True)
+        c = self.ctx
+        mine: dict[int, torch.Tensor] = {}
+        if c.is_last_pp_stage:
+            local = [
+                (m.mb.global_positions[m.select.cpu()], o["logprobs"])
+                for m, o in zip(micros, outputs)
+            ]
+            parts = [None] * c.cp
+            dist.all_gather_object(parts, local, group=c.cp_group)
+            for k, m in enumerate(micros):
+                full = torch.zeros(m.mb.num_padded_tokens)
+                for rank_parts in parts:
+                    pos, vals = rank_parts[k]
+                    full[pos] = vals
+                mine.update(response_values(m.mb, full))
+        gathered = [None] * c.dp
+        dist.all_gather_object(gathered, mine, group=c.dp_group)
+        result: dict[int, torch.Tensor] = {}
+        for g in gathered:
+            result.update(g)
+        if c.pp > 1:
+            box = [result]
+            dist.broadcast_object_list(
+                box, src=dist.get_global_rank(c.pp_group, c.pp - 1), group=c.pp_group
+            )
+            result = box[0]
+        return [result[i] for i in range(len(samples))]
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
+        c = self.ctx
+        vec = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        for o in outputs:
+            for i, k in enumerate(METRIC_KEYS):
+                if k in o:
+                    vec[i] += float(o[k])
+        vec = vec.to(self._device)
+        if c.pp > 1:
+            dist.all_reduce(vec, group=c.pp_group)  # only the last stage holds values
+        dist.all_reduce(vec, group=c.dp_cp_group)
+        return dict(zip(METRIC_KEYS, vec.tolist()))
+
+    def _grads_finite(self) -> bool:
+        total = torch.zeros(1, dtype=torch.float64, device=self._device)
+        for model in self.models:
+            for buffers in (model.buffers, model.expert_parallel_buffers):
+                for buf in buffers:
+                    total += buf.grad_data.double().abs().sum()
+        flag = torch.tensor([0.0 if torch.isfinite(total).all() else 1.0], device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() == 0.0)
