@@ -45,7 +45,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--limit", type=int, help="use only the first N examples of each file")
     io.add_argument("--out", required=True, help="output directory")
     s = parser.add_argument_group("protocol (spec 8.1)")
-    s.add_argument("--n", type=int, default=8, help="samples per question")
+    s.add_argument(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        default=8,
+        help="samples per question (spell it --num-samples under torchrun, whose parser eats --n)",
+    )
     s.add_argument("--max-input-tokens", type=int, default=16384, help="middle-truncation limit")
     s.add_argument("--max-new-tokens", type=int, default=10000, help="max response tokens")
     s.add_argument("--temperature", type=float, default=0.7)
@@ -218,7 +225,8 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress and rank == 0,
     )
     for i, row in zip(indices, rows, strict=True):
-        row["index"] = i
+        row["index"] = i  # position in the loaded question list
+        row["dp_rank"] = dp_rank  # which replica generated it
     rows = _gather_rows(rows, dp_size)
     t2 = time.monotonic()
     if rank != 0:

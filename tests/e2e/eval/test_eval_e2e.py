@@ -156,3 +156,78 @@ def test_eval_tiny_model_through_vllm(tiny_model: Path, tmp_path: Path) -> None:
     judged = [j for r in rows for j in r["judge_scores"] if j is not None]
     assert judged and 0 < sum(judged) < len(judged)  # the stub says YES to some, NO to others
     assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1, 2, 4], n=N)
+
+
+@pytest.mark.slow
+def test_eval_data_parallel_under_torchrun(tiny_model: Path, tmp_path: Path) -> None:
+    """torchrun with 2 ranks: two vLLM replicas split the questions; rank 0 writes the gathered report."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "-m", "megatron_spell.eval",
+        "--model", str(tiny_model),
+        "--num-samples", "2",
+        "--max-input-tokens", str(MAX_INPUT),
+        "--max-new-tokens", "8",
+        "--kv-cache-gib", "0.25",
+        "--batch-size", "1",
+        "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+    for path in _write_data(tmp_path):
+        cmd += ["--data", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert [r["dp_rank"] for r in rows] == [0, 1, 0, 1]  # round-robin over the 2 replicas
+    assert [r["id"] for r in rows] == ["lb-long", "lb-short", "v2-1", "dm-1"]
+    assert all(len(r["predictions"]) == 2 for r in rows)
+    settings = json.loads((out / METRICS).read_text())["settings"]
+    assert settings["data_parallel_size"] == 2
+    assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1, 2], n=2)
+
+
+@pytest.mark.slow
+def test_eval_smollm2_scores_real_answers(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct answers easy questions in the "The correct answer is X" form often enough that
+    the rule scorers give some credit; the table still agrees with the JSONL."""
+    from megatron_spell.convert.smollm2 import materialize_smollm2
+
+    model = materialize_smollm2()
+    data = tmp_path / "easy.jsonl"
+    rows_in = [
+        {
+            "_id": "ribbon",
+            "input": "Who cut the ribbon at the bridge opening?",
+            "context": "In 1987 the town of Riverside built a new bridge. The mayor, Anna Lopez, cut the "
+            "ribbon at the opening.",
+            "answers": ["Anna Lopez"],
+            "dataset": "hotpotqa_e",
+        },
+        {
+            "_id": "capital",
+            "input": "What is the capital of the country Veloria?",
+            "context": "Veloria is a small country. Its capital is Durnholm, a city by the sea.",
+            "answers": ["Durnholm"],
+            "dataset": "hotpotqa_e",
+        },
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows_in))
+    out = tmp_path / "out"
+    argv = [
+        "--model", str(model), "--data", str(data), "--n", "4", "--max-new-tokens", "24",
+        "--max-input-tokens", "1024", "--kv-cache-gib", "0.5", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["ribbon", "capital"]
+    assert all(not r["truncated"] for r in rows)
+    assert sum(sum(r["rule_scores"]) for r in rows) > 0
+    assert any("answer is" in p for r in rows for p in r["predictions"])
+    assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1, 2, 4], n=4)
