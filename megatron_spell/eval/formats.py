@@ -6,6 +6,7 @@ Supported formats (detected from the fields of the first record, or forced with 
 |----------------|----------------------------------------------------------|-----------------|
 | `hotpotqa`     | official dev JSON: `question`, `answer`, `context` as     | doc_general_qa  |
 |                | [title, [sentences]] pairs (`_id`)                        |                 |
+| `frames`       | `Prompt`, `Answer`, `wiki_items` ({title, text} items)     | doc_general_qa  |
 | `longbench`    | LongBench / LongBench-E JSONL: `input`, `context`,        | doc_general_qa  |
 |                | `answers` (`dataset`, `_id`)                              |                 |
 | `longbench_v2` | `question`, `choice_A`..`choice_D`, `answer` (a letter),  | doc_mc          |
@@ -18,13 +19,17 @@ Supported formats (detected from the fields of the first record, or forced with 
 Files may be a JSON array, a JSON object holding a list under `data`, or JSONL (one object per line).
 
 Context rendering follows the reference's generate.py (spec 8.1): DocMath paragraphs and corpus paragraphs are
-joined by a newline; LongBench contexts are used as given. The official HotpotQA dev file is not in the
+joined by a newline; Frames items are title, newline, text, joined by a newline; LongBench contexts are used
+as given. The official HotpotQA dev file is not in the
 reference (it uses LongBench-E's hotpotqa); its paragraphs are rendered like the reference's Frames items
 (title, newline, the sentences concatenated), joined by a newline.
 
 Deliberate deviations:
 * All gold answers are kept (LongBench's `answers` list); the protocol scores a prediction against each and
   takes the best, as LongBench's own metric does. The reference uses `answers[0]` only.
+* Multiple-choice questions (LongBench-v2, corpus rows with `options`) use the same block as training
+  (`spell.parsing.mc_question_block`: intro line, question, `Choices:`, unindented `(A)`-`(D)` lines); the
+  reference's eval block indents its choice lines, unlike its training block (spec 9 item 17).
 * A corpus row's task comes from an explicit `task` field when present, otherwise from `data_source` with the
   scorer dispatch of spec 3.1 (`doc_mc` -> doc_mc, `docmath` -> docmath_qa, anything else -> doc_general_qa).
 """
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_spell.spell.parsing import mc_question_block
 from megatron_spell.types import Task
 
 logger = logging.getLogger(__name__)
@@ -63,10 +69,8 @@ class EvalExample:
 
 
 def format_mc_question(question: str, options: dict[str, str]) -> str:
-    """Render a multiple-choice block: the question, then one `X. option` line per letter A-D."""
-    lines = [question.strip(), ""]
-    lines += [f"{letter}. {str(options[letter]).strip()}" for letter in MC_LETTERS]
-    return "\n".join(lines)
+    """The multiple-choice block exactly as training shows it to the responder (`spell.parsing`)."""
+    return mc_question_block(question.strip(), {k: str(options[k]).strip() for k in MC_LETTERS})
 
 
 def format_number(value: Any) -> str:
@@ -112,6 +116,23 @@ def _hotpotqa(row: dict, index: int, stem: str) -> EvalExample:
         documents="\n".join(paragraphs),
         question=str(row["question"]).strip(),
         references=(str(row["answer"]).strip(),),
+    )
+
+
+def _frames(row: dict, index: int, stem: str) -> EvalExample:
+    items = []
+    for item in row["wiki_items"]:
+        title, text = (
+            (item.get("title", ""), item.get("text", "")) if isinstance(item, dict) else item
+        )
+        items.append(f"{title}\n{text}")
+    return EvalExample(
+        id=_str_id(row, ("_id", "id", "Unnamed: 0"), f"{stem}-{index}"),
+        benchmark="frames",
+        task=Task.DOC_GENERAL_QA,
+        documents="\n".join(items),
+        question=str(row["Prompt"]).strip(),
+        references=(str(row["Answer"]).strip(),),
     )
 
 
@@ -194,6 +215,7 @@ FORMATS: dict[str, _Format] = {
         _longbench_v2,
     ),
     "hotpotqa": _Format(("question", "answer", "context"), _hotpotqa),
+    "frames": _Format(("Prompt", "Answer", "wiki_items"), _frames),
     "longbench": _Format(("input", "context", "answers"), _longbench),
     "docmath": _Format(("paragraphs", "question", "ground_truth"), _docmath),
     "corpus": _Format(("paragraphs", "question", "answer"), _corpus),

@@ -11,6 +11,9 @@
 * A benchmark's value is the mean over its questions. Two overall values are reported and labelled:
   `overall (macro)` = the unweighted mean over benchmarks (the reference code's "overall", spec 8.3) and
   `overall (micro)` = the mean over all questions pooled.
+* The paper's own columns (spec 8.1) are added when their benchmarks are present: `LB-MQA (paper)` = the mean
+  of 2wikimqa, hotpotqa and musique, and `Avg (paper)` = the mean of docmath, frames, LB-MQA and
+  longbench-v2 (the headline "Avg." of the paper's table).
 
 Deliberate deviation: the reference's pass@k is a seeded bootstrap with replacement ("best@k", spec 8.3), whose
 expectation is about 1 - (1 - p)^k and which is biased low; we use the unbiased estimator the issue asks for.
@@ -25,6 +28,9 @@ from dataclasses import dataclass
 
 MACRO = "overall (macro)"
 MICRO = "overall (micro)"
+LB_MQA = "LB-MQA (paper)"
+PAPER_AVG = "Avg (paper)"
+MQA_BENCHMARKS = ("2wikimqa", "hotpotqa", "musique")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -91,36 +97,61 @@ def question_metrics(scores: Sequence[float], ks: Iterable[int]) -> tuple[float,
     return mean, {k: best_of_k(scores, k) for k in ks if k <= len(scores)}
 
 
+def _mean_of_groups(name: str, rows: Sequence[GroupMetrics]) -> GroupMetrics:
+    """Unweighted mean over groups (each group counts once, whatever its number of questions)."""
+    common = [k for k in rows[0].pass_at if all(k in row.pass_at for row in rows)]
+    return GroupMetrics(
+        name=name,
+        num_examples=sum(r.num_examples for r in rows),
+        num_samples=sum(r.num_samples for r in rows),
+        mean_at_n=sum(r.mean_at_n for r in rows) / len(rows),
+        pass_at={k: sum(r.pass_at[k] for r in rows) / len(rows) for k in common},
+    )
+
+
+def paper_rows(rows: Sequence[GroupMetrics]) -> list[GroupMetrics]:
+    """The paper's derived columns (spec 8.1), from whichever of their benchmarks are present.
+
+    `LB_MQA` = mean of 2wikimqa, hotpotqa, musique; `PAPER_AVG` = mean of docmath, frames, LB-MQA and
+    longbench-v2. Both are unweighted means over the present benchmarks; absent ones are left out (say so
+    when comparing with the paper).
+    """
+    by_name = {r.name: r for r in rows}
+    out = []
+    mqa = [by_name[b] for b in MQA_BENCHMARKS if b in by_name]
+    if mqa:
+        out.append(_mean_of_groups(LB_MQA, mqa))
+    columns = [by_name.get("docmath"), by_name.get("frames"), out[0] if mqa else None]
+    columns.append(by_name.get("longbench-v2"))
+    present = [c for c in columns if c is not None]
+    if present:
+        out.append(_mean_of_groups(PAPER_AVG, present))
+    return out
+
+
 def aggregate(
     per_question: Sequence[tuple[str, Sequence[float]]], ks: Sequence[int]
 ) -> list[GroupMetrics]:
-    """Per-benchmark metrics plus the macro and micro overall rows.
+    """Per-benchmark rows, the paper's derived rows (when their benchmarks are present), macro and micro.
 
-    `per_question` holds (benchmark, per-sample scores) per question. Benchmarks keep first-seen order.
+    `per_question` holds (benchmark, per-sample scores) per question. Benchmarks keep first-seen order. The
+    macro row averages the benchmark rows only (not the derived ones).
     """
     by_bench: dict[str, list[tuple[float, dict[int, float]]]] = {}
     samples: dict[str, int] = {}
     for bench, scores in per_question:
         by_bench.setdefault(bench, []).append(question_metrics(scores, ks))
         samples[bench] = samples.get(bench, 0) + len(scores)
-    rows = []
-    for bench, items in by_bench.items():
-        rows.append(_mean_group(bench, items, samples[bench]))
+    rows = [_mean_group(bench, items, samples[bench]) for bench, items in by_bench.items()]
     if not rows:
         return rows
-    common = [k for k in ks if all(k in row.pass_at for row in rows)]
-    rows.append(
-        GroupMetrics(
-            name=MACRO,
-            num_examples=sum(r.num_examples for r in rows),
-            num_samples=sum(r.num_samples for r in rows),
-            mean_at_n=sum(r.mean_at_n for r in rows) / len(rows),
-            pass_at={k: sum(r.pass_at[k] for r in rows) / len(rows) for k in common},
-        )
-    )
     pooled = [item for items in by_bench.values() for item in items]
-    rows.append(_mean_group(MICRO, pooled, sum(samples.values())))
-    return rows
+    return [
+        *rows,
+        *paper_rows(rows),
+        _mean_of_groups(MACRO, rows),
+        _mean_group(MICRO, pooled, sum(samples.values())),
+    ]
 
 
 def _mean_group(

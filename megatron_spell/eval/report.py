@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_spell.eval.metrics import MACRO, MICRO, GroupMetrics, aggregate
+from megatron_spell.eval.metrics import (
+    LB_MQA,
+    MACRO,
+    MICRO,
+    MQA_BENCHMARKS,
+    PAPER_AVG,
+    GroupMetrics,
+    aggregate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +66,9 @@ def markdown_table(rows: Sequence[GroupMetrics], ks: Sequence[int], n: int) -> s
     lines.append(
         f"Scores in %. mean@{n} is the mean of the per-sample final scores (max of rule and judge); "
         "pass@k is the unbiased estimator 1 - C(n-c,k)/C(n,k). "
-        f"'{MACRO}' is the unweighted mean over benchmarks, '{MICRO}' the mean over all questions."
+        f"'{MACRO}' is the unweighted mean over benchmarks, '{MICRO}' the mean over all questions. "
+        f"'{LB_MQA}' (mean of {', '.join(MQA_BENCHMARKS)}) and '{PAPER_AVG}' (mean of docmath, frames, "
+        "LB-MQA, longbench-v2) are the paper's columns, over the benchmarks present."
     )
     return "\n".join(lines) + "\n"
 
@@ -88,7 +98,7 @@ def plot_pass_at_k(rows: Sequence[GroupMetrics], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         ks = sorted(row.pass_at)
-        style = "--" if row.name in (MACRO, MICRO) else "-"
+        style = "--" if row.name in (MACRO, MICRO, LB_MQA, PAPER_AVG) else "-"
         ax.plot(ks, [100 * row.pass_at[k] for k in ks], style, marker="o", label=row.name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")

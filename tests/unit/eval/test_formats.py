@@ -68,6 +68,18 @@ LONGBENCH_V2 = [
     }
 ]
 
+FRAMES = [
+    {
+        "Unnamed: 0": 3,
+        "Prompt": "Which invented river did the poet of Dunmere cross?",
+        "Answer": "the Silverrun",
+        "wiki_items": [
+            {"title": "Dunmere", "text": "Dunmere is the home of the poet Ilsa Varn."},
+            {"title": "Ilsa Varn", "text": "Ilsa Varn once crossed the Silverrun."},
+        ],
+    }
+]
+
 DOCMATH = [
     {
         "question_id": "dm-7",
@@ -145,10 +157,23 @@ def test_longbench_v2_multiple_choice(tmp_path: Path) -> None:
     [ex] = load_examples(_write_json(tmp_path / "lbv2.json", LONGBENCH_V2))
     assert ex.benchmark == "longbench-v2" and ex.task is Task.DOC_MC
     assert ex.references == ("C",)
+    # the same block training shows the responder (spell.parsing.mc_question_block)
     assert ex.question == (
-        "What colour is the invented flag?\n\nA. Red\nB. Green\nC. Teal\nD. Mauve"
+        "Pick the correct answer to the following question.\nWhat colour is the invented flag?\n"
+        "Choices:\n(A) Red\n(B) Green\n(C) Teal\n(D) Mauve"
     )
     assert ex.documents == "The invented flag is teal."
+
+
+def test_frames(tmp_path: Path) -> None:
+    [ex] = load_examples(_write_jsonl(tmp_path / "frames.jsonl", FRAMES))
+    assert ex.benchmark == "frames" and ex.task is Task.DOC_GENERAL_QA and ex.id == "3"
+    assert ex.documents == (
+        "Dunmere\nDunmere is the home of the poet Ilsa Varn.\n"
+        "Ilsa Varn\nIlsa Varn once crossed the Silverrun."
+    )
+    assert ex.question == "Which invented river did the poet of Dunmere cross?"
+    assert ex.references == ("the Silverrun",)
 
 
 def test_docmath(tmp_path: Path) -> None:
@@ -166,7 +191,9 @@ def test_corpus_with_questions(tmp_path: Path) -> None:
     assert math_.task is Task.DOCMATH_QA and math_.references == ("12",)
     assert math_.id == "corpus-1"  # no id field: file stem and row index
     assert mc.task is Task.DOC_MC and mc.references == ("B",)
-    assert mc.question.endswith("A. bark\nB. purr\nC. moo\nD. quack")
+    assert mc.question.endswith(
+        "What do cats do?\nChoices:\n(A) bark\n(B) purr\n(C) moo\n(D) quack"
+    )
 
 
 def test_json_object_with_data_list(tmp_path: Path) -> None:
@@ -180,6 +207,7 @@ def test_detection_of_every_format() -> None:
     assert detect_format(LONGBENCH[0]) == "longbench"
     assert detect_format(LONGBENCH_V2[0]) == "longbench_v2"
     assert detect_format(DOCMATH[0]) == "docmath"
+    assert detect_format(FRAMES[0]) == "frames"
     assert detect_format(CORPUS[0]) == "corpus"
     # a string context with question/answer is not the HotpotQA format
     assert detect_format({"question": "q", "answer": "a", "context": "text"}) is None

@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_spell.eval.metrics import (
+    LB_MQA,
     MACRO,
     MICRO,
+    PAPER_AVG,
     aggregate,
     best_of_k,
     default_ks,
@@ -124,3 +126,24 @@ def test_aggregate_per_benchmark_macro_and_micro() -> None:
 def test_aggregate_drops_k_above_n() -> None:
     rows = aggregate([("a", [1.0, 0.0])], ks=(1, 2, 4))
     assert set(rows[0].pass_at) == {1, 2}
+
+
+def test_paper_columns_lb_mqa_and_avg() -> None:
+    per_question = [
+        ("hotpotqa", [1.0, 0.0]),  # 0.5
+        ("musique", [1.0, 1.0]),  # 1.0
+        ("docmath", [0.0, 0.0]),  # 0.0
+        ("longbench-v2", [1.0, 0.0]),  # 0.5
+    ]
+    rows = {r.name: r for r in aggregate(per_question, ks=(1, 2))}
+    assert list(rows) == [
+        "hotpotqa", "musique", "docmath", "longbench-v2", LB_MQA, PAPER_AVG, MACRO, MICRO,
+    ]  # fmt: skip
+    assert rows[LB_MQA].mean_at_n == pytest.approx(0.75)  # mean of hotpotqa and musique
+    assert rows[LB_MQA].num_examples == 2
+    # paper Avg: docmath, LB-MQA, longbench-v2 (frames absent): (0 + 0.75 + 0.5) / 3
+    assert rows[PAPER_AVG].mean_at_n == pytest.approx(1.25 / 3)
+    assert rows[PAPER_AVG].pass_at[2] == pytest.approx((0.0 + 1.0 + 1.0) / 3)
+    # macro is over the four benchmarks only, not the derived rows
+    assert rows[MACRO].mean_at_n == pytest.approx(0.5)
+    assert rows[MACRO].num_examples == 4
