@@ -1,0 +1,143 @@
+"""Rank functions for the Megatron -> vLLM weight-sync tests (module level: spawned by run_distributed).
+
+Decision (documented in megatron_spell/rollout/engine.py): every rank hosts a vLLM engine. With 2 ranks the
+engines run under `external_launcher` (rollout TP=1, vLLM data-parallel 2), each generating its own prompts,
+and each receives the full exported tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TEMPERATURE = 0.7
+MAX_TOKENS = 8
+
+
+def _build(hf_dir: str, ckpt_dir: str, **parallel: int):
+    from megatron_spell.config import ParallelConfig
+    from megatron_spell.mcore.checkpoint import load_checkpoint
+    from megatron_spell.mcore.model import build_model, load_hf_config
+    from megatron_spell.mcore.parallel import init_parallel
+
+    ctx = init_parallel(ParallelConfig(**parallel))
+    hf_config = load_hf_config(hf_dir)
+    chunks = build_model(hf_config, ctx)
+    load_checkpoint(chunks, ckpt_dir, ctx)
+    for c in chunks:
+        c.eval()
+    return ctx, hf_config, chunks
+
+
+def _perturb(chunks, ctx, step: int, scale: float = 0.05) -> None:
+    """A deliberate weight change, different on every shard (seeded by name, coordinates and step)."""
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                key = f"{name}|{ctx.tp_rank}|{ctx.pp_rank}|{ctx.ep_rank}|{step}".encode()
+                seed = int(hashlib.sha256(key).hexdigest()[:8], 16)
+                gen = torch.Generator().manual_seed(seed)
+                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _collect(buckets) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for bucket in buckets:
+        for name, t in bucket:
+            assert name not in out, f"{name} exported twice"
+            out[name] = t.clone()
+    return out
+
+
+def export_dict(rank: int, world: int, hf_dir: str, ckpt_dir: str, parallel: dict) -> dict:
+    """Export without any weight change: returns the HF tensors this rank received."""
+    from megatron_spell.mcore.export import export_hf_weights
+    from megatron_spell.mcore.parallel import destroy_parallel
+
+    ctx, hf_config, chunks = _build(hf_dir, ckpt_dir, **parallel)
+    buckets = list(export_hf_weights(chunks, ctx, hf_config, bucket_mb=0.05))
+    assert len(buckets) > 1
+    sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in buckets]
+    assert all(s <= 50_000 or len(b) == 1 for s, b in zip(sizes, buckets, strict=True))
+    out = _collect(buckets)
+    destroy_parallel()
+    return out
+
+
+@torch.no_grad()
+def _megatron_logprobs(chunks, ctx, vocab: int, prompt: list[int], comp: list[int]) -> torch.Tensor:
+    """Megatron's recomputed log_softmax(logits / T) of the completion tokens (PP=1)."""
+    ids = torch.tensor([prompt + comp])
+    pos = torch.arange(ids.shape[1])[None]
+    logits = chunks[0](ids, pos, attention_mask=None)  # [1, s, V / tp]
+    if ctx.tp > 1:
+        parts = [torch.empty_like(logits) for _ in range(ctx.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=ctx.tp_group)
+        logits = torch.cat(parts, dim=-1)
+    logits = logits[0, len(prompt) - 1 : -1, :vocab].double()
+    logp = torch.log_softmax(logits / TEMPERATURE, dim=-1)
+    return logp.gather(1, torch.tensor(comp)[:, None])[:, 0]
+
+
+def _check_step(engine, chunks, ctx, hf_config, hf_dir: str, new_dir: Path, prompts) -> dict:
+    from megatron_spell.rollout.metrics import logprob_mismatch
+    from tests.e2e.rollout import hf_ref
+
+    hf = hf_ref.load_hf(new_dir)
+    greedy = engine.generate(prompts, 1, max_tokens=MAX_TOKENS, temperature=0.0)
+    for prompt, [c] in zip(prompts, greedy, strict=True):
+        assert list(c.token_ids) == hf_ref.hf_greedy(hf, prompt, len(c.token_ids))
+    sampled = engine.generate(prompts, 2, max_tokens=MAX_TOKENS, top_p=1.0, top_k=-1)
+    vllm_lps, mg_lps = [], []
+    for prompt, comps in zip(prompts, sampled, strict=True):
+        for c in comps:
+            vllm_lps.append(list(c.logprobs))
+            lp = _megatron_logprobs(
+                chunks, ctx, int(hf_config.vocab_size), prompt, list(c.token_ids)
+            )
+            mg_lps.append(lp.tolist())
+    diff = logprob_mismatch(vllm_lps, mg_lps)
+    assert diff.max_abs < 1e-4, diff
+    return {"max_abs": diff.max_abs, "mean_abs": diff.mean_abs}
+
+
+def sync_and_generate(
+    rank: int, world: int, hf_dir: str, ckpt_dir: str, out_dir: str, parallel: dict
+) -> list[dict]:
+    """Megatron (perturbed twice) -> export -> vLLM; greedy == HF, vLLM logprobs == Megatron's."""
+    from megatron_spell.mcore.export import export_hf_weights
+    from megatron_spell.mcore.parallel import destroy_parallel
+    from megatron_spell.rollout.chat import render_chat
+    from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
+    from tests.e2e.rollout import hf_ref
+
+    ctx, hf_config, chunks = _build(hf_dir, ckpt_dir, **parallel)
+    settings = EngineSettings(
+        temperature=TEMPERATURE, top_p=1.0, max_prompt_length=128, max_response_length=16,
+        kv_cache_gib=0.25, seed=rank,
+    )  # fmt: skip
+    engine = RolloutEngine(hf_dir, settings)
+    doc = "The quick brown fox jumps over the lazy dog. " * 2
+    questions = ("Who jumps?", "What is lazy?") if rank == 0 else ("Where is it?", "Why?")
+    prompts = [render_chat(engine.tokenizer, doc + q) for q in questions]
+    results = []
+    for step in (1, 2):
+        _perturb(chunks, ctx, step)
+        received: dict[str, torch.Tensor] = {}
+
+        def stream(received=received):
+            for bucket in export_hf_weights(chunks, ctx, hf_config, bucket_mb=0.2):
+                for name, t in bucket:
+                    received[name] = t
+                yield bucket
+
+        stats = engine.load_weights(stream())
+        assert stats.num_bytes > 0
+        new_dir = Path(out_dir) / f"rank{rank}_step{step}"
+        hf_ref.write_hf_dir(hf_dir, new_dir, received)
+        results.append(_check_step(engine, chunks, ctx, hf_config, hf_dir, new_dir, prompts))
+    destroy_parallel()
+    return results
