@@ -158,39 +158,52 @@ def test_eval_tiny_model_through_vllm(tiny_model: Path, tmp_path: Path) -> None:
     assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1, 2, 4], n=N)
 
 
+def _greedy_argv(model: Path, data: list[Path], out: Path) -> list[str]:
+    argv = [
+        "--model", str(model), "--num-samples", "1", "--temperature", "0",
+        "--max-input-tokens", str(MAX_INPUT), "--max-new-tokens", "8", "--kv-cache-gib", "0.25",
+        "--batch-size", "1", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    for path in data:
+        argv += ["--data", str(path)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Greedy predictions of a single-process run (TP=1, one replica), by question id."""
+    tmp = tmp_path_factory.mktemp("greedy")
+    assert main(_greedy_argv(tiny_model, _write_data(tmp), tmp / "out")) == 0
+    rows = [json.loads(line) for line in (tmp / "out" / PREDICTIONS).read_text().splitlines()]
+    return {r["id"]: r["predictions"][0] for r in rows}
+
+
 @pytest.mark.slow
-def test_eval_data_parallel_under_torchrun(tiny_model: Path, tmp_path: Path) -> None:
-    """torchrun with 2 ranks: two vLLM replicas split the questions; rank 0 writes the gathered report."""
+@pytest.mark.parametrize(("tp", "dp_ranks"), [(1, [0, 1, 0, 1]), (2, [0, 0, 0, 0])])
+def test_eval_under_torchrun_matches_single_process(
+    tiny_model: Path, greedy_reference: dict[str, str], tmp_path: Path, tp: int, dp_ranks: list[int]
+) -> None:
+    """torchrun with 2 ranks as two replicas (TP=1, DP=2) or one tensor-parallel replica (TP=2): greedy
+    predictions equal the single-process run's, and rank 0 writes the gathered report in question order."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "-m", "megatron_spell.eval",
-        "--model", str(tiny_model),
-        "--num-samples", "2",
-        "--max-input-tokens", str(MAX_INPUT),
-        "--max-new-tokens", "8",
-        "--kv-cache-gib", "0.25",
-        "--batch-size", "1",
-        "--no-progress",
-        "--out", str(out),
-    ]  # fmt: skip
-    for path in _write_data(tmp_path):
-        cmd += ["--data", str(path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["-m", "megatron_spell.eval", "--tensor-parallel-size", str(tp)]
+    cmd += _greedy_argv(tiny_model, _write_data(tmp_path), out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
-    assert [r["dp_rank"] for r in rows] == [0, 1, 0, 1]  # round-robin over the 2 replicas
+    assert [r["dp_rank"] for r in rows] == dp_ranks
     assert [r["id"] for r in rows] == ["lb-long", "lb-short", "v2-1", "dm-1"]
-    assert all(len(r["predictions"]) == 2 for r in rows)
+    assert {r["id"]: r["predictions"][0] for r in rows} == greedy_reference
     settings = json.loads((out / METRICS).read_text())["settings"]
-    assert settings["data_parallel_size"] == 2
-    assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1, 2], n=2)
+    assert settings["data_parallel_size"] == 2 // tp and settings["tensor_parallel_size"] == tp
+    assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1], n=1)
 
 
 @pytest.mark.slow
