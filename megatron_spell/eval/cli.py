@@ -169,7 +169,7 @@ def _gather_rows(rows: list[dict[str, Any]], dp_size: int) -> list[dict[str, Any
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, rows, group=group)
     seen: dict[int, dict[str, Any]] = {}
-    for part in parts:  # tensor-parallel peers return the same rows; keep one copy
+    for part in parts:  # tensor-parallel peers return the same rows; keep the replica leader's copy
         for row in part:
             seen.setdefault(row["index"], row)
     return [seen[i] for i in sorted(seen)]
@@ -212,7 +212,9 @@ def run_eval(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     t0 = time.monotonic()
     engine = build_engine(args)
-    judge = _judge(args, engine, tokenizer)
+    # An endpoint judge is called once per replica (by its first rank), the engine judge by all its ranks.
+    tp_leader = rank % args.tensor_parallel_size == 0
+    judge = _judge(args, engine, tokenizer) if tp_leader or args.judge == "engine" else None
     t1 = time.monotonic()
     indices = list(range(dp_rank, len(examples), dp_size))
     rows = evaluate(
