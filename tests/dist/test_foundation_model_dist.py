@@ -225,3 +225,77 @@ def test_pp2_tied_embeddings_matches_pp1(tmp_path: Path) -> None:
 def test_ep2_moe_with_dense_layer_matches_ep1(tmp_path: Path) -> None:
     d = make_tiny_hf_model(tmp_path / "moe", "qwen3_moe", num_hidden_layers=2, mlp_only_layers=[0])
     assert run_distributed(_ep2_rank, 2, str(d), timeout=300) == [4, 4]
+
+
+def _single_rank_smoke(rank: int, world_size: int, dirs: dict[str, str]) -> dict[str, Any]:
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_spell.config import ParallelConfig
+    from megatron_spell.mcore.model import build_model, load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
+
+    calls = []
+
+    class CountingAttention(DotProductAttention):  # the training engine's hook, minimal
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append(self.layer_number)
+            return super().forward(*args, **kwargs)
+
+    ctx = init_parallel(ParallelConfig(), seed=0)
+    out: dict[str, Any] = {}
+    for family, d in dirs.items():
+        hf = load_hf_config(d)
+        [model] = build_model(hf, ctx, core_attention=CountingAttention)
+        ids, pos, w = _inputs(0)
+        logits = model(ids, pos, None)
+        assert logits.shape == (BATCH, SEQ, VOCAB) and torch.isfinite(logits).all()
+        (logits * w).sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+        tied = model.share_embeddings_and_output_weights
+        out[family] = {"missing": missing, "tied": tied, "n_params": len(list(model.parameters()))}
+    out["attention_calls"] = len(calls)
+    destroy_parallel()
+    return out
+
+
+def _vpp_rank(rank: int, world_size: int, hf_dir: str) -> list[tuple]:
+    from megatron_spell.mcore.model import load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel
+
+    hf = load_hf_config(hf_dir)
+    ctx, chunks = _build(hf, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    assert ctx.vpp == 2 and len(chunks) == 2
+    info = [
+        (c.pre_process, c.post_process, [layer.layer_number for layer in c.decoder.layers])
+        for c in chunks
+    ]
+    assert all(not c.config.batch_p2p_comm for c in chunks)  # gloo + VPP trap (platform.md)
+    destroy_parallel()
+    return info
+
+
+@pytest.mark.slow
+def test_build_model_all_families_single_rank(tmp_path: Path) -> None:
+    dirs = {
+        "llama": make_tiny_hf_model(tmp_path / "l", "llama", tied=True),
+        "qwen2": make_tiny_hf_model(tmp_path / "q2", "qwen2"),
+        "qwen3": make_tiny_hf_model(tmp_path / "q3", "qwen3", tied=True),
+        "qwen3_moe": make_tiny_hf_model(tmp_path / "m", "qwen3_moe"),
+    }
+    [out] = run_distributed(_single_rank_smoke, 1, {k: str(v) for k, v in dirs.items()})
+    assert out["attention_calls"] == 4 * 2  # the core_attention hook replaced every layer's
+    for family in dirs:
+        o = out[family]
+        assert o["tied"] is (family in ("llama", "qwen3"))
+        # Only MoE experts that received no token in this batch may lack a gradient.
+        assert all(".experts." in n for n in o["missing"]), (family, o["missing"])
+
+
+@pytest.mark.slow
+def test_build_model_virtual_pipeline_chunks(tmp_path: Path) -> None:
+    d = make_tiny_hf_model(tmp_path / "l", "llama", num_hidden_layers=4)
+    out = run_distributed(_vpp_rank, 2, str(d), timeout=300)
+    # Interleaved order: rank 0 holds layers 1 and 3, rank 1 holds 2 and 4 (1-based).
+    assert out[0] == [(True, False, [1]), (False, False, [3])]
+    assert out[1] == [(False, False, [2]), (False, True, [4])]
