@@ -45,7 +45,7 @@ from megatron_spell.gen_round import (
 from megatron_spell.metrics import MetricsLogger
 from megatron_spell.spell.advantages import with_advantages
 from megatron_spell.spell.batching import BatchConfig, StepAccumulator, build_final_batch
-from megatron_spell.types import DocSet, TrainBatch
+from megatron_spell.types import CaseType, Completion, DocSet, Role, Task, TrainBatch, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +236,58 @@ def trajectory_to_json(t) -> dict[str, Any]:
         "text": t.completion.text,
         "finish_reason": t.completion.finish_reason,
     }
+
+
+def trajectory_from_json(d: dict[str, Any]) -> Trajectory:
+    """Inverse of `trajectory_to_json` (a dumped trajectory, with its reward and advantage)."""
+    return Trajectory(
+        role=Role(d["role"]),
+        task=Task(d["task"]),
+        uid=str(d["uid"]),
+        prompt_ids=tuple(int(i) for i in d["prompt_ids"]),
+        completion=Completion(
+            token_ids=tuple(int(i) for i in d["response_ids"]),
+            text=str(d.get("text", "")),
+            logprobs=tuple(float(x) for x in d["logprobs"]),
+            finish_reason=str(d.get("finish_reason", "stop")),
+        ),
+        reward=float(d["reward"]),
+        case=CaseType(d["case"]) if d.get("case") else None,
+        advantage=float(d["advantage"]),
+    )
+
+
+def load_dumped_batch(replay_dir: Path, step: int) -> TrainBatch:
+    """The training batch that `dump_batch` wrote for `step` (ValueError names a bad line)."""
+    path = Path(replay_dir) / f"step_{step:08d}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--replay: {path} does not exist (dump rollouts with logging.dump_rollouts=true)"
+        )
+    parts: dict[Role, list[Trajectory]] = {r: [] for r in Role}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                t = trajectory_from_json(json.loads(line))
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"{path}:{n}: not a dumped trajectory ({exc})") from exc
+            parts[t.role].append(t)
+    return TrainBatch(
+        responder=tuple(parts[Role.RESPONDER]),
+        questioner=tuple(parts[Role.QUESTIONER]),
+        verifier=tuple(parts[Role.VERIFIER]),
+    )
+
+
+def replay_step(run: Run, replay_dir: Path) -> dict[str, float]:
+    """One update from a dumped batch, without generation or weight sync (`train --replay DIR`)."""
+    t0 = time.perf_counter()
+    batch = load_dumped_batch(replay_dir, run.step)
+    with run.metrics.timer("train"):
+        run.metrics.add(run.policy.update(batch), prefix="train")
+    run.metrics.add({"batch/num_trajectories": len(batch.trajectories)})
+    run.metrics.add({"timing/step_s": time.perf_counter() - t0})
+    run.step += 1
+    return run.metrics.flush(run.step)

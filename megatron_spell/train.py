@@ -1,0 +1,231 @@
+"""`megatron-spell train`: config -> distributed -> build -> resume -> steps -> checkpoints -> report.
+
+Every rank of a `torchrun`/`srun` job runs this (SPMD, architecture.md); a plain `python -m megatron_spell
+train` is one rank. Each rank holds its Megatron shard and a colocated vLLM engine (rollout data-parallel
+groups of `rollout.tensor_parallel_size` ranks); the loop itself is `loop.spell_step`.
+
+Preemption: SIGTERM (Slurm sends it before killing a job) sets a flag; the current step finishes, a checkpoint
+is written and the process exits with `REQUEUE_EXIT_CODE`, which examples/slurm/spell.sbatch turns into a
+requeue. Resume is automatic from the latest complete checkpoint of the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+from megatron_spell.checkpointing import CheckpointManager, RLState, capture_rng, restore_rng
+from megatron_spell.config import Config, dump_config, format_config
+from megatron_spell.layout import ModelShape, validate_layout, validate_lengths
+from megatron_spell.loop import Collective, Run, replay_step, spell_step
+from megatron_spell.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 42
+
+
+class _Preemption:
+    """SIGTERM -> finish the step, checkpoint, exit with REQUEUE_EXIT_CODE."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning(
+            "SIGTERM received: will checkpoint after this step and exit %d", REQUEUE_EXIT_CODE
+        )
+        self.requested = True
+
+
+def _collective(ctx: Any, rollout_tp: int) -> Collective:
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    def all_gather_object(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return out[::rollout_tp]  # one copy per rollout group (its TP ranks hold identical results)
+
+    return Collective(
+        rollout_rank=rank // rollout_tp,
+        rollout_world=world // rollout_tp,
+        is_writer=rank == 0,
+        all_gather_object=all_gather_object,
+    )
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any rank (so all ranks checkpoint and exit together)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def build_run(config: Config, *, replay: bool = False) -> tuple[Run, Any, Any]:
+    """Build data, model, optimizer and (unless replaying) the vLLM engine for this rank."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from megatron_spell.data.corpus import load_corpus
+    from megatron_spell.data.curriculum import CurriculumSchedule
+    from megatron_spell.data.history import HistoryMemory
+    from megatron_spell.data.sampler import DomainSampler, assign_tasks
+    from megatron_spell.gen_round import as_chat_renderer
+    from megatron_spell.mcore.model import load_hf_config
+    from megatron_spell.mcore.parallel import init_parallel
+    from megatron_spell.mcore.policy import MegatronPolicy
+
+    ctx = init_parallel(config.parallel, seed=config.train.seed)
+    d = config.data
+    corpus, stats = load_corpus(list(d.paths))
+    log.info("corpus: %s", stats)
+    task_rows = assign_tasks(corpus, d.tasks, random.Random(d.seed))
+    sampler = DomainSampler(task_rows, d.domain_weights, d.gen_batch_size, seed=d.seed)
+    history = HistoryMemory(
+        d.history_size, lower=d.history_lower, upper=d.history_upper, inclusive=True
+    )
+    curriculum = CurriculumSchedule(
+        docs_per_stage=d.curriculum_docs, steps_per_stage=d.curriculum_steps_per_stage
+    )
+    hf_config = load_hf_config(config.model.hf_dir)
+    policy = MegatronPolicy(config, ctx, hf_config)
+    engine, chat = None, None
+    if not replay:
+        from megatron_spell.rollout.engine import RolloutEngine
+        from megatron_spell.rollout.weights import load_weights
+
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[config.model.dtype]
+        engine = _SyncingEngine(
+            RolloutEngine.from_config(config.model.hf_dir, config.rollout, dtype=dtype),
+            load_weights,
+        )
+        chat = as_chat_renderer(AutoTokenizer.from_pretrained(config.model.hf_dir))
+    rank = dist.get_rank()
+    metrics = MetricsLogger(
+        config.run_dir,
+        enabled=rank == 0,
+        tensorboard=config.logging.tensorboard,
+        jsonl=config.logging.jsonl,
+    )
+    run = Run(
+        config=config,
+        corpus=corpus,
+        sampler=sampler,
+        history=history,
+        curriculum=curriculum,
+        engine=engine,
+        chat=chat,
+        policy=policy,
+        metrics=metrics,
+        collective=_collective(ctx, config.rollout.tensor_parallel_size),
+        rng=random.Random(config.train.seed),
+        doc_rng=random.Random(config.train.seed + 1),
+    )
+    return run, ctx, policy
+
+
+class _SyncingEngine:
+    """The rollout engine plus the in-place weight load, as the loop's `Engine`."""
+
+    def __init__(self, engine: Any, load: Any) -> None:
+        self._engine, self._load = engine, load
+
+    def generate(self, prompts, n, *, max_tokens=None):
+        return self._engine.generate(prompts, n, max_tokens=max_tokens)
+
+    def load_weights(self, weights) -> dict[str, float]:
+        stats = self._load(self._engine, weights)
+        return {
+            "seconds": stats.seconds,
+            "bytes": float(stats.num_bytes),
+            "gb_per_s": stats.gb_per_s,
+        }
+
+
+def _state(run: Run) -> RLState:
+    return RLState(
+        step=run.step,
+        sampler=run.sampler.state_dict(),
+        history=run.history.state_dict(),
+        curriculum={"stage": run.curriculum.stage(run.step)},
+        rng={"global": capture_rng(), "batch": run.rng.getstate(), "docs": run.doc_rng.getstate()},
+    )
+
+
+def _restore(run: Run, state: RLState) -> None:
+    run.step = state.step
+    run.sampler.load_state_dict(state.sampler)
+    run.history.load_state_dict(state.history)
+    restore_rng(state.rng.get("global", {}))
+    run.rng.setstate(state.rng["batch"])
+    run.doc_rng.setstate(state.rng["docs"])
+
+
+def run(config: Config, *, replay_dir: str | None = None) -> int:
+    """Train until `train.total_steps`; returns the process exit code."""
+    import torch.distributed as dist
+
+    shape = ModelShape.from_hf_dir(config.model.hf_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(config.parallel, shape, world)
+    validate_lengths(config, shape)
+    if replay_dir is not None and not Path(replay_dir).is_dir():
+        raise FileNotFoundError(f"--replay {replay_dir}: no such directory of dumped rollouts")
+    run_dir = Path(config.run_dir)
+    preempt = _Preemption()
+    run_, _ctx, policy = build_run(config, replay=replay_dir is not None)
+    rank = dist.get_rank()
+    if rank == 0:
+        dump_config(config, run_dir / "config.yaml")
+        log.info("resolved config:\n%s", format_config(config))
+    ckpt = CheckpointManager(
+        run_dir / "checkpoints",
+        keep_last=config.checkpoint.keep_last,
+        rank=rank,
+        barrier=dist.barrier,
+    )
+    latest = ckpt.latest() if config.checkpoint.resume == "auto" else None
+    if latest is not None:
+        log.info("resuming from %s", latest)
+        policy.load(latest / "model")
+        _restore(run_, CheckpointManager.load_state(latest))
+        if run_.engine is not None:
+            run_.engine.load_weights(policy.export_weights())
+
+    def save() -> None:
+        with run_.metrics.timer("checkpoint"):
+            ckpt.save(run_.step, lambda tmp: policy.save(tmp / "model"), _state(run_))
+
+    exit_code = 0
+    while run_.step < config.train.total_steps:
+        if replay_dir is not None:
+            replay_step(run_, Path(replay_dir))
+        else:
+            spell_step(run_)
+        interval = config.checkpoint.save_interval
+        if _any_rank(preempt.requested):
+            save()
+            exit_code = REQUEUE_EXIT_CODE
+            break
+        if interval and run_.step % interval == 0 and run_.step < config.train.total_steps:
+            save()
+    else:
+        save()
+    run_.metrics.close()
+    if rank == 0 and exit_code == 0:
+        from megatron_spell.report import write_report
+
+        log.info(write_report(run_dir))
+        log.info("run directory: %s (tensorboard --logdir %s)", run_dir, run_dir / "tensorboard")
+    dist.barrier()
+    return exit_code
