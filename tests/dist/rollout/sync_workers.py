@@ -33,11 +33,14 @@ def _build(hf_dir: str, ckpt_dir: str, **parallel: int):
 
 
 def _perturb(chunks, ctx, step: int, scale: float = 0.05) -> None:
-    """A deliberate weight change, different on every shard (seeded by name, coordinates and step)."""
+    """A deliberate weight change, different on every shard, identical on replicas (like an optimizer step)."""
     with torch.no_grad():
         for chunk in chunks:
             for name, p in chunk.named_parameters():
-                key = f"{name}|{ctx.tp_rank}|{ctx.pp_rank}|{ctx.ep_rank}|{step}".encode()
+                # replicas (norms, router; non-expert params across EP) must stay identical
+                tp_rank = ctx.tp_rank if getattr(p, "tensor_model_parallel", False) else -1
+                ep_rank = ctx.ep_rank if not getattr(p, "allreduce", True) else -1
+                key = f"{name}|{tp_rank}|{ctx.pp_rank}|{ep_rank}|{step}".encode()
                 seed = int(hashlib.sha256(key).hexdigest()[:8], 16)
                 gen = torch.Generator().manual_seed(seed)
                 p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
@@ -91,14 +94,15 @@ def _check_step(engine, chunks, ctx, hf_config, hf_dir: str, new_dir: Path, prom
     for prompt, [c] in zip(prompts, greedy, strict=True):
         assert list(c.token_ids) == hf_ref.hf_greedy(hf, prompt, len(c.token_ids))
     sampled = engine.generate(prompts, 2, max_tokens=MAX_TOKENS, top_p=1.0, top_k=-1)
+    mine = [(p, list(c.token_ids), list(c.logprobs)) for p, cs in zip(prompts, sampled) for c in cs]
+    # Megatron's TP ranks must run the same inputs: every rank recomputes every rank's samples.
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
     vllm_lps, mg_lps = [], []
-    for prompt, comps in zip(prompts, sampled, strict=True):
-        for c in comps:
-            vllm_lps.append(list(c.logprobs))
-            lp = _megatron_logprobs(
-                chunks, ctx, int(hf_config.vocab_size), prompt, list(c.token_ids)
-            )
-            mg_lps.append(lp.tolist())
+    vocab = int(hf_config.vocab_size)
+    for prompt, comp, lps in (s for rank_samples in everyone for s in rank_samples):
+        vllm_lps.append(lps)
+        mg_lps.append(_megatron_logprobs(chunks, ctx, vocab, prompt, comp).tolist())
     diff = logprob_mismatch(vllm_lps, mg_lps)
     assert diff.max_abs < 1e-4, diff
     return {"max_abs": diff.max_abs, "mean_abs": diff.mean_abs}
