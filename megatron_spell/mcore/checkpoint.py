@@ -242,12 +242,14 @@ def load_checkpoint(
     release = resolve_release_dir(ckpt_dir)
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     sharded = {k: c.sharded_state_dict() for k, c in zip(keys, model_chunks, strict=True)}
-    loaded, missing, _unexpected = dist_checkpointing.load(
+    # Megatron's naming: "missing" = in the checkpoint but not requested (our MoE norm alias, harmless);
+    # "unexpected" = requested by the model but absent from the checkpoint (an error).
+    loaded, _ckpt_only, absent = dist_checkpointing.load(
         sharded, str(release), strict=StrictHandling.RETURN_ALL
     )
-    if missing:
+    if absent:
         raise ValueError(
-            f"checkpoint {str(release)!r} lacks tensors the model needs: {sorted(missing)[:5]}"
+            f"checkpoint {str(release)!r} lacks tensors the model needs: {sorted(absent)[:5]}"
         )
     for k, chunk in zip(keys, model_chunks, strict=True):
         chunk.load_state_dict(loaded[k], strict=True)

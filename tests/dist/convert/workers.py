@@ -1,0 +1,114 @@
+"""Rank functions for the converter's multi-process tests (module-level so `run_distributed` can pickle them).
+
+`layouts_worker` loads one converted checkpoint at several TP/PP/EP/SP layouts in turn (re-initialising
+Megatron's parallel state between them) and returns the full-vocab logits of a fixed prompt from the rank
+that holds them (last pipeline stage, TP-gathered, tp_rank 0). `plain_worker` does the same with a
+GPTModel built by tests/dist/convert/plain_gpt.py (no megatron_spell model/convert code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def forward_logits(model: Any, tokens: list[int], hidden: int, vocab: int, tp_group, pp_group):
+    """Full-sequence logits [S, vocab] on the last PP stage (gathered over TP), else None."""
+    ids = torch.tensor([tokens])
+    pos = torch.arange(len(tokens))[None]
+    model.eval()
+    pp_ranks = dist.get_process_group_ranks(pp_group)
+    stage = pp_ranks.index(dist.get_rank())
+    with torch.no_grad():
+        if stage > 0:
+            buf = torch.empty(len(tokens), 1, hidden)
+            dist.recv(buf, src=pp_ranks[stage - 1])
+            model.set_input_tensor(buf)
+        out = model(ids, pos, None)
+        if stage < len(pp_ranks) - 1:
+            dist.send(out.contiguous(), dst=pp_ranks[stage + 1])
+            return None
+        tp = dist.get_world_size(tp_group)
+        if tp > 1:
+            parts = [torch.empty_like(out) for _ in range(tp)]
+            dist.all_gather(parts, out.contiguous(), group=tp_group)
+            out = torch.cat(parts, dim=-1)
+        if dist.get_rank(tp_group) != 0:
+            return None
+        return out[0, :, :vocab].float().numpy()
+
+
+def layouts_worker(
+    rank: int,
+    world: int,
+    hf_dir: str,
+    ckpt_dir: str,
+    layouts: dict[str, dict],
+    tokens: list[int],
+    plain_tps: tuple[int, ...] = (),
+) -> dict[str, np.ndarray]:
+    """Logits per layout name; plus "plain_tp{n}" from the plain GPTModel for each n in plain_tps."""
+    from megatron_spell.config import ParallelConfig
+    from megatron_spell.mcore.checkpoint import load_checkpoint
+    from megatron_spell.mcore.model import build_model, load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
+
+    hf_config = load_hf_config(hf_dir)
+    results: dict[str, np.ndarray] = {}
+    try:
+        for name, layout in layouts.items():
+            ctx = init_parallel(ParallelConfig(**layout))
+            chunks = build_model(hf_config, ctx)
+            load_checkpoint(chunks, ckpt_dir, ctx)
+            logits = forward_logits(
+                chunks[0],
+                tokens,
+                hf_config.hidden_size,
+                hf_config.vocab_size,
+                ctx.tp_group,
+                ctx.pp_group,
+            )
+            if logits is not None:
+                results[name] = logits
+            dist.barrier()
+    finally:
+        destroy_parallel()
+    for tp in plain_tps:
+        logits = plain_worker(rank, world, hf_dir, f"{ckpt_dir}/release", tp, tokens)
+        if logits is not None:
+            results[f"plain_tp{tp}"] = logits
+        dist.barrier()
+    return results
+
+
+def plain_worker(
+    rank: int, world: int, hf_dir: str, release_dir: str, tp: int, tokens: list[int]
+) -> np.ndarray | None:
+    from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from transformers import AutoConfig
+
+    from tests.dist.convert.plain_gpt import load_plain, plain_gpt_model
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model_parallel_cuda_manual_seed(0)
+    try:
+        hf_config = AutoConfig.from_pretrained(hf_dir)
+        model = plain_gpt_model(hf_config)
+        load_plain(model, release_dir)
+        return forward_logits(
+            model,
+            tokens,
+            hf_config.hidden_size,
+            hf_config.vocab_size,
+            ps.get_tensor_model_parallel_group(),
+            ps.get_pipeline_model_parallel_group(),
+        )
+    finally:
+        ps.destroy_model_parallel()
