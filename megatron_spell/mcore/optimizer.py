@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_spell.mcore.cpu_support import apply_cpu_patches
 
@@ -79,6 +81,22 @@ def _patch_clip_for_cpu() -> None:
 _patch_clip_for_cpu()
 
 
+class _CudaTensorTypeNames(TorchFunctionMode):
+    """`Tensor.type()` answers 'torch.cuda.FloatTensor' for CPU tensors while active.
+
+    Workaround (CPU only, belongs in cpu_support): Megatron's optimizers sort parameters by comparing
+    `param.type()` with CUDA type names and reject anything else, so the DistributedOptimizer cannot be
+    built on CPU. Active only while the optimizer is constructed.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
 def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, **kwargs):
     """Grad all-reduce (DP x CP sum, SP norms, embeddings) without dividing by a token count."""
     del num_tokens
@@ -132,12 +150,14 @@ def build_optimizer(
         params_dtype=model_config.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(
-        opt_config,
-        ddp_chunks,
-        use_gloo_process_groups=not torch.cuda.is_available(),
-        pg_collection=None,
-    )
+    mode = _CudaTensorTypeNames() if not torch.cuda.is_available() else contextlib.nullcontext()
+    with mode:
+        return get_megatron_optimizer(
+            opt_config,
+            ddp_chunks,
+            use_gloo_process_groups=not torch.cuda.is_available(),
+            pg_collection=None,
+        )
 
 
 def build_scheduler(optimizer: Any, cfg: OptimConfig) -> OptimizerParamScheduler:

@@ -1,0 +1,200 @@
+"""Training engine on gloo: loss and every gradient are invariant across parallel layouts (issue 4).
+
+A tiny Qwen3 (4 layers, GQA, q/k norms) and a tiny Qwen3-MoE are converted once to Megatron checkpoints, so
+every layout starts from the same weights. The single-process run is the reference; it is itself checked
+against Hugging Face transformers (log-probs at the rollout temperature and the PPO loss recomputed from HF
+log-probs), against per-sequence micro-batches (packed == unpacked), and for the direction of one update.
+Layouts run grouped per spawned job (process start-up dominates on 2 cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist.mcore._engine_harness import (
+    fixed_batch,
+    full_tensors,
+    layout,
+    make_engine,
+    max_abs_diffs,
+    to_numpy,
+)
+from tests.helpers.dist import run_distributed
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[3]
+TOL = 1e-5
+
+
+def _convert(hf_dir: Path, out: Path) -> Path:
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_hf_to_megatron.py"),
+            "--hf-dir",
+            str(hf_dir),
+            "--out-dir",
+            str(out),
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tests.helpers.tiny_models import make_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("engine")
+    dense = make_tiny_hf_model(root / "qwen3", "qwen3", num_hidden_layers=4)
+    moe = make_tiny_hf_model(root / "moe", "qwen3_moe")
+    return {
+        "dense": (str(dense), str(_convert(dense, root / "qwen3_ckpt"))),
+        "moe": (str(moe), str(_convert(moe, root / "moe_ckpt"))),
+    }
+
+
+# --- workers (module level: spawned) ----------------------------------------------------------------
+
+
+def _step_and_gather(hf_dir, ckpt, par, **kw):
+    from megatron_spell.mcore.parallel import destroy_parallel
+
+    engine, ctx = make_engine(hf_dir, ckpt, par, **kw)
+    metrics = engine.train_step(fixed_batch())
+    grads = None if kw.get("dist_opt") else full_tensors(engine.models, ctx, "main_grad")
+    params = full_tensors(engine.models, ctx, "data")
+    destroy_parallel()
+    return to_numpy({"metrics": metrics, "grads": grads, "params": params})
+
+
+def _reference_worker(rank, world, dense, moe):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_spell.mcore.loss import PolicyLossConfig, policy_loss
+    from megatron_spell.mcore.parallel import destroy_parallel
+
+    out = {"dense": _step_and_gather(*dense, layout()), "moe": _step_and_gather(*moe, layout())}
+    # packed == unpacked: a budget so small that every sequence is its own micro-batch
+    out["dense_unpacked"] = _step_and_gather(*dense, layout(), budget=34)
+
+    # log-probs and loss against HF transformers at the rollout temperature
+    engine, _ = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
+    batch = fixed_batch()
+    lps = engine.compute_logprobs(batch)
+    hf = AutoModelForCausalLM.from_pretrained(dense[0], dtype=torch.float32).eval()
+    hf_lps = []
+    with torch.no_grad():
+        for s in batch:
+            logits = hf(torch.tensor([s.prompt_ids + s.response_ids])).logits[0] / 0.7
+            p = len(s.prompt_ids)
+            logp = torch.log_softmax(logits.float(), -1)[p - 1 : -1]
+            hf_lps.append(logp.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1))
+    out["lp_vs_hf"] = max(float((a - b).abs().max()) for a, b in zip(lps, hf_lps))
+    n = sum(len(s.response_ids) for s in batch)
+    cat = torch.cat
+    hf_loss, _ = policy_loss(
+        cat(hf_lps),
+        cat([torch.tensor(s.old_logprobs) for s in batch]),
+        cat([torch.full((len(s.response_ids),), s.advantage) for s in batch]),
+        torch.full((n,), 1.0 / n),
+        PolicyLossConfig(),
+    )
+    metrics = engine.train_step(batch)
+    out["loss_vs_hf"] = abs(metrics["train/loss"] - float(hf_loss))
+    # on-policy update (old = current log-probs, as in SPELL): direction of the change per sample
+    engine, _ = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
+    on_policy = [dataclasses.replace(s, old_logprobs=lp.tolist()) for s, lp in zip(batch, lps)]
+    engine.train_step(on_policy)
+    after = engine.compute_logprobs(batch)
+    out["delta_by_adv"] = [
+        (s.advantage, float((b - a).mean())) for s, a, b in zip(batch, lps, after)
+    ]
+    destroy_parallel()
+    return out
+
+
+TWO_RANK_LAYOUTS = {
+    "tp2": ("dense", dict(tensor_model_parallel_size=2), {}),
+    "tp2_sp": ("dense", dict(tensor_model_parallel_size=2, sequence_parallel=True), {}),
+    "pp2": ("dense", dict(pipeline_model_parallel_size=2), {}),
+    "cp2": ("dense", dict(context_parallel_size=2), {}),
+    "dp2": ("dense", {}, {}),
+    "dp2_distopt": ("dense", {}, {"dist_opt": True}),
+    "ep2": ("moe", dict(expert_model_parallel_size=2), {}),
+}
+FOUR_RANK_LAYOUTS = {
+    "tp2_cp2": ("dense", dict(tensor_model_parallel_size=2, context_parallel_size=2), {}),
+    "tp2_cp2_sp_distopt": (
+        "dense",
+        dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
+        {"dist_opt": True},
+    ),
+}
+
+
+def _layouts_worker(rank, world, paths, layouts):
+    out = {}
+    for name, (model, par, kw) in layouts.items():
+        res = _step_and_gather(*paths[model], layout(**par), **kw)
+        if rank == 0:
+            out[name] = res
+    return out
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    return run_distributed(_reference_worker, 1, models["dense"], models["moe"], timeout=600)[0]
+
+
+def test_reference_matches_hf_and_improves(reference):
+    assert reference["lp_vs_hf"] < 1e-5
+    assert reference["loss_vs_hf"] < 1e-6
+    for adv, delta in reference["delta_by_adv"]:
+        assert (delta > 0) == (adv > 0), reference["delta_by_adv"]
+
+
+def test_packed_equals_unpacked(reference):
+    a, b = reference["dense"], reference["dense_unpacked"]
+    assert b["metrics"]["train/num_microbatches"] == 6
+    assert a["metrics"]["train/num_microbatches"] < 6
+    assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < TOL
+    assert max(max_abs_diffs(a["grads"], b["grads"]).values()) < TOL
+
+
+def _check(reference, results, layouts):
+    for name, (model, _par, kw) in layouts.items():
+        ref, got = reference[model], results[name]
+        assert abs(ref["metrics"]["train/loss"] - got["metrics"]["train/loss"]) < TOL, name
+        assert got["metrics"]["train/num_tokens"] == ref["metrics"]["train/num_tokens"], name
+        assert abs(ref["metrics"]["train/grad_norm"] - got["metrics"]["train/grad_norm"]) < 1e-4, (
+            name
+        )
+        if got["grads"] is not None:
+            diffs = max_abs_diffs(ref["grads"], got["grads"])
+            worst = max(diffs, key=diffs.get)
+            assert diffs[worst] < TOL, (name, worst, diffs[worst])
+        diffs = max_abs_diffs(ref["params"], got["params"])
+        worst = max(diffs, key=diffs.get)
+        assert diffs[worst] < TOL, (name, "params after step", worst, diffs[worst])
+
+
+def test_two_rank_layouts_match_reference(models, reference):
+    results = run_distributed(_layouts_worker, 2, models, TWO_RANK_LAYOUTS, timeout=900)[0]
+    _check(reference, results, TWO_RANK_LAYOUTS)
+
+
+def test_four_rank_layouts_match_reference(models, reference):
+    results = run_distributed(_layouts_worker, 4, models, FOUR_RANK_LAYOUTS, timeout=900)[0]
+    _check(reference, results, FOUR_RANK_LAYOUTS)
