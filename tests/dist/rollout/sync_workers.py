@@ -17,7 +17,46 @@ TEMPERATURE = 0.7
 MAX_TOKENS = 8
 
 
-def _build(hf_dir: str, ckpt_dir: str, **parallel: int):
+def _shard(full: torch.Tensor, kind: str, rank: int, size: int) -> torch.Tensor:
+    """This rank's TP shard of a full Megatron tensor (the inverse of the export's gather)."""
+    if kind == "replicated" or size == 1:
+        return full
+    if kind == "row":
+        return full.chunk(size, dim=1)[rank]
+    if kind == "gated_column":
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]], dim=0)
+    return full.chunk(size, dim=0)[rank]
+
+
+@torch.no_grad()
+def _load_from_hf(chunks, ctx, hf_config, hf_dir: str) -> None:
+    """Fill the sharded model straight from the HF tensors via the converter's stream (no checkpoint):
+    used where the dist-checkpoint loader cannot load the layout (MoE at TP=2, see the test module)."""
+    from megatron_spell.convert import hf_to_megatron_state_dict
+    from megatron_spell.convert.hf_io import iter_hf_tensors
+    from megatron_spell.mcore import export as X
+    from megatron_spell.mcore.model import padded_vocab_size
+
+    padded = padded_vocab_size(hf_config, ctx.tp)
+    full = dict(
+        hf_to_megatron_state_dict(iter_hf_tensors(hf_dir), hf_config, padded_vocab_size=padded)
+    )
+    gated = bool(chunks[0].config.gated_linear_unit)
+    num_local = X._num_local_experts(hf_config, ctx)
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            expert = not getattr(p, "allreduce", True)
+            names = X._global_names(name, chunk, ctx, num_local)
+            key = names[ctx.ep_rank] if expert else names[0]
+            if key == "output_layer.weight" and key not in full:  # tied: the embedding
+                key = "embedding.word_embeddings.weight"
+            group = ctx.etp_group if expert else ctx.tp_group
+            kind = X._tp_kind(name, p, gated)
+            p.copy_(_shard(full[key], kind, dist.get_rank(group), dist.get_world_size(group)))
+
+
+def _build(hf_dir: str, ckpt_dir: str, via_hf: bool = False, **parallel: int):
     from megatron_spell.config import ParallelConfig
     from megatron_spell.mcore.checkpoint import load_checkpoint
     from megatron_spell.mcore.model import build_model, load_hf_config
@@ -26,7 +65,10 @@ def _build(hf_dir: str, ckpt_dir: str, **parallel: int):
     ctx = init_parallel(ParallelConfig(**parallel))
     hf_config = load_hf_config(hf_dir)
     chunks = build_model(hf_config, ctx)
-    load_checkpoint(chunks, ckpt_dir, ctx)
+    if via_hf:
+        _load_from_hf(chunks, ctx, hf_config, hf_dir)
+    else:
+        load_checkpoint(chunks, ckpt_dir, ctx)
     for c in chunks:
         c.eval()
     return ctx, hf_config, chunks
@@ -55,19 +97,27 @@ def _collect(buckets) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_dict(rank: int, world: int, hf_dir: str, ckpt_dir: str, parallel: dict) -> dict:
-    """Export without any weight change: returns the HF tensors this rank received."""
+def export_matches_hf(rank: int, world: int, hf_dir: str, ckpt_dir: str, parallel: dict) -> int:
+    """Export without any weight change and compare with the HF tensors the checkpoint came from
+    (bit-exact). Returns the number of tensors compared (tensors are not sent back: fd passing)."""
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
+    from tests.e2e.rollout import hf_ref
 
     ctx, hf_config, chunks = _build(hf_dir, ckpt_dir, **parallel)
     buckets = list(export_hf_weights(chunks, ctx, hf_config, bucket_mb=0.05))
     assert len(buckets) > 1
     sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in buckets]
     assert all(s <= 50_000 or len(b) == 1 for s, b in zip(sizes, buckets, strict=True))
-    out = _collect(buckets)
+    got = _collect(buckets)
     destroy_parallel()
-    return out
+    ref = hf_ref.read_hf_tensors(hf_dir)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        ref.pop("lm_head.weight", None)  # the receiver adds it from the embedding
+    assert sorted(got) == sorted(ref), set(got) ^ set(ref)
+    for name, t in ref.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
+    return len(ref)
 
 
 @torch.no_grad()
