@@ -93,6 +93,9 @@ class Run:
     )  # batch assembly (bad cases, verifier groups); same seed and draws on every rank
     doc_rng: random.Random  # which documents a questioner sees
     step: int = 0
+    # seeds the sampling RNGs at the start of each step (vLLM samples in-process from torch's default
+    # generator on CPU), so a resumed run draws exactly what an uninterrupted one would
+    reseed: Callable[[int], None] = lambda step: None
 
     @property
     def batch_config(self) -> BatchConfig:
@@ -103,6 +106,7 @@ def spell_step(run: Run) -> dict[str, float]:
     """One optimizer step of SPELL; returns the step's scalars (also logged)."""
     t0 = time.perf_counter()
     cfg, metrics = run.config, run.metrics
+    run.reseed(run.step)
     acc = StepAccumulator()
     rounds: list[RoundResult] = []
     while True:

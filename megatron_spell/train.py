@@ -11,6 +11,7 @@ requeue. Resume is automatic from the latest complete checkpoint of the run dire
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -130,8 +131,16 @@ def build_run(config: Config, *, replay: bool = False) -> tuple[Run, Any, Any]:
         collective=_collective(ctx, config.rollout.tensor_parallel_size),
         rng=random.Random(config.train.seed),
         doc_rng=random.Random(config.train.seed + 1),
+        reseed=functools.partial(_reseed, config.rollout.seed),
     )
     return run, ctx, policy
+
+
+def _reseed(seed: int, step: int) -> None:
+    """Same sampling randomness for step `step` on every rank and after any resume."""
+    import torch
+
+    torch.manual_seed(seed * 1_000_003 + step)
 
 
 class _SyncingEngine:
