@@ -36,7 +36,7 @@ def _rank1_raises(rank: int, world_size: int) -> None:
     dist.all_reduce(torch.ones(1))
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_run_distributed_collectives(world_size: int) -> None:
     out = run_distributed(_allreduce_rank, world_size, 3, timeout=120)
     expected_sum = float(3 * sum(range(world_size)))

@@ -54,6 +54,7 @@ def test_init_parallel_tp2_pp2_groups() -> None:
         assert o["pg_tp"] == o["groups"]["tp"]
 
 
+@pytest.mark.slow
 def test_init_parallel_dp2_ep2() -> None:
     sizes = {"expert_model_parallel_size": 2}
     outs = run_distributed(_ctx_rank, 2, sizes, timeout=240)
