@@ -3,11 +3,14 @@
     python tests/dist/convert/convert_many.py to_megatron HF1 OUT1 [HF2 OUT2 ...]
     python tests/dist/convert/convert_many.py to_hf CKPT1 OUT1 [CKPT2 OUT2 ...]
 
+Extra tool flags (e.g. `--max-shard-gb 0.001`) come from the CONVERT_EXTRA_ARGS environment variable.
+
 Calls the tools' `main` exactly as the command line would; exits with the first non-zero status.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +30,8 @@ def main(argv: list[str]) -> int:
 
         src_flag = "--ckpt-dir"
     for src, out in zip(pairs[::2], pairs[1::2], strict=True):
-        rc = tool([src_flag, src, "--out-dir", out, "--quiet"])
+        extra = os.environ.get("CONVERT_EXTRA_ARGS", "").split()
+        rc = tool([src_flag, src, "--out-dir", out, "--quiet", *extra])
         if rc:
             return rc
     return 0
