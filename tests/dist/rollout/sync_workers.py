@@ -74,7 +74,7 @@ def _build(hf_dir: str, ckpt_dir: str, via_hf: bool = False, **parallel: int):
     return ctx, hf_config, chunks
 
 
-def _perturb(chunks, ctx, step: int, scale: float = 0.05) -> None:
+def _perturb(chunks, ctx, step: int, scale: float) -> None:
     """A deliberate weight change, different on every shard, identical on replicas (like an optimizer step)."""
     with torch.no_grad():
         for chunk in chunks:
@@ -159,7 +159,13 @@ def _check_step(engine, chunks, ctx, hf_config, hf_dir: str, new_dir: Path, prom
 
 
 def sync_and_generate(
-    rank: int, world: int, hf_dir: str, ckpt_dir: str, out_dir: str, parallel: dict
+    rank: int,
+    world: int,
+    hf_dir: str,
+    ckpt_dir: str,
+    out_dir: str,
+    parallel: dict,
+    scale: float = 0.05,
 ) -> list[dict]:
     """Megatron (perturbed twice) -> export -> vLLM; greedy == HF, vLLM logprobs == Megatron's."""
     from megatron_spell.mcore.export import export_hf_weights
@@ -179,7 +185,7 @@ def sync_and_generate(
     prompts = [render_chat(engine.tokenizer, doc + q) for q in questions]
     results = []
     for step in (1, 2):
-        _perturb(chunks, ctx, step)
+        _perturb(chunks, ctx, step, scale)
         received: dict[str, torch.Tensor] = {}
 
         def stream(received=received):

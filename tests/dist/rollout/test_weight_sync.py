@@ -8,7 +8,7 @@
 * After deliberate weight changes (two updates) of a Megatron model at TP=1 (Llama, Qwen3 tied, Qwen3-MoE)
   and at TP=2 on 2 ranks (Llama; a vLLM engine on each rank under external_launcher), vLLM's greedy output
   equals transformers' on the exported weights and vLLM's sampled-token logprobs equal Megatron's recomputed
-  logprobs (log_softmax(logits / T)) within 1e-4.
+  logprobs (log_softmax(logits / T)) within 1e-4. The same for SmolLM2-135M at TP=1 (slow).
 """
 
 from __future__ import annotations
@@ -73,3 +73,15 @@ def test_sync_tp2_two_ranks_external_launcher(models, tmp_path):
         {"tensor_model_parallel_size": 2},
     )  # fmt: skip
     assert len(out) == 2 and all(len(r) == 2 for r in out)
+
+
+@pytest.mark.slow
+def test_sync_smollm2_tp1(tmp_path):
+    """The real demo model: SmolLM2-135M-Instruct (30 layers, tied embeddings, fp32) at TP=1."""
+    from megatron_spell.convert.smollm2 import materialize_smollm2
+
+    hf_dir = materialize_smollm2()
+    (res,) = run_distributed(
+        W.sync_and_generate, 1, str(hf_dir), "", str(tmp_path), {"via_hf": True}, 0.002
+    )
+    assert len(res) == 2 and all(r["max_abs"] < 1e-4 for r in res)
