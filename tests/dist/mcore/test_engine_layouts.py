@@ -174,7 +174,7 @@ def test_packed_equals_unpacked(reference):
 
 
 def _check(reference, results, layouts):
-    for name, (model, _par, kw) in layouts.items():
+    for name, (model, _par, _kw) in layouts.items():
         ref, got = reference[model], results[name]
         assert abs(ref["metrics"]["train/loss"] - got["metrics"]["train/loss"]) < TOL, name
         assert got["metrics"]["train/num_tokens"] == ref["metrics"]["train/num_tokens"], name
