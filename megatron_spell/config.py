@@ -212,6 +212,9 @@ class RolloutConfig:
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
     weight_sync_bucket_mb: int = 512
     seed: int = 0
+    # constrain questioner outputs to the task's JSON schema (vLLM structured outputs); a deviation for small
+    # models that cannot follow the format yet (see megatron_spell/spell/schemas.py). Off in the reference.
+    questioner_json_schema: bool = False
 
     def __post_init__(self) -> None:
         _positive(

@@ -27,6 +27,7 @@ from typing import Protocol
 from megatron_spell.config import SpellConfig
 from megatron_spell.spell import prompts, rewards, scorers, verifier
 from megatron_spell.spell.parsing import is_bad_ground, parse_questioner
+from megatron_spell.spell.schemas import questioner_schema
 from megatron_spell.types import (
     CaseType,
     Completion,
@@ -48,7 +49,12 @@ class Generator(Protocol):
     """What a round needs from the rollout engine. An excluded (overlong) prompt yields an empty list."""
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], n: int, *, max_tokens: int | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        *,
+        max_tokens: int | None = None,
+        json_schema: dict | None = None,
     ) -> list[list[Completion]]: ...
 
 
@@ -112,11 +118,22 @@ def run_gen_round(
     *,
     uid_prefix: str,
     max_response_tokens: int,
+    questioner_json_schema: bool = False,
 ) -> RoundResult:
-    """Run every role of one round on `inputs`; see the module docstring for the order."""
+    """Run every role of one round on `inputs`; see the module docstring for the order.
+
+    `questioner_json_schema` constrains the questioner to its task's JSON schema (spell/schemas.py).
+    """
     result = RoundResult()
     questions = _questioner_phase(
-        inputs, generator, chat, spell, uid_prefix, max_response_tokens, result
+        inputs,
+        generator,
+        chat,
+        spell,
+        uid_prefix,
+        max_response_tokens,
+        result,
+        questioner_json_schema,
     )
     if spell.filter_questioner_prompts:
         questions = _grounding_filter(questions, generator, chat, spell, result)
@@ -125,8 +142,26 @@ def run_gen_round(
     return result
 
 
+def _generate_questions(generator, inputs, prompt_ids, max_tokens, constrained):
+    """n=1 per prompt; with `constrained`, one call per task with that task's JSON schema."""
+    if not constrained:
+        return generator.generate(prompt_ids, 1, max_tokens=max_tokens) if inputs else []
+    outputs: list[list[Completion]] = [[] for _ in inputs]
+    for task in sorted({inp.task for inp in inputs}, key=lambda t: t.value):
+        idx = [i for i, inp in enumerate(inputs) if inp.task is task]
+        outs = generator.generate(
+            [prompt_ids[i] for i in idx],
+            1,
+            max_tokens=max_tokens,
+            json_schema=questioner_schema(task),
+        )
+        for i, o in zip(idx, outs):
+            outputs[i] = o
+    return outputs
+
+
 def _questioner_phase(
-    inputs, generator, chat, spell, uid_prefix, max_tokens, result
+    inputs, generator, chat, spell, uid_prefix, max_tokens, result, constrained=False
 ) -> list[_Question]:
     prompt_ids = [
         chat.render(
@@ -136,7 +171,7 @@ def _questioner_phase(
         )
         for inp in inputs
     ]
-    outputs = generator.generate(prompt_ids, 1, max_tokens=max_tokens) if inputs else []
+    outputs = _generate_questions(generator, inputs, prompt_ids, max_tokens, constrained)
     questions: list[_Question] = []
     cases = {"bad_format": 0, "dropped": 0}
     for i, (inp, ids, outs) in enumerate(zip(inputs, prompt_ids, outputs)):

@@ -120,6 +120,7 @@ def spell_step(run: Run) -> dict[str, float]:
                 cfg.spell,
                 uid_prefix=f"s{run.step}g{acc.num_rounds}p{run.collective.rollout_rank}",
                 max_response_tokens=cfg.rollout.max_response_length,
+                questioner_json_schema=cfg.rollout.questioner_json_schema,
             )
             round_ = merge_rounds(run.collective.all_gather_object(local))
         with metrics.timer("score"):

@@ -36,6 +36,7 @@ class FakeGenerator:
     def __init__(self, chat):
         self.chat = chat
         self.calls = []
+        self.schemas = []
 
     def _respond(self, text, n):
         if text.startswith(prompts.questioner_prompt(Task.DOC_GENERAL_QA, ["x"])[:40]):
@@ -64,8 +65,9 @@ class FakeGenerator:
             return ["The correct answer is Alpha"] * n
         return ["no idea"] * n
 
-    def generate(self, prompt_ids, n, *, max_tokens=None):
+    def generate(self, prompt_ids, n, *, max_tokens=None, json_schema=None):
         self.calls.append((len(prompt_ids), n))
+        self.schemas.append(json_schema)
         out = []
         for ids in prompt_ids:
             texts = self._respond(self.chat.texts[ids[0]], n)
@@ -134,7 +136,7 @@ def test_overlong_responder_prompt_is_dropped():
     chat = FakeChat()
 
     class Overlong(FakeGenerator):
-        def generate(self, prompt_ids, n, *, max_tokens=None):
+        def generate(self, prompt_ids, n, *, max_tokens=None, json_schema=None):
             out = super().generate(prompt_ids, n, max_tokens=max_tokens)
             return [
                 [] if n > 1 else o for o in out
@@ -147,3 +149,31 @@ def test_overlong_responder_prompt_is_dropped():
     )
     assert res.responder_groups == [] and res.questioner == []
     assert res.metrics["responder/overlong_dropped"] == 1
+
+
+def test_questioner_json_schema_calls_once_per_task_with_its_schema():
+    from megatron_spell.spell.schemas import questioner_schema
+
+    chat = FakeChat()
+    gen = FakeGenerator(chat)
+    inputs = [
+        QuestionerInput(task=Task.DOC_MC, docset=DOCS, evidence=(2,)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),
+        QuestionerInput(task=Task.DOC_MC, docset=DOCS, evidence=(1,)),
+    ]
+    res = run_gen_round(
+        inputs,
+        gen,
+        chat,
+        SpellConfig(responder_n=2, verifier_n=2),
+        uid_prefix="x",
+        max_response_tokens=8,
+        questioner_json_schema=True,
+    )
+    assert gen.calls[:2] == [(1, 1), (2, 1)]  # doc_general_qa first, then the two doc_mc prompts
+    assert gen.schemas[:2] == [
+        questioner_schema(Task.DOC_GENERAL_QA),
+        questioner_schema(Task.DOC_MC),
+    ]
+    assert gen.schemas[2:] == [None] * (len(gen.schemas) - 2)  # other roles are not constrained
+    assert [s.uid for s in res.questioner] == ["xq0", "xq1", "xq2"]  # results keep input order
