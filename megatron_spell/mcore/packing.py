@@ -227,10 +227,12 @@ def build_micro_batch(
     cp_size: int = 1,
     cp_rank: int = 0,
     pad_id: int = 0,
+    pad_to: int | None = None,
 ) -> MicroBatch:
     """THD-pack `samples` (the ones listed in `sample_ids`) and keep this CP rank's share.
 
     An empty `sample_ids` gives a dummy micro-batch: one pad sequence of `multiple` tokens, zero loss mask.
+    `pad_to` (a multiple of `multiple`) appends one pad sequence so the pack has exactly that many tokens.
     """
     seqs = [samples[i] for i in sample_ids]
     if not seqs:
@@ -241,6 +243,13 @@ def build_micro_batch(
         lengths = [s.num_tokens for s in seqs]
         padded = [padded_length(n, multiple) for n in lengths]
         fields = [_sequence_fields(s, n, pad_id) for s, n in zip(seqs, padded)]
+    if pad_to is not None and pad_to > sum(padded):
+        extra = pad_to - sum(padded)
+        if extra % multiple:
+            raise ValueError(f"pad_to={pad_to} is not a multiple of {multiple}")
+        dummy = TrainSample(prompt_ids=(pad_id,), response_ids=())
+        fields.append(_sequence_fields(dummy, extra, pad_id))
+        lengths, padded = [*lengths, 1], [*padded, extra]
     full = {k: torch.cat([f[k] for f in fields]) for k in fields[0]}
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     cu_padded = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
@@ -281,10 +290,12 @@ def pack_batch(
     sequence_parallel: bool = False,
     microbatch_multiple: int = 1,
     pad_id: int = 0,
+    equal_length: bool = False,
 ) -> PackedBatch:
     """Plan the whole global batch (same result on every rank) and build this rank's micro-batches.
 
     `max_tokens_per_microbatch` counts padded tokens per CP rank (a pack holds up to that times cp tokens).
+    `equal_length` pads every micro-batch of every rank to the longest pack (a fixed pipeline tensor shape).
     """
     if not samples:
         raise ValueError("pack_batch got no samples: the update batch is empty")
@@ -300,9 +311,18 @@ def pack_batch(
     num_micro = max(len(b) for b in bins_per_rank)
     num_micro = -(-num_micro // microbatch_multiple) * microbatch_multiple
     my_bins = bins_per_rank[dp_rank] + [[]] * (num_micro - len(bins_per_rank[dp_rank]))
+    pad_to = None
+    if equal_length:
+        pad_to = max(sum(lengths[i] for i in b) for bins in bins_per_rank for b in bins)
     micro = [
         build_micro_batch(
-            samples, ids, multiple=multiple, cp_size=cp_size, cp_rank=cp_rank, pad_id=pad_id
+            samples,
+            ids,
+            multiple=multiple,
+            cp_size=cp_size,
+            cp_rank=cp_rank,
+            pad_id=pad_id,
+            pad_to=pad_to,
         )
         for ids in my_bins
     ]

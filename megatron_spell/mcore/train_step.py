@@ -104,6 +104,11 @@ class PolicyEngine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_skipped_steps = 0
         self._device = _device()
+        if ctx.vpp > 1:
+            # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
+            # padded to one length instead (pack(equal_length=True)) and shapes are fixed.
+            for model in models:
+                model.config.variable_seq_lengths = False
 
     # --- packing -------------------------------------------------------------------------------
 
@@ -120,6 +125,7 @@ class PolicyEngine:
             sequence_parallel=c.sequence_parallel,
             microbatch_multiple=c.pp if c.vpp > 1 else 1,
             pad_id=self.cfg.pad_token_id,
+            equal_length=c.vpp > 1,
         )
 
     def _micro(self, mb: MicroBatch, packed: PackedBatch | None, train: bool) -> _Micro:

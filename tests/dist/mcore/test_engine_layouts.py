@@ -126,6 +126,11 @@ TWO_RANK_LAYOUTS = {
     "tp2": ("dense", dict(tensor_model_parallel_size=2), {}),
     "tp2_sp": ("dense", dict(tensor_model_parallel_size=2, sequence_parallel=True), {}),
     "pp2": ("dense", dict(pipeline_model_parallel_size=2), {}),
+    "pp2_vpp2": (
+        "dense",
+        dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+        {},
+    ),
     "cp2": ("dense", dict(context_parallel_size=2), {}),
     "dp2": ("dense", {}, {}),
     "dp2_distopt": ("dense", {}, {"dist_opt": True}),

@@ -190,3 +190,16 @@ def test_response_values_roundtrip_with_cp():
 def test_cp_split_index_rejects_bad_length():
     with pytest.raises(ValueError):
         cp_split_index([0, 6], 2, 0)
+
+
+def test_equal_length_packs_for_fixed_pipeline_shapes():
+    samples = _samples(11, seed=5)
+    per_rank = [
+        pack_batch(samples, max_tokens_per_microbatch=48, dp_size=2, dp_rank=d, cp_size=2, cp_rank=c,
+                   equal_length=True)
+        for d in range(2) for c in range(2)
+    ]  # fmt: skip
+    sizes = {mb.num_padded_tokens for b in per_rank for mb in b.micro_batches}
+    assert len(sizes) == 1
+    total = sum(float(mb.loss_mask.sum()) for b in per_rank for mb in b.micro_batches)
+    assert total == sum(len(s.response_ids) for s in samples)
