@@ -2,7 +2,7 @@
 
 - `check_hf_dir(path)` validates a model directory up front (FileNotFoundError naming what is missing).
 - `iter_hf_tensors(path)` yields `(name, tensor)` one at a time from `model.safetensors` or the shards listed
-  in `model.safetensors.index.json` (each tensor is read on demand with `safe_open`; nothing else is held).
+  in `model.safetensors.index.json` (plain reads, no mmap: see `_read_safetensors`).
 - `ShardedSafetensorsWriter` buffers tensors up to `max_shard_bytes`, writes `model-0000k-of-0000n
   .safetensors` shards and the index (the same names transformers uses), so export memory is bounded by one
   shard plus the tensor being converted.
@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
@@ -69,12 +68,52 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read one safetensors file tensor by tensor with plain reads (no mmap).
+
+    safe_open memory-maps the file, and every page touched stays in the process's RSS until the file
+    is closed, so a streaming conversion would look (and on tight hosts act) like it holds the whole
+    file. Reading each tensor into its own buffer keeps the footprint at one tensor.
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(
+                    f"{path.name}: tensor {name!r} has unsupported dtype {info['dtype']}"
+                )
+            start, end = info["data_offsets"]
+            out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            nbytes = out.numel() * out.element_size()
+            if end - start != nbytes:
+                raise ValueError(f"{path.name}: tensor {name!r} byte size does not match its shape")
+            f.seek(base + start)
+            if nbytes and f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise ValueError(f"{path.name}: truncated file while reading {name!r}")
+            yield name, out
+
+
 def iter_hf_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(name, tensor)` from an HF directory's safetensors, one tensor at a time."""
+    """Yield `(name, tensor)` from an HF directory's safetensors, one tensor at a time (no mmap)."""
     for f in weight_files(check_hf_dir(path)):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield name, sf.get_tensor(name)
+        yield from _read_safetensors(f)
 
 
 def hf_total_bytes(path: str | os.PathLike[str]) -> int:
@@ -112,8 +151,11 @@ class ShardedSafetensorsWriter:
             self._flush()
         if name in self._buf or any(name in s for s in self._shards):
             raise ValueError(f"tensor {name!r} written twice")
-        # clone: a view into a larger tensor would make safetensors store (or refuse) the whole storage
-        self._buf[name] = tensor.detach().contiguous().clone()
+        t = tensor.detach().contiguous()
+        if t.untyped_storage().nbytes() != nbytes:
+            # a view into a larger storage (e.g. the vocab-cut embedding): safetensors would refuse it
+            t = t.clone()
+        self._buf[name] = t
         self._buf_bytes += nbytes
         self.total_bytes += nbytes
 

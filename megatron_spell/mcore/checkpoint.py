@@ -15,9 +15,13 @@ any GPTModel asks for; dist_checkpointing reshards at load (TP/PP/EP/VPP). Extra
 the local spec stores the pre-MLP norm as `mlp.linear_fc1.layer_norm_weight` while the Transformer Engine
 MoE spec asks for `pre_mlp_layernorm.weight`; both are written so either spec loads the checkpoint.
 
-Memory (measured, see tools/README or the converter report): the model is materialised once in the
-target dtype, plus one HF tensor at a time (safetensors are memory-mapped): peak ~ 1x model size + the
-process baseline (torch/megatron imports). Export: 1x model + one output shard (`max_shard_bytes`).
+Memory (SmolLM2-135M fp32, 538 MB, fresh process, above the ~560 MB import baseline): HF -> Megatron
+peaks at ~1.6x the model size (the model in the target dtype, its random init, ~0.2x for the torch_dist
+save; the HF tensors are read one at a time without mmap); Megatron -> HF also at ~1.6x (the model
+plus the tensors dist_checkpointing loads before `load_state_dict` copies them in; output shards reuse
+the parameters' storage instead of copying). Both scale linearly with the model: a 7B bf16 model needs
+~25-30 GB of host RAM. A layer-by-layer writer would cut that, at the price of building the sharding
+metadata by hand instead of taking it from GPTModel.sharded_state_dict().
 """
 
 from __future__ import annotations
@@ -64,7 +68,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class ConversionStats:
-    """What one conversion moved and cost. peak_rss_mb is the process high-water mark (incl. imports)."""
+    """What one conversion moved and cost.
+
+    baseline_rss_mb: RSS when the conversion started (imports done); peak_rss_mb: the process high-water
+    mark, which can include transients from before the start (then it understates the conversion's own
+    need, so measure with a fresh process: the tools do).
+    """
 
     tensors: int
     bytes_written: int
@@ -91,7 +100,15 @@ class _SingleRank:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """Process high-water mark RSS in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mb() -> float:
+    """Current RSS in MB (the baseline: the high-water mark may come from a transient during imports)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def resolve_release_dir(ckpt_dir: str | os.PathLike[str]) -> Path:
@@ -172,7 +189,7 @@ def convert_hf_to_megatron(
         raise ValueError(f"output directory {str(out)!r} is not empty; remove it or choose another")
     hf_config = load_hf_config(hf_path)
     get_family(hf_config)  # unsupported architectures fail before any heavy work
-    baseline, t0 = _rss_mb(), time.perf_counter()
+    baseline, t0 = _current_rss_mb(), time.perf_counter()
     model, _ = _build_single_rank_model(hf_config, dtype)
     try:
         params = _param_table(model)
@@ -279,7 +296,7 @@ def convert_megatron_to_hf(
     if meta_path.is_file():
         ck_dtype = getattr(torch, json.loads(meta_path.read_text()).get("dtype", "float32"))
     out_dtype = dtype or ck_dtype
-    baseline, t0 = _rss_mb(), time.perf_counter()
+    baseline, t0 = _current_rss_mb(), time.perf_counter()
     model, ctx = _build_single_rank_model(hf_config, ck_dtype)
     try:
         load_checkpoint([model], ckpt_dir, ctx)
