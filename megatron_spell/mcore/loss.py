@@ -5,7 +5,8 @@ Per response token (verl `core_algos.compute_policy_loss`, vanilla mode):
     ratio = exp(clamp(logp - old_logp, -20, 20))
     L     = max(-A * ratio, -A * clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high))
     L     = min(L, -A * clip_ratio_c)            if A < 0   (dual clip)
-    L    += kl_coef * clamp(exp(ref - logp) - (ref - logp) - 1, -10, 10)   (low_var_kl / k3)
+    L    += kl_coef * clamp(exp(ref - logp) - (ref - logp) - 1, -10, 10)   (low_var_kl / k3;
+            also "kl" = logp - ref and "mse" = (logp - ref)^2 / 2, as verl)
     L    -= entropy_coef * entropy
 
 Aggregation (deliberate deviation, spec section 9 item 12): the reference takes a token mean inside each
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 LOSS_AGG_MODES = ("token_mean", "seq_mean")
-KL_LOSS_TYPES = ("low_var_kl",)
+KL_LOSS_TYPES = ("low_var_kl", "kl", "mse")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,17 @@ def token_weights(
     raise ValueError(f"train.loss_agg_mode={mode!r} is not one of {LOSS_AGG_MODES}")
 
 
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL estimate to the reference (verl `kl_penalty`): k1 "kl", k2 "mse", k3 "low_var_kl"."""
+    if kind == "low_var_kl":
+        return low_var_kl(logprobs, ref_logprobs)
+    if kind == "kl":
+        return logprobs - ref_logprobs
+    if kind == "mse":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    raise ValueError(f"train.kl_loss_type={kind!r} is not one of {KL_LOSS_TYPES}")
+
+
 def low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || ref), clamped to [-10, 10] (verl `kl_penalty`, low_var_kl)."""
     kl = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
@@ -117,7 +129,7 @@ def policy_loss(
         "ppo_kl": (weights * -log_ratio).sum().detach(),
     }
     if ref_logprobs is not None and cfg.kl_coef != 0.0:
-        kl = low_var_kl(logprobs, ref_logprobs)
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_loss_type)
         per_token = per_token + cfg.kl_coef * kl
         metrics["kl"] = (weights * kl).sum().detach()
     if entropy is not None:

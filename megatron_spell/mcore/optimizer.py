@@ -48,6 +48,23 @@ class OptimConfig:
     lr_decay_steps: int = 1
 
 
+def optim_config_from(train: Any) -> OptimConfig:
+    """OptimConfig from the config's `train` section (megatron_spell.config.TrainConfig)."""
+    return OptimConfig(
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        grad_clip=train.grad_clip,
+        use_distributed_optimizer=train.use_distributed_optimizer,
+        lr_warmup_steps=train.lr_warmup_steps,
+        lr_decay_style=train.lr_schedule,
+        lr_decay_steps=train.total_steps,
+    )
+
+
 def _cpu_clip_grad_by_total_norm_fp32(
     parameters, max_norm, total_norm, use_decoupled_grad: bool = False
 ) -> None:

@@ -67,6 +67,43 @@ class EngineConfig:
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
 
 
+def engine_config_from(
+    train: Any, rollout: Any, *, vocab_size: int, pad_token_id: int = 0
+) -> EngineConfig:
+    """EngineConfig from the config's `train` and `rollout` sections (megatron_spell.config)."""
+    return EngineConfig(
+        temperature=rollout.temperature,
+        logprob_chunk_size=train.logprob_chunk_size,
+        max_tokens_per_microbatch=train.max_tokens_per_microbatch,
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
+        loss=PolicyLossConfig(
+            clip_ratio_low=train.clip_ratio_low,
+            clip_ratio_high=train.clip_ratio_high,
+            clip_ratio_c=train.clip_ratio_c,
+            kl_coef=train.kl_coef,
+            kl_loss_type=train.kl_loss_type,
+            entropy_coef=train.entropy_coef,
+            loss_agg_mode=train.loss_agg_mode,
+        ),
+    )
+
+
+def recompute_overrides(recompute: str) -> dict[str, Any]:
+    """TransformerConfig overrides (build_model(config_overrides=...)) for train.recompute."""
+    if recompute == "none":
+        return {}
+    if recompute == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    raise ValueError(f"train.recompute={recompute!r}: use none, full or selective")
+
+
 @dataclass
 class _Micro:
     """Per-micro-batch tensors handed from the forward step to the output processor and the loss."""

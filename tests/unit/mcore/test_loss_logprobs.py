@@ -162,3 +162,20 @@ def test_padded_vocab_rows_are_excluded():
     ref_lp, ref_ent = reference_logprobs(hidden @ weight[:10].t(), labels, 0.7)
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(ent, ref_ent)
+
+
+def test_kl_types_and_config_mapping():
+    from megatron_spell.config import RolloutConfig, TrainConfig
+    from megatron_spell.mcore.loss import kl_penalty
+    from megatron_spell.mcore.optimizer import optim_config_from
+    from megatron_spell.mcore.train_step import engine_config_from
+
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert kl_penalty(lp, ref, "kl").tolist() == pytest.approx([0.5, -1.0])
+    assert kl_penalty(lp, ref, "mse").tolist() == pytest.approx([0.125, 0.5])
+    train, rollout = TrainConfig(kl_loss_type="mse", loss_agg_mode="seq_mean"), RolloutConfig()
+    ecfg = engine_config_from(train, rollout, vocab_size=100)
+    assert ecfg.temperature == rollout.temperature and ecfg.loss.kl_loss_type == "mse"
+    assert ecfg.loss.loss_agg_mode == "seq_mean"
+    ocfg = optim_config_from(train)
+    assert (ocfg.lr, ocfg.grad_clip, ocfg.lr_decay_style) == (train.lr, train.grad_clip, "constant")
