@@ -19,6 +19,9 @@ Only one full tensor (plus its shards) and one bucket are alive at a time: the m
 twice. Tied embeddings: the last stage's `output_layer.weight` copy is skipped; the receiver adds
 `lm_head.weight` from the embedding. Process groups come from the `ParallelContext`; this module reads no
 `parallel_state` globals. Context-parallel ranks hold replicas and need nothing.
+
+Aliasing: where nothing is gathered or cast (TP=1, replicated params) the yielded tensors are views of the
+live Megatron parameters (zero-copy); a consumer that keeps them past the next optimizer step must copy.
 """
 
 from __future__ import annotations

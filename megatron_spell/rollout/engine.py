@@ -12,7 +12,8 @@ Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `R
 * Logprobs: vLLM returns the raw (pre-temperature) distribution by default. SPELL's old logprobs are those of
   the distribution the token was sampled from, so the engine uses `logprobs_mode="processed_logprobs"`
   (after temperature and top-k/top-p). With top_p=1 and top_k disabled this equals
-  `log_softmax(logits / T)` of the same weights (tests/unit/rollout/test_engine.py checks it against HF).
+  `log_softmax(logits / T)` of the same weights (tests/e2e/rollout/test_engine_hf.py checks it against HF,
+  tests/dist/rollout/test_weight_sync.py against Megatron's recomputation).
   With top-p/top-k < full vocabulary the value is the log-probability under the truncated, renormalised
   distribution, which is what the token was sampled from; Megatron's recomputation at the same temperature
   is the un-truncated one, so the train/infer mismatch metric then includes the truncation mass.
@@ -27,7 +28,10 @@ Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `R
   and logged; their slot in the result is an empty list. Nothing raises on a long prompt.
 * On CPU the KV cache is bounded by `kv_cache_gib` (`kv_cache_memory_bytes`); an operator-set
   `VLLM_CPU_KVCACHE_SPACE` still wins (vLLM applies it last). `sleep()`/`wake_up()` are no-ops on CPU and
-  use vLLM's sleep mode (level 1, tags) on GPU.
+  use vLLM's sleep mode (level 1, tags) on GPU, where one step is meant to run: `sleep()` -> Megatron
+  trains -> `wake_up(["weights"])` -> `load_weights(export_hf_weights(...))` -> `wake_up(["kv_cache"])`
+  (weights and KV cache are never resident together with the update). The GPU path is untested here:
+  the lent GPU machine cannot run vLLM (platform.md).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from megatron_spell.types import Completion
 
 if TYPE_CHECKING:
     from megatron_spell.config import RolloutConfig
+    from megatron_spell.rollout.metrics import WeightSyncStats
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +202,11 @@ class RolloutEngine:
         top_p: float | None = None,
         top_k: int | None = None,
         stop: Sequence[str] | None = None,
+        json_schema: dict | None = None,
     ) -> Any:
         """vLLM `SamplingParams` with the sampled token's logprob (logprobs=0) and no per-request seed."""
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         s = self.settings
         k = s.top_k if top_k is None else top_k
@@ -211,6 +218,12 @@ class RolloutEngine:
             max_tokens=max_tokens,
             stop=list(stop) if stop else None,
             logprobs=0,
+            # ask for compact JSON (small models loop on free whitespace); not every backend honours it
+            structured_outputs=(
+                StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
+                if json_schema
+                else None
+            ),
         )
 
     def generate(
@@ -223,8 +236,13 @@ class RolloutEngine:
         top_p: float | None = None,
         top_k: int | None = None,
         stop: Sequence[str] | None = None,
+        json_schema: dict | None = None,
     ) -> list[list[Completion]]:
-        """Sample `n` completions per prompt; an excluded (over-long) prompt gets an empty list."""
+        """Sample `n` completions per prompt; an excluded (over-long) prompt gets an empty list.
+
+        `json_schema` constrains the output (vLLM structured outputs); the returned logprobs are then those
+        of the constrained (masked) distribution the token was sampled from.
+        """
         if n < 1:
             raise ValueError(f"generate n={n}: must be >= 1")
         if self._sleeping:
@@ -251,7 +269,13 @@ class RolloutEngine:
         if not keep:
             return results
         params = self.sampling_params(
-            n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop
+            n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=stop,
+            json_schema=json_schema,
         )
         outputs = self.llm.generate(
             [{"prompt_token_ids": token_prompts[i]} for i in keep], params, use_tqdm=False
@@ -260,7 +284,7 @@ class RolloutEngine:
             results[i] = [_to_completion(c) for c in out.outputs]
         return results
 
-    def load_weights(self, weights: Any) -> Any:
+    def load_weights(self, weights: Any) -> WeightSyncStats:
         """Copy new HF-named weights into the engine in place (see `rollout/weights.py`)."""
         from megatron_spell.rollout.weights import load_weights
 
