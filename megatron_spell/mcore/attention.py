@@ -203,10 +203,10 @@ class PackedCPAttention(MegatronModule):
 
 
 def core_attention_class():
-    """The core-attention module to put in the layer spec: None (TE's own) with Transformer Engine."""
+    """The core-attention module for the layer spec: None (keep TE's own, with its THD and CP support)
+    when Transformer Engine imports and CUDA is available (when model.py picks the TE spec), else ours."""
     try:
-        import transformer_engine  # noqa: F401
-
-        return None
-    except ImportError:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means no TE
         return PackedCPAttention
+    return None if torch.cuda.is_available() else PackedCPAttention

@@ -118,6 +118,12 @@ def _reference_worker(rank, world, dense, moe):
     out["delta_by_adv"] = [
         (s.advantage, float((b - a).mean())) for s, a, b in zip(batch, lps, after)
     ]
+    # a non-finite loss skips the step (and is counted) instead of corrupting the weights
+    bad = [dataclasses.replace(batch[0], advantage=float("nan")), *batch[1:]]
+    m = engine.train_step(bad)
+    again = engine.compute_logprobs(batch)
+    unchanged = max(float((a - b).abs().max()) for a, b in zip(after, again))
+    out["skip"] = (m["train/skipped"], m["train/num_skipped_steps"], unchanged)
     destroy_parallel()
     return out
 
@@ -168,6 +174,7 @@ def test_reference_matches_hf_and_improves(reference):
     assert reference["loss_vs_hf"] < 1e-6
     for adv, delta in reference["delta_by_adv"]:
         assert (delta > 0) == (adv > 0), reference["delta_by_adv"]
+    assert reference["skip"] == (1.0, 1.0, 0.0)
 
 
 def test_packed_equals_unpacked(reference):
