@@ -358,11 +358,12 @@ class PolicyEngine:
         return dict(zip(METRIC_KEYS, vec.tolist()))
 
     def _grads_finite(self) -> bool:
-        total = torch.zeros(1, dtype=torch.float64, device=self._device)
+        """True when every rank's reduced gradients are finite (a nan/inf anywhere makes its sum so)."""
+        total = torch.zeros(1, dtype=torch.float32, device=self._device)
         for model in self.models:
             for buffers in (model.buffers, model.expert_parallel_buffers):
                 for buf in buffers:
-                    total += buf.grad_data.double().abs().sum()
+                    total += buf.grad_data.sum(dtype=torch.float32)
         flag = torch.tensor([0.0 if torch.isfinite(total).all() else 1.0], device=self._device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() == 0.0)
