@@ -29,11 +29,15 @@ def _buckets(tensors: dict[str, torch.Tensor], per_bucket: int = 5):
 
 
 def _prompts(engine: RolloutEngine) -> list[list[int]]:
-    doc = "The quick brown fox jumps over the lazy dog. " * 3
-    return [
+    # longer than one vLLM CPU KV block (128 tokens), so the prefix cache holds the shared document and a
+    # missing reset after a weight update would reuse stale KV (checked: the test fails without it)
+    doc = "The quick brown fox jumps over the lazy dog. " * 10
+    prompts = [
         render_chat(engine.tokenizer, doc + "Who jumps?"),
-        render_chat(engine.tokenizer, doc + "What is lazy?"),  # shares a long prefix: prefix cache
+        render_chat(engine.tokenizer, doc + "What is lazy?"),
     ]
+    assert all(200 < len(p) <= engine.settings.max_prompt_length for p in prompts)
+    return prompts
 
 
 def _check_against_hf(engine: RolloutEngine, hf_dir, old_hf=None) -> None:
@@ -66,7 +70,7 @@ def _check_against_hf(engine: RolloutEngine, hf_dir, old_hf=None) -> None:
 def test_generate_and_update_matches_hf(tmp_path, family, tied):
     src = make_tiny_hf_model(tmp_path / "base", family, tied=tied, seed=3)
     settings = EngineSettings(
-        temperature=TEMPERATURE, top_p=1.0, max_prompt_length=96, max_response_length=16,
+        temperature=TEMPERATURE, top_p=1.0, max_prompt_length=400, max_response_length=16,
         kv_cache_gib=0.25, seed=1,
     )  # fmt: skip
     engine = RolloutEngine(src, settings)
