@@ -149,8 +149,8 @@ class _SyncingEngine:
     def __init__(self, engine: Any, load: Any) -> None:
         self._engine, self._load = engine, load
 
-    def generate(self, prompts, n, *, max_tokens=None):
-        return self._engine.generate(prompts, n, max_tokens=max_tokens)
+    def generate(self, prompts, n, *, max_tokens=None, json_schema=None):
+        return self._engine.generate(prompts, n, max_tokens=max_tokens, json_schema=json_schema)
 
     def load_weights(self, weights) -> dict[str, float]:
         stats = self._load(self._engine, weights)
