@@ -1,0 +1,100 @@
+"""Rank function: a real GRPO optimizer step (training engine) -> export -> vLLM, then parity checks.
+
+Uses the training engine's `PolicyEngine` (train_step, forward-only compute_logprobs) as "Megatron's
+recomputed logprobs", at any Megatron layout, PP included. Every rank hosts a vLLM engine (rollout TP=1,
+vLLM data parallel = world); samples are all-gathered so every rank trains/recomputes the same batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tests.dist.rollout.sync_workers import MAX_TOKENS, TEMPERATURE
+
+
+def _policy(hf_dir: str, ckpt_dir: str, parallel: dict):
+    from megatron_spell.config import ParallelConfig
+    from megatron_spell.mcore.attention import PackedCPAttention
+    from megatron_spell.mcore.checkpoint import load_checkpoint
+    from megatron_spell.mcore.model import build_model, load_hf_config
+    from megatron_spell.mcore.optimizer import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_spell.mcore.parallel import init_parallel
+    from megatron_spell.mcore.train_step import EngineConfig, PolicyEngine
+
+    ctx = init_parallel(ParallelConfig(**parallel))
+    hf = load_hf_config(hf_dir)
+    models = build_model(hf, ctx, core_attention=PackedCPAttention)
+    load_checkpoint(models, ckpt_dir, ctx)
+    ddp = wrap_ddp(models, ctx, use_distributed_optimizer=False)
+    opt = build_optimizer(
+        ddp, OptimConfig(lr=3e-3, adam_eps=1e-3, use_distributed_optimizer=False), ctx
+    )
+    cfg = EngineConfig(
+        temperature=TEMPERATURE,
+        logprob_chunk_size=8,
+        max_tokens_per_microbatch=512,
+        vocab_size=hf.vocab_size,
+    )
+    return ctx, hf, models, PolicyEngine(ddp, ctx, cfg, optimizer=opt)
+
+
+def _samples(engine, prompts, rank: int):
+    from megatron_spell.mcore.packing import TrainSample
+
+    out = engine.generate(prompts, 2, max_tokens=MAX_TOKENS, top_p=1.0, top_k=-1)
+    mine = [(p, list(c.token_ids), list(c.logprobs)) for p, cs in zip(prompts, out) for c in cs]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    flat = [s for per_rank in everyone for s in per_rank]
+    samples = [
+        TrainSample(prompt_ids=p, response_ids=r, advantage=1.0 if i % 2 else -1.0, old_logprobs=lp)
+        for i, (p, r, lp) in enumerate(flat)
+    ]
+    return samples, [lp for _, _, lp in flat]
+
+
+def train_step_sync(
+    rank: int, world: int, hf_dir: str, ckpt_dir: str, out_dir: str, parallel: dict
+) -> list[dict]:
+    from megatron_spell.mcore.export import export_hf_weights
+    from megatron_spell.mcore.parallel import destroy_parallel
+    from megatron_spell.rollout.chat import render_chat
+    from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
+    from megatron_spell.rollout.metrics import logprob_mismatch
+    from tests.e2e.rollout import hf_ref
+
+    ctx, hf_config, models, policy = _policy(hf_dir, ckpt_dir, parallel)
+    settings = EngineSettings(
+        temperature=TEMPERATURE, top_p=1.0, max_prompt_length=128, max_response_length=16,
+        kv_cache_gib=0.25, seed=0,
+    )  # fmt: skip
+    engine = RolloutEngine(hf_dir, settings)
+    q = ("Who jumps?", "What is lazy?") if rank == 0 else ("Where is it?", "Why?")
+    prompts = [render_chat(engine.tokenizer, "The quick brown fox. " + x) for x in q]
+    results = []
+    for step in (1, 2):
+        samples, _ = _samples(engine, prompts, rank)
+        metrics = policy.train_step(samples)  # one real optimizer step
+        received: dict[str, torch.Tensor] = {}
+
+        def stream(received=received):
+            for bucket in export_hf_weights(models, ctx, hf_config, bucket_mb=0.2):
+                received.update((n, t.clone()) for n, t in bucket)
+                yield bucket
+
+        engine.load_weights(stream())
+        new_dir = hf_ref.write_hf_dir(hf_dir, Path(out_dir) / f"r{rank}_s{step}", received)
+        hf = hf_ref.load_hf(new_dir)
+        greedy = engine.generate(prompts, 1, max_tokens=MAX_TOKENS, temperature=0.0)
+        for prompt, [c] in zip(prompts, greedy, strict=True):
+            assert list(c.token_ids) == hf_ref.hf_greedy(hf, prompt, len(c.token_ids))
+        after, vllm_lps = _samples(engine, prompts, rank)
+        recomputed = [t.tolist() for t in policy.compute_logprobs(after)]
+        diff = logprob_mismatch(vllm_lps, recomputed)
+        assert diff.max_abs < 1e-4, diff
+        results.append({"max_abs": diff.max_abs, "loss": metrics.get("loss", float("nan"))})
+    destroy_parallel()
+    return results
