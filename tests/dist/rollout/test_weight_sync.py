@@ -23,6 +23,9 @@ from tests.dist.rollout import sync_workers as W
 from tests.helpers.dist import run_distributed
 from tests.helpers.tiny_models import make_tiny_hf_model
 
+# Every test here starts Megatron and/or vLLM in spawned ranks (~1-3 min each on 2 shared cores).
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[3]
 MODELS = {"llama": False, "qwen3": True, "qwen3_moe": False}  # family -> tied
 
@@ -75,7 +78,6 @@ def test_sync_tp2_two_ranks_external_launcher(models, tmp_path):
     assert len(out) == 2 and all(len(r) == 2 for r in out)
 
 
-@pytest.mark.slow
 def test_sync_smollm2_tp1(tmp_path):
     """The real demo model: SmolLM2-135M-Instruct (30 layers, tied embeddings, fp32) at TP=1."""
     from megatron_spell.convert.smollm2 import materialize_smollm2

@@ -66,7 +66,14 @@ def _check_against_hf(engine: RolloutEngine, hf_dir, old_hf=None) -> None:
         assert stale.max_abs > 1e-2, stale
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen3", True), ("qwen3_moe", False)])
+@pytest.mark.parametrize(
+    "family,tied",
+    [
+        ("llama", False),
+        pytest.param("qwen3", True, marks=pytest.mark.slow),
+        pytest.param("qwen3_moe", False, marks=pytest.mark.slow),
+    ],
+)
 def test_generate_and_update_matches_hf(tmp_path, family, tied):
     src = make_tiny_hf_model(tmp_path / "base", family, tied=tied, seed=3)
     settings = EngineSettings(
