@@ -237,6 +237,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="logprob chunk size")
     ap.add_argument("--recompute", action="store_true", help="full activation recompute")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
+    ap.add_argument(
+        "--hf-only", action="store_true", help="only the HF baseline (a clean CPU peak RSS for it)"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -247,12 +250,14 @@ def main(argv=None) -> int:
     cfg = hf_config(args.model, max(lens))
     response = {L: max(1, int(L * args.response_frac)) for L in lens}
     samples = {L: batch(cfg, L, args.num_seqs, response[L]) for L in lens}
-    mg, ctx = run_megatron(cfg, args, samples, dtype)
-    rank0 = ctx.rank == 0
-    hf = run_hf(cfg, args, samples, dtype) if (not args.no_hf and ctx.world_size == 1) else {}
+    if args.hf_only:
+        mg, rank0, world = {}, True, 1
+    else:
+        mg, ctx = run_megatron(cfg, args, samples, dtype)
+        rank0, world = ctx.rank == 0, ctx.world_size
+    hf = run_hf(cfg, args, samples, dtype) if (not args.no_hf and world == 1) else {}
     if not rank0:
         return 0
-    world = ctx.world_size
     print(
         f"model={args.model} dtype={args.dtype} world={world} tp={args.tp} pp={args.pp} cp={args.cp}"
     )
@@ -275,7 +280,11 @@ def main(argv=None) -> int:
                 f"{mfu:>6.1f} {res['peak_bytes'] / 2**20:>9.0f}"
             )
     if not torch.cuda.is_available():
-        print("CPU: peak_MiB is the growth of the process peak RSS (0 = below an earlier peak)")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            "CPU: peak_MiB is the growth of the process peak RSS (0 = below an earlier peak); "
+            f"process peak RSS {rss:.0f} MiB (run --no-hf / --hf-only for one implementation's peak)"
+        )
     return 0
 
 
