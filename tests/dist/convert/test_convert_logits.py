@@ -2,7 +2,8 @@
 
 For tiny random Llama, Qwen2, Qwen3 (untied and tied) and Qwen3-MoE models: HF -> Megatron dist checkpoint
 with the CLI tool, then the Megatron model built by `build_model` and loaded with `load_checkpoint` at
-TP=1, TP=2, TP=2+SP, PP=2 (and EP=2 for MoE) on 2 gloo ranks must match the HF model's fp32 logits
+TP=1, TP=2, TP=2+SP, PP=2 (plus EP=2 for MoE, interleaved PP=2 x VPP=2 for the 4-layer tied
+Qwen3) on 2 gloo ranks must match the HF model's fp32 logits
 (max abs diff <= 1e-4), and all layouts agree with each other (<= 1e-5: same checkpoint, only the
 reduction order differs). A GPTModel built with plain megatron.core APIs and Megatron-LM's load calls
 (plain_gpt.py, no megatron_spell model/convert code) loads the same checkpoint at TP=1 and TP=2 and matches
@@ -26,12 +27,12 @@ from tests.helpers.tiny_models import make_tiny_hf_model
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[3]
-VARIANTS = {
-    "llama": ("llama", False),
-    "qwen2": ("qwen2", False),
-    "qwen3": ("qwen3", False),
-    "qwen3_tied": ("qwen3", True),
-    "qwen3_moe": ("qwen3_moe", False),
+VARIANTS = {  # name -> (family, tied, layers)
+    "llama": ("llama", False, 2),
+    "qwen2": ("qwen2", False, 2),
+    "qwen3": ("qwen3", False, 2),
+    "qwen3_tied": ("qwen3", True, 4),  # 4 layers: also interleaved PP=2 x VPP=2
+    "qwen3_moe": ("qwen3_moe", False, 2),
 }
 LAYOUTS = {
     "tp1": {},
@@ -40,6 +41,10 @@ LAYOUTS = {
     "pp2": {"pipeline_model_parallel_size": 2},
 }
 MOE_LAYOUTS = {**LAYOUTS, "ep2": {"expert_model_parallel_size": 2}}
+VPP_LAYOUTS = {
+    **LAYOUTS,
+    "pp2_vpp2": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+}
 TOKENS = [1, 17, 250, 33, 4, 98, 7, 301, 12, 45, 2, 480, 66, 3, 200, 9]
 
 
@@ -47,8 +52,10 @@ TOKENS = [1, 17, 250, 33, 4, 98, 7, 301, 12, 45, 2, 480, 66, 3, 200, 9]
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     pairs = {}
-    for name, (family, tied) in VARIANTS.items():
-        hf = make_tiny_hf_model(root / f"{name}_hf", family, tied=tied, seed=3)
+    for name, (family, tied, layers) in VARIANTS.items():
+        hf = make_tiny_hf_model(
+            root / f"{name}_hf", family, tied=tied, seed=3, num_hidden_layers=layers
+        )
         pairs[name] = (hf, root / f"{name}_ckpt")
     args = [str(p) for hf, ck in pairs.values() for p in (hf, ck)]
     script = ROOT / "tests" / "dist" / "convert" / "convert_many.py"
@@ -71,7 +78,7 @@ def hf_logits(hf_dir: Path) -> np.ndarray:
 def test_megatron_logits_match_hf_at_every_layout(converted, variant):
     hf_dir, ckpt = converted[variant]
     ref = hf_logits(hf_dir)
-    layouts = MOE_LAYOUTS if variant == "qwen3_moe" else LAYOUTS
+    layouts = {"qwen3_moe": MOE_LAYOUTS, "qwen3_tied": VPP_LAYOUTS}.get(variant, LAYOUTS)
     per_rank = run_distributed(
         layouts_worker, 2, str(hf_dir), str(ckpt), layouts, TOKENS, (1, 2), timeout=600
     )
@@ -81,5 +88,5 @@ def test_megatron_logits_match_hf_at_every_layout(converted, variant):
         diff = np.abs(logits - ref).max()
         assert diff <= 1e-4, f"{variant} {name}: max |megatron - hf| = {diff:.2e}"
     # One checkpoint, every layout: the same logits up to reduction order.
-    for name in ("tp2", "pp2"):
+    for name in set(layouts) - {"tp1"}:
         assert np.abs(got[name] - got["tp1"]).max() <= 1e-5, name

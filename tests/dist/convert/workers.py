@@ -15,21 +15,30 @@ import torch
 import torch.distributed as dist
 
 
-def forward_logits(model: Any, tokens: list[int], hidden: int, vocab: int, tp_group, pp_group):
-    """Full-sequence logits [S, vocab] on the last PP stage (gathered over TP), else None."""
+def forward_logits(chunks: Any, tokens: list[int], hidden: int, vocab: int, tp_group, pp_group):
+    """Full-sequence logits [S, vocab] on the last PP stage (gathered over TP), else None.
+
+    `chunks`: one model or this rank's list of virtual-pipeline chunks. Activations travel with plain
+    send/recv in the interleaved order (chunk v of stage p feeds chunk v of stage p+1; the last stage's
+    chunk v feeds chunk v+1 of stage 0).
+    """
+    chunks = chunks if isinstance(chunks, list) else [chunks]
     ids = torch.tensor([tokens])
     pos = torch.arange(len(tokens))[None]
-    model.eval()
     pp_ranks = dist.get_process_group_ranks(pp_group)
-    stage = pp_ranks.index(dist.get_rank())
+    pp, stage = len(pp_ranks), pp_ranks.index(dist.get_rank())
+    out = None
     with torch.no_grad():
-        if stage > 0:
-            buf = torch.empty(len(tokens), 1, hidden)
-            dist.recv(buf, src=pp_ranks[stage - 1])
-            model.set_input_tensor(buf)
-        out = model(ids, pos, None)
-        if stage < len(pp_ranks) - 1:
-            dist.send(out.contiguous(), dst=pp_ranks[stage + 1])
+        for v, model in enumerate(chunks):
+            model.eval()
+            if v > 0 or stage > 0:
+                buf = torch.empty(len(tokens), 1, hidden)
+                dist.recv(buf, src=pp_ranks[(stage - 1) % pp])
+                model.set_input_tensor(buf)
+            out = model(ids, pos, None)
+            if v < len(chunks) - 1 or stage < pp - 1:
+                dist.send(out.contiguous(), dst=pp_ranks[(stage + 1) % pp])
+        if stage < pp - 1:
             return None
         tp = dist.get_world_size(tp_group)
         if tp > 1:
@@ -64,7 +73,7 @@ def layouts_worker(
             chunks = build_model(hf_config, ctx)
             load_checkpoint(chunks, ckpt_dir, ctx)
             logits = forward_logits(
-                chunks[0],
+                chunks,
                 tokens,
                 hf_config.hidden_size,
                 hf_config.vocab_size,
