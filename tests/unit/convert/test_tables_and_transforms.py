@@ -162,3 +162,34 @@ def test_bad_tensors_are_named(tiny_dirs):
         list(hf_to_megatron_state_dict(iter(bad.items()), cfg, expected_shapes=shapes))
     with pytest.raises(ValueError, match="no mapping"):
         list(hf_to_megatron_state_dict(iter({"foo.weight": torch.zeros(1)}.items()), cfg))
+
+
+def test_canonical_names():
+    from megatron_spell.convert import canonical_megatron_name as canon
+
+    assert (
+        canon("decoder.layers.1.mlp.experts.linear_fc1.weight3")
+        == "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    )
+    assert canon("decoder.layers.2.mlp.linear_fc1.layer_norm_weight") == (
+        "decoder.layers.2.pre_mlp_layernorm.weight"
+    )
+    assert canon("output_layer.weight") == "output_layer.weight"
+
+
+def test_plain_safetensors_reader_matches_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_spell.convert.hf_io import _read_safetensors
+
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5).bfloat16(),
+        "c": torch.zeros(0, 3),
+        "d": torch.arange(7),
+    }
+    save_file(tensors, tmp_path / "x.safetensors")
+    ref = load_file(tmp_path / "x.safetensors")
+    got = dict(_read_safetensors(tmp_path / "x.safetensors"))
+    assert set(got) == set(ref)
+    assert all(got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]) for k in ref)
