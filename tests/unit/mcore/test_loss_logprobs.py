@@ -140,6 +140,7 @@ def _extra_peak_bytes(n: int, chunk: int = 256) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # three fresh interpreter processes
 def test_chunked_logprob_peak_memory_bounded():
     """8x the tokens, same chunk: the logprob pass's extra peak RSS does not grow 8x.
 
