@@ -20,11 +20,16 @@ $(STAMP): requirements-cpu.txt requirements-cpu-nodeps.txt pyproject.toml
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# Tests that start an in-process vLLM engine run one pytest process per folder: vLLM keeps process-global
+# parallel state, and one folder's engines must not see another's teardown.
+E2E := tests/e2e/convert tests/e2e/eval tests/e2e/rollout tests/e2e/test_spell_train.py
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
+	@set -e; for t in $(E2E); do $(PY) -m pytest $$t $(PYTEST_ARGS); done
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" --ignore=tests/e2e $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m megatron_spell demo

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_spell.config import load_config
 from megatron_spell.metrics import read_jsonl
-from tests.helpers.dist import run_distributed
 from tests.helpers.spell_policy import make_spell_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def _overrides(hf_dir, ckpt, corpus, out_dir, run_name, steps):
         "spell.verifier_upper=1.0",
         "rollout.top_p=1.0",  # old log-probs are then exactly the sampling distribution's
         "rollout.max_prompt_length=1024",
-        "rollout.max_response_length=48",
+        "rollout.max_response_length=96",
         "rollout.kv_cache_gib=0.25",
         "rollout.max_num_batched_tokens=2048",
         "train.lr=1e-3",
@@ -102,10 +102,36 @@ def _overrides(hf_dir, ckpt, corpus, out_dir, run_name, steps):
     ]
 
 
-def _train(rank, world, overrides):
-    from megatron_spell.train import run
+def _train(overrides, timeout=1500):
+    """`torchrun --nproc-per-node 2 -m megatron_spell train ...`, the way users launch it."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "megatron_spell",
+        "train",
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
-    assert run(load_config(None, overrides)) == 0
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -119,7 +145,7 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_two_steps_two_ranks(policy, tmp_path):
     hf_dir, ckpt, corpus = policy
-    run_distributed(_train, 2, _overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2), timeout=1500)
+    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2))
     run_dir = tmp_path / "e2e"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -164,12 +190,9 @@ def test_two_steps_two_ranks(policy, tmp_path):
 def test_resume_is_exact(policy, tmp_path):
     hf_dir, ckpt, corpus = policy
     straight = _overrides(hf_dir, ckpt, corpus, tmp_path, "straight", 2)
-    run_distributed(_train, 2, straight, timeout=1500)
-    first = _overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1)
-    run_distributed(_train, 2, first, timeout=1500)  # 1 step, checkpoint, process ends
-    run_distributed(
-        _train, 2, _overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2), timeout=1500
-    )
+    _train(straight)
+    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1))  # 1 step, checkpoint, exit
+    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2))  # resumes at step 1
     a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2]
