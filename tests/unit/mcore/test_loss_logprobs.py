@@ -150,8 +150,43 @@ def test_chunked_logprob_peak_memory_bounded():
     small, big = _extra_peak_bytes(1024), _extra_peak_bytes(8192)
     unchunked = _extra_peak_bytes(8192, chunk=8192)  # the same pass as one chunk: full logits
     assert big < 2.5 * small, (small, big, unchunked)  # 8x the tokens, far from 8x the memory
-    assert big < unchunked / 3, (small, big, unchunked)
+    # RSS carries a few hundred MB of allocator/thread-pool noise (seen: small 488 MB, big 462 MB,
+    # unchunked 672 MB in CI), so the strict "no full [n, V] tensor" check is the deterministic
+    # test_chunked_logprob_largest_tensor_does_not_grow_with_length; here only the growth bound.
     assert unchunked > 8192 * 4096 * 4  # sanity: the measurement sees a full fp32 [n, V] tensor
+
+
+def _largest_tensor_bytes(n: int, chunk: int, vocab: int = 4096, hidden: int = 64) -> int:
+    """Bytes of the largest tensor any op creates during the logprob forward + backward (deterministic)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel() * t.element_size())
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hidden, generator=g, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    with Largest():
+        lp, ent = chunked_logprobs(h, w, labels, temperature=0.7, chunk_size=chunk)
+        (lp.sum() + ent.sum()).backward()
+    return Largest.largest
+
+
+def test_chunked_logprob_largest_tensor_does_not_grow_with_length():
+    """No [tokens, vocab] tensor for the whole sequence: 8x the tokens, same largest tensor."""
+    small, big = _largest_tensor_bytes(1024, 256), _largest_tensor_bytes(8192, 256)
+    full = _largest_tensor_bytes(8192, 8192)  # one chunk: the full fp32 logits exist
+    assert full >= 8192 * 4096 * 4
+    assert big == small <= 256 * 4096 * 4 * 2  # a chunk's [chunk, V] block (fp32; x2 for a pair)
+    assert big < full / 8
 
 
 def test_padded_vocab_rows_are_excluded():
