@@ -46,7 +46,11 @@ log = logging.getLogger(__name__)
 
 
 class Generator(Protocol):
-    """What a round needs from the rollout engine. An excluded (overlong) prompt yields an empty list."""
+    """What a round needs from the rollout engine. An excluded (overlong) prompt yields an empty list.
+
+    A round calls `generate` the same number of times whatever its prompts (also with an empty list), because
+    the engines of several ranks run vLLM data parallel in lockstep: every rank must enter every call.
+    """
 
     def generate(
         self,
@@ -142,12 +146,15 @@ def run_gen_round(
     return result
 
 
-def _generate_questions(generator, inputs, prompt_ids, max_tokens, constrained):
+def _generate_questions(generator, inputs, prompt_ids, max_tokens, constrained, tasks=()):
     """n=1 per prompt; with `constrained`, one call per task with that task's JSON schema."""
     if not constrained:
-        return generator.generate(prompt_ids, 1, max_tokens=max_tokens) if inputs else []
+        return generator.generate(prompt_ids, 1, max_tokens=max_tokens)
     outputs: list[list[Completion]] = [[] for _ in inputs]
-    for task in sorted({inp.task for inp in inputs}, key=lambda t: t.value):
+    # every configured task, present here or not: engines of several ranks must make the same calls
+    for task in sorted(
+        {Task(t) for t in tasks} | {inp.task for inp in inputs}, key=lambda t: t.value
+    ):
         idx = [i for i, inp in enumerate(inputs) if inp.task is task]
         outs = generator.generate(
             [prompt_ids[i] for i in idx],
@@ -171,7 +178,9 @@ def _questioner_phase(
         )
         for inp in inputs
     ]
-    outputs = _generate_questions(generator, inputs, prompt_ids, max_tokens, constrained)
+    outputs = _generate_questions(
+        generator, inputs, prompt_ids, max_tokens, constrained, spell.tasks
+    )
     questions: list[_Question] = []
     cases = {"bad_format": 0, "dropped": 0}
     for i, (inp, ids, outs) in enumerate(zip(inputs, prompt_ids, outputs)):
@@ -228,7 +237,7 @@ def _grounding_filter(questions, generator, chat, spell, result) -> list[_Questi
         chat.render(prompts.responder_prompt(q.parsed.task, prompts.NO_CONTEXT, q.parsed.question))
         for q in questions
     ]
-    outputs = generator.generate(ids, 1, max_tokens=None) if questions else []
+    outputs = generator.generate(ids, 1, max_tokens=None)
     kept = []
     for q, outs in zip(questions, outputs):
         scores = [
@@ -259,7 +268,7 @@ def _responder_phase(questions, generator, chat, spell, max_tokens, result) -> l
     for q in questions:
         docs = "\n".join(q.inp.docset.paragraphs)
         ids.append(chat.render(prompts.responder_prompt(q.parsed.task, docs, q.parsed.question)))
-    outputs = generator.generate(ids, spell.responder_n, max_tokens=max_tokens) if questions else []
+    outputs = generator.generate(ids, spell.responder_n, max_tokens=max_tokens)
     groups, overlong = [], 0
     for q, pid, outs in zip(questions, ids, outputs):
         if (
@@ -298,11 +307,7 @@ def _verifier_phase(questions, groups, generator, chat, spell, max_tokens, resul
                     g.question.parsed.question, pred, g.question.parsed.answer
                 )
                 jobs.append((gi, ri, chat.render(text)))
-    outputs = (
-        generator.generate([j[2] for j in jobs], spell.verifier_n, max_tokens=max_tokens)
-        if jobs
-        else []
-    )
+    outputs = generator.generate([j[2] for j in jobs], spell.verifier_n, max_tokens=max_tokens)
     majorities: dict[tuple[int, int], int] = {}
     votes_all, invalid, agree = 0, 0, []
     for (gi, ri, pid), outs in zip(jobs, outputs):

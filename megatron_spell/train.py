@@ -109,6 +109,7 @@ def build_run(config: Config, *, replay: bool = False) -> tuple[Run, Any, Any]:
         engine = _SyncingEngine(
             RolloutEngine.from_config(config.model.hf_dir, config.rollout, dtype=dtype),
             load_weights,
+            lockstep=dist.get_world_size() > config.rollout.tensor_parallel_size,
         )
         chat = as_chat_renderer(AutoTokenizer.from_pretrained(config.model.hf_dir))
     rank = dist.get_rank()
@@ -144,12 +145,20 @@ def _reseed(seed: int, step: int) -> None:
 
 
 class _SyncingEngine:
-    """The rollout engine plus the in-place weight load, as the loop's `Engine`."""
+    """The rollout engine plus the in-place weight load, as the loop's `Engine`.
 
-    def __init__(self, engine: Any, load: Any) -> None:
-        self._engine, self._load = engine, load
+    With several ranks the vLLM engines run data parallel and step in lockstep (each `generate` loops until
+    every rank's requests are done), so a rank with nothing to generate in a phase still enters the call
+    with a one-token dummy request; otherwise the ranks that have work wait for it forever.
+    """
+
+    def __init__(self, engine: Any, load: Any, lockstep: bool) -> None:
+        self._engine, self._load, self._lockstep = engine, load, lockstep
 
     def generate(self, prompts, n, *, max_tokens=None, json_schema=None):
+        if not prompts and self._lockstep:
+            self._engine.generate([[0]], 1, max_tokens=1)
+            return []
         return self._engine.generate(prompts, n, max_tokens=max_tokens, json_schema=json_schema)
 
     def load_weights(self, weights) -> dict[str, float]:
