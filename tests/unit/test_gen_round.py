@@ -170,10 +170,12 @@ def test_questioner_json_schema_calls_once_per_task_with_its_schema():
         max_response_tokens=8,
         questioner_json_schema=True,
     )
-    assert gen.calls[:2] == [(1, 1), (2, 1)]  # doc_general_qa first, then the two doc_mc prompts
-    assert gen.schemas[:2] == [
+    # one call per configured task in name order, also docmath_qa without prompts here (lockstep ranks)
+    assert gen.calls[:3] == [(1, 1), (2, 1), (0, 1)]
+    assert gen.schemas[:3] == [
         questioner_schema(Task.DOC_GENERAL_QA),
         questioner_schema(Task.DOC_MC),
+        questioner_schema(Task.DOCMATH_QA),
     ]
-    assert gen.schemas[2:] == [None] * (len(gen.schemas) - 2)  # other roles are not constrained
+    assert gen.schemas[3:] == [None] * (len(gen.schemas) - 3)  # other roles are not constrained
     assert [s.uid for s in res.questioner] == ["xq0", "xq1", "xq2"]  # results keep input order
