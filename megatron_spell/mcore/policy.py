@@ -28,44 +28,21 @@ from megatron_spell.config import Config
 from megatron_spell.mcore.attention import core_attention_class
 from megatron_spell.mcore.checkpoint import load_checkpoint
 from megatron_spell.mcore.export import export_hf_weights
-from megatron_spell.mcore.loss import PolicyLossConfig
 from megatron_spell.mcore.model import build_model
-from megatron_spell.mcore.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from megatron_spell.mcore.optimizer import (
+    build_optimizer,
+    build_scheduler,
+    optim_config_from,
+    wrap_ddp,
+)
 from megatron_spell.mcore.packing import TrainSample
 from megatron_spell.mcore.parallel import ParallelContext
-from megatron_spell.mcore.train_step import EngineConfig, PolicyEngine
+from megatron_spell.mcore.train_step import PolicyEngine, engine_config_from, recompute_overrides
 from megatron_spell.types import TrainBatch, Trajectory
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# train.recompute -> TransformerConfig activation-recompute settings
-RECOMPUTE: dict[str, dict[str, Any]] = {
-    "none": {},
-    "selective": {"recompute_granularity": "selective"},
-    "full": {
-        "recompute_granularity": "full",
-        "recompute_method": "uniform",
-        "recompute_num_layers": 1,
-    },
-}
-
-
-def optim_config(config: Config) -> OptimConfig:
-    t = config.train
-    return OptimConfig(
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        grad_clip=t.grad_clip,
-        use_distributed_optimizer=t.use_distributed_optimizer,
-        lr_warmup_steps=t.lr_warmup_steps,
-        lr_decay_style=t.lr_schedule,
-        lr_decay_steps=t.total_steps,
-    )
 
 
 def to_sample(t: Trajectory, old_logprobs: tuple[float, ...] | None = None) -> TrainSample:
@@ -95,10 +72,14 @@ class MegatronPolicy:
         self.config, self.ctx, self.hf_config = config, ctx, hf_config
         dtype = DTYPES[config.model.dtype]
         self.chunks = build_model(
-            hf_config, ctx, dtype=dtype, core_attention=core_attention_class()
+            hf_config,
+            ctx,
+            dtype=dtype,
+            core_attention=core_attention_class(),
+            config_overrides=recompute_overrides(config.train.recompute),
         )
         load_checkpoint(self.chunks, config.model.load, ctx)
-        ocfg = optim_config(config)
+        ocfg = optim_config_from(config.train)
         if ocfg.use_distributed_optimizer and not torch.cuda.is_available():
             # megatron-core 0.19's DistributedOptimizer only wraps CUDA tensors; on CPU (tests, the demo)
             # the plain Megatron optimizer is used, which gives the same update.
@@ -109,25 +90,14 @@ class MegatronPolicy:
         )
         self.optimizer = build_optimizer(self.ddp, ocfg, ctx)
         self.scheduler = build_scheduler(self.optimizer, ocfg)
-        t = config.train
         self.engine = PolicyEngine(
             self.ddp,
             ctx,
-            EngineConfig(
-                temperature=config.rollout.temperature,
-                logprob_chunk_size=t.logprob_chunk_size,
-                max_tokens_per_microbatch=t.max_tokens_per_microbatch,
-                pad_token_id=int(getattr(hf_config, "pad_token_id", None) or 0),
+            engine_config_from(
+                config.train,
+                config.rollout,
                 vocab_size=int(hf_config.vocab_size),
-                loss=PolicyLossConfig(
-                    clip_ratio_low=t.clip_ratio_low,
-                    clip_ratio_high=t.clip_ratio_high,
-                    clip_ratio_c=t.clip_ratio_c,
-                    kl_coef=t.kl_coef,
-                    kl_loss_type=t.kl_loss_type,
-                    entropy_coef=t.entropy_coef,
-                    loss_agg_mode=t.loss_agg_mode,
-                ),
+                pad_token_id=int(getattr(hf_config, "pad_token_id", None) or 0),
             ),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
