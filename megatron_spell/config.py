@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 TASKS = ("doc_general_qa", "doc_mc", "docmath_qa")
+ROLES = ("questioner", "responder", "verifier")
 
 
 def _fail(section: str, name: str, value: Any, fix: str) -> None:
@@ -212,9 +213,10 @@ class RolloutConfig:
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
     weight_sync_bucket_mb: int = 512
     seed: int = 0
-    # constrain questioner outputs to the task's JSON schema (vLLM structured outputs); a deviation for small
-    # models that cannot follow the format yet (see megatron_spell/spell/schemas.py). Off in the reference.
-    questioner_json_schema: bool = False
+    # roles whose outputs are constrained to the spec's formats (vLLM structured outputs): any of questioner,
+    # responder, verifier. A deviation for small models that cannot follow the formats yet (see
+    # megatron_spell/spell/schemas.py). Empty, as in the reference, by default.
+    structured_outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _positive(
@@ -228,6 +230,9 @@ class RolloutConfig:
         )
         if not 0.0 < self.top_p <= 1.0:
             _fail("rollout", "top_p", self.top_p, "must be in (0, 1]")
+        for role in self.structured_outputs:
+            if role not in ROLES:
+                _fail("rollout", "structured_outputs", role, f"roles must be among {ROLES}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,24 +15,29 @@ Decisions (spec section 9):
   `spell.filter_questioner_prompts=false` turns it off.
 * Responses whose prediction does not parse are not judged (the reference's rule); their reward is the rule
   score (0).
+* `structured` (rollout.structured_outputs) constrains the named roles to the spec's formats (spell/schemas.py,
+  a deviation for small models). A constrained phase makes one generate call per task, in `Task` order,
+  whether or not this rank has prompts of that task, so that lockstep ranks make the same calls.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from megatron_spell.config import SpellConfig
 from megatron_spell.spell import prompts, rewards, scorers, verifier
 from megatron_spell.spell.parsing import is_bad_ground, parse_questioner
-from megatron_spell.spell.schemas import questioner_schema
+from megatron_spell.spell.schemas import output_constraint
 from megatron_spell.types import (
     CaseType,
     Completion,
     DocSet,
     HistoryEntry,
+    OutputConstraint,
     ParsedQA,
     QuestionerSample,
     ResponderGroup,
@@ -58,7 +63,7 @@ class Generator(Protocol):
         n: int,
         *,
         max_tokens: int | None = None,
-        json_schema: dict | None = None,
+        constraint: OutputConstraint | None = None,
     ) -> list[list[Completion]]: ...
 
 
@@ -100,6 +105,7 @@ class RoundResult:
     records: list[dict] = field(
         default_factory=list
     )  # per-question rollout dump (logging.dump_rollouts)
+    seconds: dict[str, float] = field(default_factory=dict)  # generate wall time per role
 
 
 @dataclass
@@ -122,54 +128,67 @@ def run_gen_round(
     *,
     uid_prefix: str,
     max_response_tokens: int,
-    questioner_json_schema: bool = False,
+    structured: Collection[str] = (),
 ) -> RoundResult:
     """Run every role of one round on `inputs`; see the module docstring for the order.
 
-    `questioner_json_schema` constrains the questioner to its task's JSON schema (spell/schemas.py).
+    `structured` names the roles constrained to the spec's formats (rollout.structured_outputs).
     """
     result = RoundResult()
-    questions = _questioner_phase(
-        inputs,
-        generator,
-        chat,
-        spell,
-        uid_prefix,
-        max_response_tokens,
-        result,
-        questioner_json_schema,
-    )
+    gen = _RoleGenerator(generator, structured, result.seconds)
+    questions = _questioner_phase(inputs, gen, chat, spell, uid_prefix, max_response_tokens, result)
     if spell.filter_questioner_prompts:
-        questions = _grounding_filter(questions, generator, chat, spell, result)
-    groups = _responder_phase(questions, generator, chat, spell, max_response_tokens, result)
-    _verifier_phase(questions, groups, generator, chat, spell, max_response_tokens, result)
+        questions = _grounding_filter(questions, gen, chat, spell, result)
+    groups = _responder_phase(questions, gen, chat, spell, max_response_tokens, result)
+    _verifier_phase(questions, groups, gen, chat, spell, max_response_tokens, result)
     return result
 
 
-def _generate_questions(generator, inputs, prompt_ids, max_tokens, constrained, tasks=()):
-    """n=1 per prompt; with `constrained`, one call per task with that task's JSON schema."""
-    if not constrained:
-        return generator.generate(prompt_ids, 1, max_tokens=max_tokens)
-    outputs: list[list[Completion]] = [[] for _ in inputs]
-    # every configured task, present here or not: engines of several ranks must make the same calls
-    for task in sorted(
-        {Task(t) for t in tasks} | {inp.task for inp in inputs}, key=lambda t: t.value
+class _RoleGenerator:
+    """`Generator` calls per role: plain, or one constrained call per task (lockstep ranks)."""
+
+    def __init__(
+        self, generator: Generator, structured: Collection[str], seconds: dict[str, float]
     ):
-        idx = [i for i, inp in enumerate(inputs) if inp.task is task]
-        outs = generator.generate(
-            [prompt_ids[i] for i in idx],
-            1,
-            max_tokens=max_tokens,
-            json_schema=questioner_schema(task),
-        )
-        for i, o in zip(idx, outs):
-            outputs[i] = o
-    return outputs
+        self._gen, self._structured = generator, {Role(r) for r in structured}
+        self._seconds = seconds
+
+    def __call__(self, role, tasks, prompt_ids, n, max_tokens) -> list[list[Completion]]:
+        """Completions of `prompt_ids` (prompt i asks a `tasks[i]` question) for `role`, n per prompt."""
+        t0 = time.perf_counter()
+        try:
+            return self._generate(role, tasks, prompt_ids, n, max_tokens)
+        finally:
+            key = role.value
+            self._seconds[key] = self._seconds.get(key, 0.0) + time.perf_counter() - t0
+
+    def _generate(self, role, tasks, prompt_ids, n, max_tokens) -> list[list[Completion]]:
+        if role not in self._structured:
+            return self._gen.generate(prompt_ids, n, max_tokens=max_tokens)
+        if role is Role.VERIFIER:  # one format for every task
+            return self._gen.generate(
+                prompt_ids,
+                n,
+                max_tokens=max_tokens,
+                constraint=output_constraint(role, Task.DOC_GENERAL_QA),
+            )
+        outputs: list[list[Completion]] = [[] for _ in prompt_ids]
+        # every task, present on this rank or not: engines of several ranks must make the same calls (an
+        # empty call costs one dummy token in lockstep, nothing on one rank)
+        for task in Task:
+            idx = [i for i, t in enumerate(tasks) if t is task]
+            outs = self._gen.generate(
+                [prompt_ids[i] for i in idx],
+                n,
+                max_tokens=max_tokens,
+                constraint=output_constraint(role, task),
+            )
+            for i, o in zip(idx, outs):
+                outputs[i] = o
+        return outputs
 
 
-def _questioner_phase(
-    inputs, generator, chat, spell, uid_prefix, max_tokens, result, constrained=False
-) -> list[_Question]:
+def _questioner_phase(inputs, gen, chat, spell, uid_prefix, max_tokens, result) -> list[_Question]:
     prompt_ids = [
         chat.render(
             prompts.questioner_prompt(
@@ -178,9 +197,7 @@ def _questioner_phase(
         )
         for inp in inputs
     ]
-    outputs = _generate_questions(
-        generator, inputs, prompt_ids, max_tokens, constrained, spell.tasks
-    )
+    outputs = gen(Role.QUESTIONER, [inp.task for inp in inputs], prompt_ids, 1, max_tokens)
     questions: list[_Question] = []
     cases = {"bad_format": 0, "dropped": 0}
     for i, (inp, ids, outs) in enumerate(zip(inputs, prompt_ids, outputs)):
@@ -231,13 +248,13 @@ def _mark(result: RoundResult, uid: str, case: CaseType) -> None:
             )
 
 
-def _grounding_filter(questions, generator, chat, spell, result) -> list[_Question]:
+def _grounding_filter(questions, gen, chat, spell, result) -> list[_Question]:
     """Answer each question without documents (n=1); a rule score >= threshold is bad_ground (spec 1.4)."""
     ids = [
         chat.render(prompts.responder_prompt(q.parsed.task, prompts.NO_CONTEXT, q.parsed.question))
         for q in questions
     ]
-    outputs = generator.generate(ids, 1, max_tokens=None)
+    outputs = gen(Role.RESPONDER, [q.parsed.task for q in questions], ids, 1, None)
     kept = []
     for q, outs in zip(questions, outputs):
         scores = [
@@ -263,12 +280,13 @@ class _Responses:
     predictions: list[str | None]
 
 
-def _responder_phase(questions, generator, chat, spell, max_tokens, result) -> list[_Responses]:
+def _responder_phase(questions, gen, chat, spell, max_tokens, result) -> list[_Responses]:
     ids = []
     for q in questions:
         docs = "\n".join(q.inp.docset.paragraphs)
         ids.append(chat.render(prompts.responder_prompt(q.parsed.task, docs, q.parsed.question)))
-    outputs = generator.generate(ids, spell.responder_n, max_tokens=max_tokens)
+    tasks = [q.parsed.task for q in questions]
+    outputs = gen(Role.RESPONDER, tasks, ids, spell.responder_n, max_tokens)
     groups, overlong = [], 0
     for q, pid, outs in zip(questions, ids, outputs):
         if (
@@ -295,7 +313,7 @@ def _drop(result: RoundResult, uid: str) -> None:
     result.questioner = [s for s in result.questioner if s.uid != uid]
 
 
-def _verifier_phase(questions, groups, generator, chat, spell, max_tokens, result) -> None:
+def _verifier_phase(questions, groups, gen, chat, spell, max_tokens, result) -> None:
     """Judge every parsable response n times; combine rewards; pick verifier training candidates."""
     jobs = []  # (group index, response index, prompt ids)
     for gi, g in enumerate(groups):
@@ -307,7 +325,7 @@ def _verifier_phase(questions, groups, generator, chat, spell, max_tokens, resul
                     g.question.parsed.question, pred, g.question.parsed.answer
                 )
                 jobs.append((gi, ri, chat.render(text)))
-    outputs = generator.generate([j[2] for j in jobs], spell.verifier_n, max_tokens=max_tokens)
+    outputs = gen(Role.VERIFIER, (), [j[2] for j in jobs], spell.verifier_n, max_tokens)
     majorities: dict[tuple[int, int], int] = {}
     votes_all, invalid, agree = 0, 0, []
     for (gi, ri, pid), outs in zip(jobs, outputs):
@@ -447,6 +465,8 @@ def merge_rounds(results: Sequence[RoundResult]) -> RoundResult:
         merged.verifier_candidates += r.verifier_candidates
         merged.history += r.history
         merged.records += r.records
+        for role, sec in r.seconds.items():  # ranks generate concurrently: the slowest one counts
+            merged.seconds[role] = max(merged.seconds.get(role, 0.0), sec)
     keys = {k for r in results for k in r.metrics}
     for key in keys:
         parts = [r for r in results if key in r.metrics]

@@ -102,6 +102,23 @@ class Run:
         return BatchConfig.from_spell_config(self.config.spell)
 
 
+def _log_round(run: Run, acc: StepAccumulator, round_: RoundResult) -> None:
+    """One progress line per generation round (a step may take minutes of rounds)."""
+    m = round_.metrics
+    log.info(
+        "step %d round %d: %d questions, %d parsed, %d responder groups; %d/%d groups with reward "
+        "variance so far; generate %s",
+        run.step + 1,
+        acc.num_rounds,
+        m.get("questioner/num_prompts", 0),
+        round(m.get("questioner/num_prompts", 0) * m.get("questioner/parsed_frac", 0)),
+        len(round_.responder_groups),
+        acc.num_groups,
+        run.config.spell.train_batch_size,
+        ", ".join(f"{role} {sec:.1f}s" for role, sec in round_.seconds.items()),
+    )
+
+
 def spell_step(run: Run) -> dict[str, float]:
     """One optimizer step of SPELL; returns the step's scalars (also logged)."""
     t0 = time.perf_counter()
@@ -120,7 +137,7 @@ def spell_step(run: Run) -> dict[str, float]:
                 cfg.spell,
                 uid_prefix=f"s{run.step}g{acc.num_rounds}p{run.collective.rollout_rank}",
                 max_response_tokens=cfg.rollout.max_response_length,
-                questioner_json_schema=cfg.rollout.questioner_json_schema,
+                structured=cfg.rollout.structured_outputs,
             )
             round_ = merge_rounds(run.collective.all_gather_object(local))
         with metrics.timer("score"):
@@ -128,6 +145,7 @@ def spell_step(run: Run) -> dict[str, float]:
             acc.add_round(round_.questioner, round_.responder_groups, round_.verifier_candidates)
         rounds.append(round_)
         metrics.add({"data/history_added": remembered})
+        _log_round(run, acc, round_)
         if acc.is_ready(run.batch_config):
             break
         if (
@@ -145,6 +163,10 @@ def spell_step(run: Run) -> dict[str, float]:
     if cfg.logging.dump_rollouts and run.collective.is_writer:
         dump_batch(batch, rounds, Path(cfg.run_dir) / "rollouts", run.step)
     metrics.add(merge_rounds(rounds).metrics)
+    for role in Role:  # generate wall time per role, summed over the rounds
+        metrics.add(
+            {f"timing/generate_{role.value}_s": sum(r.seconds.get(role.value, 0.0) for r in rounds)}
+        )
     metrics.add(batch_metrics(batch, acc))
     metrics.add(train_metrics, prefix="train")
     metrics.add(sync_metrics, prefix="sync")

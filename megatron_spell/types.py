@@ -27,6 +27,22 @@ class Task(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """A structured-output constraint on one generate call: a JSON schema or a regular expression.
+
+    Exactly one is set. The rollout engine hands it to vLLM's structured outputs; see spell/schemas.py for
+    when SPELL uses them (a deviation for small models, off by default).
+    """
+
+    json_schema: dict | None = None
+    regex: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.json_schema is None) == (self.regex is None):
+            raise ValueError("OutputConstraint: set exactly one of json_schema and regex")
+
+
+@dataclass(frozen=True)
 class Completion:
     """One sampled completion of one prompt, as the rollout engine returns it.
 

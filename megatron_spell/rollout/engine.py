@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_spell.types import Completion
+from megatron_spell.types import Completion, OutputConstraint
 
 if TYPE_CHECKING:
     from megatron_spell.config import RolloutConfig
@@ -202,11 +202,10 @@ class RolloutEngine:
         top_p: float | None = None,
         top_k: int | None = None,
         stop: Sequence[str] | None = None,
-        json_schema: dict | None = None,
+        constraint: OutputConstraint | None = None,
     ) -> Any:
         """vLLM `SamplingParams` with the sampled token's logprob (logprobs=0) and no per-request seed."""
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
 
         s = self.settings
         k = s.top_k if top_k is None else top_k
@@ -218,12 +217,7 @@ class RolloutEngine:
             max_tokens=max_tokens,
             stop=list(stop) if stop else None,
             logprobs=0,
-            # ask for compact JSON (small models loop on free whitespace); not every backend honours it
-            structured_outputs=(
-                StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
-                if json_schema
-                else None
-            ),
+            structured_outputs=_structured_outputs(constraint),
         )
 
     def generate(
@@ -236,12 +230,12 @@ class RolloutEngine:
         top_p: float | None = None,
         top_k: int | None = None,
         stop: Sequence[str] | None = None,
-        json_schema: dict | None = None,
+        constraint: OutputConstraint | None = None,
     ) -> list[list[Completion]]:
         """Sample `n` completions per prompt; an excluded (over-long) prompt gets an empty list.
 
-        `json_schema` constrains the output (vLLM structured outputs); the returned logprobs are then those
-        of the constrained (masked) distribution the token was sampled from.
+        `constraint` (a JSON schema or a regex) constrains the output with vLLM structured outputs; the
+        returned logprobs are then those of the constrained (masked) distribution the token was sampled from.
         """
         if n < 1:
             raise ValueError(f"generate n={n}: must be >= 1")
@@ -275,7 +269,7 @@ class RolloutEngine:
             top_p=top_p,
             top_k=top_k,
             stop=stop,
-            json_schema=json_schema,
+            constraint=constraint,
         )
         outputs = self.llm.generate(
             [{"prompt_token_ids": token_prompts[i]} for i in keep], params, use_tqdm=False
@@ -310,6 +304,18 @@ class RolloutEngine:
     def worker_call(self, fn: Any, *args: Any) -> list[Any]:
         """Run `fn(worker, *args)` on this process's vLLM worker (in-process, no pickling)."""
         return self.llm.collective_rpc(fn, args=args)
+
+
+def _structured_outputs(constraint: OutputConstraint | None) -> Any:
+    """vLLM `StructuredOutputsParams` of a constraint (None: unconstrained)."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.json_schema is not None:
+        # compact JSON: small models loop on free whitespace (not every backend honours it)
+        return StructuredOutputsParams(json=constraint.json_schema, disable_any_whitespace=True)
+    return StructuredOutputsParams(regex=constraint.regex)
 
 
 def _to_completion(c: Any) -> Completion:

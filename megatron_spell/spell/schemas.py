@@ -1,18 +1,26 @@
-"""JSON schemas of the questioner's answer object per task (spec section 2.1, the JSON keys).
+"""Structured-output constraints per role and task (spec sections 2.1-2.4, the answer formats).
 
-Used only when `rollout.questioner_json_schema=true`: the rollout engine then constrains the questioner's
-sampling to the schema (vLLM structured outputs). Deliberate deviation from the reference, for small models
-that cannot yet follow the format (the CPU demo's SmolLM2-135M never writes a parseable question without it):
-the questioner writes the JSON object directly, without its reasoning and without the fenced block, so the
-bad_format case cannot occur, and the sampled tokens come from the constrained distribution (the policy
-gradient on them is then slightly off-policy; the logprob mismatch metric shows by how much). Off by default.
+Used only for the roles named in `rollout.structured_outputs` (off by default, as in the reference): the
+rollout engine then constrains that role's sampling with vLLM structured outputs. A deliberate deviation for
+small models that cannot yet follow the formats; the CPU demo's SmolLM2-135M writes no parseable question,
+answer or verdict without it, so every group has zero variance and nothing is trained.
+
+* questioner: the task's JSON object (`SCHEMAS`), written directly, without the reasoning and the fenced block,
+  so the bad_format case cannot occur;
+* responder (and the grounding pre-filter, which is a responder call): the spec 2.2 answer sentence alone,
+  with no reasoning before it (`RESPONDER_PATTERNS`), which the scorers of spec 3.1 parse;
+* verifier: the spec 2.4 decision alone, `[[YES]]` or `[[NO]]` (`VERIFIER_PATTERN`).
+
+The sampled tokens then come from the constrained (masked) distribution, while the policy gradient uses the
+unconstrained policy's log-probabilities, so the update is slightly off-policy; the train/infer mismatch metric
+shows by how much.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from megatron_spell.types import Task
+from megatron_spell.types import OutputConstraint, Role, Task
 
 _TEXT = {"type": "string", "minLength": 1, "maxLength": 400}
 
@@ -52,6 +60,25 @@ SCHEMAS: dict[Task, dict[str, Any]] = {
 }
 
 
+# one answer sentence in the spec 2.2 form; the scorers (spell/scorers.py) take what follows "answer is"
+RESPONDER_PATTERNS: dict[Task, str] = {
+    Task.DOC_GENERAL_QA: r"The correct answer is [^\n]{1,100}",
+    Task.DOC_MC: r"The correct answer is [ABCD]",
+    Task.DOCMATH_QA: r"Therefore, the answer is -?[0-9]{1,12}(\.[0-9]{1,6})?",
+}
+VERIFIER_PATTERN = r"\[\[(YES|NO)\]\]"
+
+
 def questioner_schema(task: Task | str) -> dict[str, Any]:
     """The JSON schema a questioner answer of `task` must satisfy."""
     return SCHEMAS[Task(task)]
+
+
+def output_constraint(role: Role | str, task: Task | str) -> OutputConstraint:
+    """The structured-output constraint of `role` answering a `task` prompt."""
+    role, task = Role(role), Task(task)
+    if role is Role.QUESTIONER:
+        return OutputConstraint(json_schema=SCHEMAS[task])
+    if role is Role.RESPONDER:
+        return OutputConstraint(regex=RESPONDER_PATTERNS[task])
+    return OutputConstraint(regex=VERIFIER_PATTERN)

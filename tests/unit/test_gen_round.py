@@ -65,9 +65,9 @@ class FakeGenerator:
             return ["The correct answer is Alpha"] * n
         return ["no idea"] * n
 
-    def generate(self, prompt_ids, n, *, max_tokens=None, json_schema=None):
+    def generate(self, prompt_ids, n, *, max_tokens=None, constraint=None):
         self.calls.append((len(prompt_ids), n))
-        self.schemas.append(json_schema)
+        self.schemas.append(constraint)
         out = []
         for ids in prompt_ids:
             texts = self._respond(self.chat.texts[ids[0]], n)
@@ -136,7 +136,7 @@ def test_overlong_responder_prompt_is_dropped():
     chat = FakeChat()
 
     class Overlong(FakeGenerator):
-        def generate(self, prompt_ids, n, *, max_tokens=None, json_schema=None):
+        def generate(self, prompt_ids, n, *, max_tokens=None, constraint=None):
             out = super().generate(prompt_ids, n, max_tokens=max_tokens)
             return [
                 [] if n > 1 else o for o in out
@@ -151,8 +151,8 @@ def test_overlong_responder_prompt_is_dropped():
     assert res.metrics["responder/overlong_dropped"] == 1
 
 
-def test_questioner_json_schema_calls_once_per_task_with_its_schema():
-    from megatron_spell.spell.schemas import questioner_schema
+def test_structured_roles_call_once_per_task_with_their_constraints():
+    from megatron_spell.spell.schemas import output_constraint
 
     chat = FakeChat()
     gen = FakeGenerator(chat)
@@ -165,17 +165,37 @@ def test_questioner_json_schema_calls_once_per_task_with_its_schema():
         inputs,
         gen,
         chat,
-        SpellConfig(responder_n=2, verifier_n=2),
+        SpellConfig(responder_n=2, verifier_n=2, tasks=("doc_general_qa",)),
         uid_prefix="x",
         max_response_tokens=8,
-        questioner_json_schema=True,
+        structured=("questioner", "responder"),
     )
-    # one call per configured task in name order, also docmath_qa without prompts here (lockstep ranks)
+    tasks = list(Task)  # general QA, MC, docmath
+    # one call per task, also docmath_qa without prompts here and not in spell.tasks (lockstep ranks)
     assert gen.calls[:3] == [(1, 1), (2, 1), (0, 1)]
-    assert gen.schemas[:3] == [
-        questioner_schema(Task.DOC_GENERAL_QA),
-        questioner_schema(Task.DOC_MC),
-        questioner_schema(Task.DOCMATH_QA),
-    ]
-    assert gen.schemas[3:] == [None] * (len(gen.schemas) - 3)  # other roles are not constrained
+    assert gen.schemas[:3] == [output_constraint("questioner", t) for t in tasks]
+    # the grounding pre-filter and the responder are responder calls: constrained per task too
+    assert gen.schemas[3:9] == [output_constraint("responder", t) for t in tasks] * 2
+    assert [n for _, n in gen.calls[3:9]] == [1, 1, 1, 2, 2, 2]
+    assert gen.schemas[9:] == [None] * (len(gen.schemas) - 9)  # the verifier is not constrained
     assert [s.uid for s in res.questioner] == ["xq0", "xq1", "xq2"]  # results keep input order
+
+
+def test_structured_verifier_is_one_call_with_the_decision_pattern():
+    from megatron_spell.spell.schemas import VERIFIER_PATTERN
+
+    chat = FakeChat()
+    gen = FakeGenerator(chat)
+    inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
+    run_gen_round(
+        inputs,
+        gen,
+        chat,
+        SpellConfig(responder_n=2, verifier_n=3),
+        uid_prefix="x",
+        max_response_tokens=8,
+        structured=("verifier",),
+    )
+    assert gen.schemas[:3] == [None] * 3
+    assert [c.regex for c in gen.schemas[3:]] == [VERIFIER_PATTERN]
+    assert gen.calls[3][1] == 3

@@ -16,6 +16,8 @@ import torch
 from megatron_spell.rollout.chat import render_chat
 from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
 from megatron_spell.rollout.metrics import logprob_mismatch
+from megatron_spell.spell.schemas import VERIFIER_PATTERN
+from megatron_spell.types import OutputConstraint
 from tests.e2e.rollout import hf_ref
 from tests.helpers.tiny_models import make_tiny_hf_model
 
@@ -112,10 +114,27 @@ def test_json_schema_constrains_output(tmp_path):
     src = make_tiny_hf_model(tmp_path / "m", "llama", seed=0)
     engine = RolloutEngine(src, EngineSettings(max_prompt_length=16, max_response_length=12))
     schema = {"type": "object", "properties": {"a": {"enum": ["yes", "no"]}}, "required": ["a"]}
-    [comps] = engine.generate([list(range(10, 20))], 3, max_tokens=12, json_schema=schema)
+    [comps] = engine.generate(
+        [list(range(10, 20))], 3, max_tokens=12, constraint=OutputConstraint(json_schema=schema)
+    )
     for c in comps:  # a random tiny model may spend its tokens on JSON whitespace: check the prefix
         compact = "".join(c.text.split())
         assert compact and any(v.startswith(compact) for v in ('{"a":"yes"}', '{"a":"no"}')), c
         if c.finish_reason == "stop":
             assert json.loads(c.text)["a"] in ("yes", "no")
+        assert all(lp <= 0.0 for lp in c.logprobs)
+
+
+def test_regex_constrains_output(tmp_path):
+    """The verifier's decision format (spell/schemas.py) as a regex: a random tiny model can only write it."""
+    src = make_tiny_hf_model(tmp_path / "m", "llama", seed=0)
+    engine = RolloutEngine(src, EngineSettings(max_prompt_length=16, max_response_length=12))
+    [comps] = engine.generate(
+        [list(range(10, 20))], 4, max_tokens=12, constraint=OutputConstraint(regex=VERIFIER_PATTERN)
+    )
+    for c in comps:
+        if c.finish_reason == "stop":
+            assert c.text in ("[[YES]]", "[[NO]]"), c
+        else:
+            assert any(v.startswith(c.text) for v in ("[[YES]]", "[[NO]]")), c
         assert all(lp <= 0.0 for lp in c.logprobs)
