@@ -5,8 +5,11 @@ train` is one rank. Each rank holds its Megatron shard and a colocated vLLM engi
 groups of `rollout.tensor_parallel_size` ranks); the loop itself is `loop.spell_step`.
 
 Preemption: SIGTERM (Slurm sends it before killing a job) sets a flag; the current step finishes, a checkpoint
-is written and the process exits with `REQUEUE_EXIT_CODE`, which examples/slurm/spell.sbatch turns into a
-requeue. Resume is automatic from the latest complete checkpoint of the run directory.
+is written and the process exits with `REQUEUE_EXIT_CODE`. Under torchrun, the agent forwards SIGTERM to its
+ranks, kills them after `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds (default 30, too short for a step) and exits
+non-zero whatever their codes; examples/slurm/spell.sbatch therefore raises that timeout and requeues when it
+forwarded a SIGTERM (or saw code 42). Resume is automatic from the latest complete checkpoint of the run
+directory; a kill during the save leaves the previous checkpoint loadable.
 """
 
 from __future__ import annotations
@@ -155,11 +158,11 @@ class _SyncingEngine:
     def __init__(self, engine: Any, load: Any, lockstep: bool) -> None:
         self._engine, self._load, self._lockstep = engine, load, lockstep
 
-    def generate(self, prompts, n, *, max_tokens=None, json_schema=None):
+    def generate(self, prompts, n, *, max_tokens=None, constraint=None):
         if not prompts and self._lockstep:
             self._engine.generate([[0]], 1, max_tokens=1)
             return []
-        return self._engine.generate(prompts, n, max_tokens=max_tokens, json_schema=json_schema)
+        return self._engine.generate(prompts, n, max_tokens=max_tokens, constraint=constraint)
 
     def load_weights(self, weights) -> dict[str, float]:
         stats = self._load(self._engine, weights)
@@ -233,6 +236,11 @@ def run(config: Config, *, replay_dir: str | None = None) -> int:
         interval = config.checkpoint.save_interval
         if _any_rank(preempt.requested):
             save()
+            log.warning(
+                "preempted: checkpoint of step %d written; exiting with code %d (requeue)",
+                run_.step,
+                REQUEUE_EXIT_CODE,
+            )
             exit_code = REQUEUE_EXIT_CODE
             break
         if interval and run_.step % interval == 0 and run_.step < config.train.total_steps:

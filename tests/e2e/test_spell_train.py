@@ -8,6 +8,9 @@ verifier votes are valid, one GRPO update per step, and the weights are synced i
   engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed.
 * `test_resume_is_exact`: 2 steps straight vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
   final weights are identical.
+* `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
+  preemption does): the step finishes, both ranks write the checkpoint and exit 42 (torchrun, as its agent
+  does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,7 +109,14 @@ def _overrides(hf_dir, ckpt, corpus, out_dir, run_name, steps):
 
 def _train(overrides, timeout=1500):
     """`torchrun --nproc-per-node 2 -m megatron_spell train ...`, the way users launch it."""
-    cmd = [
+    proc = subprocess.run(
+        _cmd(overrides), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _cmd(overrides):
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -117,15 +129,18 @@ def _train(overrides, timeout=1500):
         "train",
         *overrides,
     ]
-    env = {
+
+
+def _env():
+    return {
         **os.environ,
         "CUDA_VISIBLE_DEVICES": "",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
+        # as examples/slurm/spell.sbatch: torchrun gives the ranks time to save after a SIGTERM
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "900",
     }
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def _free_port() -> int:
@@ -215,3 +230,48 @@ def test_resume_is_exact(policy, tmp_path):
     assert wa and wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
+    hf_dir, ckpt, corpus = policy
+    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "preempted", 3)
+    overrides = [o for o in overrides if not o.startswith("checkpoint.save_interval")]
+    overrides.append("checkpoint.save_interval=0")  # only the preemption and the final step save
+    log_path = tmp_path / "preempted.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            _cmd(overrides),
+            cwd=ROOT,
+            env=_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, like a Slurm job step
+        )
+        try:
+            deadline = time.monotonic() + 900
+            # "resolved config" is logged once the engines are built and the SIGTERM handler is installed
+            while "resolved config" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()[-6000:]
+                assert time.monotonic() < deadline, "the run never started its first step"
+                time.sleep(1)
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks, as Slurm delivers it
+            rc = proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    log = log_path.read_text()
+    assert rc != 0, log[
+        -6000:
+    ]  # torchrun exits non-zero after a signal; the sbatch script requeues
+    assert log.count("SIGTERM received") >= 2, log[-6000:]  # both ranks got it
+    assert "preempted: checkpoint of step 1 written; exiting with code 42" in log, log[-6000:]
+    run_dir = tmp_path / "preempted"
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1]  # step 1 finished
+    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert [p.name for p in steps] == ["step_00000001"]
+    assert (steps[0] / "COMPLETE").is_file()
+    # the requeued job: same command, resumes at step 1 and runs steps 2 and 3
+    _train(overrides)
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1] == "step_00000003"
