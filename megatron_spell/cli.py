@@ -76,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         add_eval_arguments(ev)
     rp = sub.add_parser("report", help="write a PNG of the main curves and a markdown summary")
     rp.add_argument("run_dir")
-    sub.add_parser("demo", help="the CPU demo: SmolLM2-135M-Instruct on the bundled document sets")
+    dm = sub.add_parser(
+        "demo", help="the CPU demo: SmolLM2-135M-Instruct on the bundled document sets"
+    )
+    dm.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model's HF directory only, then validate the demo config as train --dry-run",
+    )
+    dm.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from megatron_spell.demo import run_demo
 
-            return run_demo()
+            return run_demo(args.overrides, dry_run=args.dry_run)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

