@@ -93,17 +93,47 @@ def _markdown(name: str, rows: list[dict[str, float]]) -> str:
         _, ys = _series(rows, key)
         if ys:
             lines.append(f"| {key} | {ys[0]:.4g} | {ys[-1]:.4g} | {sum(ys) / len(ys):.4g} |")
-    timing = [k for k in sorted(rows[-1]) if k.startswith("timing/")]
-    if timing:
-        total = rows[-1].get("timing/step_s") or sum(rows[-1][k] for k in timing)
-        lines += [
-            "",
-            "Time of the last step by phase:",
-            "",
-            "| phase | s | share |",
-            "|---|---|---|",
-        ]
-        for key in timing:
-            share = rows[-1][key] / total if total else float("nan")
-            lines.append(f"| {key[7:]} | {rows[-1][key]:.2f} | {share:.0%} |")
+    lines += _timing_table(rows)
     return "\n".join(lines) + "\n"
+
+
+_PHASES = ("generate", "score", "train", "sync", "checkpoint")
+
+
+def _timing_table(rows: list[dict[str, float]]) -> list[str]:
+    """Mean seconds per step by phase (generation split by role), and the orchestration overhead."""
+
+    def mean(key: str) -> float:
+        ys = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+        return sum(ys) / len(rows) if ys else 0.0  # a phase absent from a step took 0 s there
+
+    step = mean("timing/step_s")
+    if not step:
+        return []
+    lines = [
+        "",
+        f"Time per step by phase (mean over the {len(rows)} steps):",
+        "",
+        "| phase | s | share of the step |",
+        "|---|---|---|",
+    ]
+    phases = {p: mean(f"timing/{p}_s") for p in _PHASES}
+    roles = sorted(
+        k for k in rows[-1] if k.startswith("timing/generate_") and k != "timing/generate_s"
+    )
+    for phase, sec in phases.items():
+        lines.append(f"| {phase} | {sec:.2f} | {sec / step:.1%} |")
+        if phase == "generate":
+            for key in roles:
+                lines.append(
+                    f"| - {key[len('timing/generate_') : -2]} | {mean(key):.2f} | {mean(key) / step:.1%} |"
+                )
+    other = step - sum(phases.values())
+    lines += [
+        f"| other (batching, dumps, metrics) | {other:.2f} | {other / step:.1%} |",
+        f"| **step** | {step:.2f} | 100% |",
+        "",
+        "Orchestration overhead (everything but generation and training): "
+        f"{(step - phases['generate'] - phases['train']) / step:.2%} of the step.",
+    ]
+    return lines

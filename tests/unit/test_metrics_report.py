@@ -48,3 +48,26 @@ def test_report_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="no rows"):
         write_report(tmp_path)
+
+
+def test_report_time_breakdown_and_orchestration_overhead(tmp_path):
+    """Means over steps; a phase missing from a step counts 0 s there; overhead = step - generate - train."""
+    import json
+
+    rows = [
+        {"step": 1, "timing/step_s": 100.0, "timing/generate_s": 60.0, "timing/train_s": 30.0,
+         "timing/generate_questioner_s": 40.0, "timing/generate_responder_s": 20.0,
+         "timing/sync_s": 4.0, "timing/score_s": 1.0},
+        {"step": 2, "timing/step_s": 200.0, "timing/generate_s": 100.0, "timing/train_s": 80.0,
+         "timing/generate_questioner_s": 50.0, "timing/generate_responder_s": 50.0,
+         "timing/sync_s": 6.0, "timing/score_s": 1.0, "timing/checkpoint_s": 10.0},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| generate | 80.00 | 53.3% |" in md
+    assert "| - questioner | 45.00 | 30.0% |" in md
+    assert "| checkpoint | 5.00 | 3.3% |" in md
+    assert "| other (batching, dumps, metrics) | 4.00 | 2.7% |" in md  # 150 - 80 - 1 - 55 - 5 - 5
+    assert "| **step** | 150.00 | 100% |" in md
+    assert "everything but generation and training): 10.00% of the step" in md  # (150-80-55)/150
