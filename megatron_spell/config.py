@@ -240,6 +240,9 @@ class TrainConfig:
     """Policy update: optimizer, GRPO loss, micro-batching (spec section 5)."""
 
     lr: float = 2e-6
+    # PPO old log-probs: False takes them from the training pass itself (the batch is on-policy: one optimizer
+    # step per batch, spec 1.7), True recomputes them in a forward-only pass first, as the reference does
+    recompute_old_logprobs: bool = False
     min_lr: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_warmup_steps: int = 0

@@ -3,9 +3,11 @@
 `MegatronPolicy` builds the model chunks for this rank's layout from the HF config, loads the converted
 Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the LR schedule, and offers:
 
-* `update(batch)`: old log-probs recomputed by a forward-only pass of the current weights (as verl does; the
-  vLLM log-probs are kept only to report the train/infer mismatch), then exactly one GRPO optimizer step on
-  all three roles;
+* `update(batch)`: exactly one GRPO optimizer step on all three roles. Deviation (a speed-up with the same
+  numbers): the batch is on-policy and gets one step, so the PPO old log-probs equal the current weights'
+  log-probs; they are taken from the training pass itself (detached) instead of a forward-only recompute
+  pass first, as verl does (`train.recompute_old_logprobs=true` restores that). The vLLM log-probs only feed
+  the train/infer mismatch metric either way;
 * `export_weights()`: (HF name, full tensor) pairs gathered over PP/TP/EP, streamed bucket by bucket;
 * `save(dir)` / `load(dir)`: model, optimizer and scheduler in one Megatron distributed checkpoint, loadable
   at the same layout (optimizer state resharding follows Megatron's `dp_reshardable` format).
@@ -104,8 +106,26 @@ class MegatronPolicy:
         )
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """Recompute old log-probs, report the mismatch with vLLM's, take one optimizer step."""
+        """One optimizer step on the batch; reports the train/infer log-prob mismatch with vLLM's.
+
+        The batch is on-policy (one step per batch, spec 1.7), so by default the old log-probs are the
+        current ones taken inside the training pass; `train.recompute_old_logprobs=true` recomputes them in a
+        forward-only pass first, as the reference does (same values, one more forward pass).
+        """
         trajs = list(batch.trajectories)
+        if not self.config.train.recompute_old_logprobs:
+            rollout = [
+                t.completion.logprobs
+                if len(t.completion.logprobs) == len(t.completion.token_ids)
+                else None
+                for t in trajs
+            ]
+            metrics = self.engine.train_step(
+                [to_sample(t, lp) for t, lp in zip(trajs, rollout)], on_policy=True
+            )
+            return {
+                k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()
+            }
         old = self.engine.compute_logprobs([to_sample(t) for t in trajs])
         diffs = [
             (o - torch.tensor(t.completion.logprobs, dtype=o.dtype)).abs()

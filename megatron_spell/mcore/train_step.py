@@ -53,6 +53,7 @@ from megatron_spell.mcore.packing import (  # noqa: E402
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl", "entropy", "kl")
+_MISMATCH_KEYS = ("mismatch_sum", "mismatch_count")  # on-policy steps only (train_step)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ class _Micro:
     old: torch.Tensor | None = None
     adv: torch.Tensor | None = None
     ref: torch.Tensor | None = None
+    on_policy: bool = (
+        False  # the loss's old log-probs are the current ones; `old` holds the rollout's
+    )
 
 
 def _device() -> torch.device:
@@ -236,9 +240,17 @@ class PolicyEngine:
 
     def _train_loss(self, m: _Micro, output: torch.Tensor):
         lp, ent = output[0], output[1]
+        old = lp.detach() if m.on_policy else m.old
         loss, metrics = policy_loss(
-            lp, m.old, m.adv, m.weights, self.cfg.loss, entropy=ent, ref_logprobs=m.ref
+            lp, old, m.adv, m.weights, self.cfg.loss, entropy=ent, ref_logprobs=m.ref
         )
+        if (
+            m.on_policy and m.old is not None
+        ):  # train/infer mismatch against the rollout's log-probs
+            diff = (lp.detach() - m.old).abs()
+            metrics["mismatch_sum"] = diff.sum()
+            metrics["mismatch_count"] = torch.tensor(float(diff.numel()))
+            metrics["mismatch_max"] = diff.max() if diff.numel() else diff.new_zeros(())
         n = torch.tensor(int(m.select.numel()), dtype=torch.int)
         return loss, n, {"loss": loss.detach(), **metrics}
 
@@ -267,18 +279,37 @@ class PolicyEngine:
 
     # --- public ------------------------------------------------------------------------------
 
-    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        """One optimizer step on the whole batch; returns globally reduced metrics (same on all ranks)."""
+    def train_step(
+        self, samples: list[TrainSample], *, on_policy: bool = False
+    ) -> dict[str, float]:
+        """One optimizer step on the whole batch; returns globally reduced metrics (same on all ranks).
+
+        `on_policy=True`: the batch was sampled from the current weights and this is its only optimizer
+        step (SPELL: ppo_epochs=1, one mini-batch), so the PPO old log-probs equal the current ones. The
+        loss then takes the current log-probs, detached, as the old ones (the same values a forward-only
+        recompute gives, one forward pass fewer), and `old_logprobs` of the samples, where given, are the
+        rollout engine's: they only feed `train/logprob_mismatch_mean` / `_max` (reported when every sample
+        has them).
+        """
         if self.optimizer is None:
             raise ValueError("PolicyEngine.train_step needs an optimizer (build_optimizer)")
         packed = self.pack(samples)
         micros = [self._micro(mb, packed, train=True) for mb in packed.micro_batches]
+        with_rollout_lp = all(s.old_logprobs is not None for s in samples)
+        for m in micros:
+            m.on_policy = on_policy
+            if on_policy and not with_rollout_lp:
+                m.old = None
         for model in self.models:
             model.train()
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(micros, forward_only=False)
         metrics = self._reduce_metrics(outputs)
+        mismatch = {k: metrics.pop(k) for k in (*_MISMATCH_KEYS, "mismatch_max")}
+        if on_policy and mismatch["mismatch_count"]:
+            metrics["logprob_mismatch_mean"] = mismatch["mismatch_sum"] / mismatch["mismatch_count"]
+            metrics["logprob_mismatch_max"] = mismatch["mismatch_max"]
         finite = math.isfinite(metrics["loss"]) and self._grads_finite()
         grad_norm = float("nan")
         if finite:
@@ -345,17 +376,24 @@ class PolicyEngine:
     # --- helpers -------------------------------------------------------------------------------
 
     def _reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
+        """Sums over micro-batches and ranks (`mismatch_max`: the maximum)."""
         c = self.ctx
-        vec = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        keys = (*METRIC_KEYS, *_MISMATCH_KEYS)
+        vec = torch.zeros(len(keys), dtype=torch.float64)
+        top = torch.zeros(1, dtype=torch.float64)
         for o in outputs:
-            for i, k in enumerate(METRIC_KEYS):
+            for i, k in enumerate(keys):
                 if k in o:
                     vec[i] += float(o[k])
-        vec = vec.to(self._device)
+            if "mismatch_max" in o:
+                top[0] = max(float(top[0]), float(o["mismatch_max"]))
+        vec, top = vec.to(self._device), top.to(self._device)
         if c.pp > 1:
             dist.all_reduce(vec, group=c.pp_group)  # only the last stage holds values
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=c.pp_group)
         dist.all_reduce(vec, group=c.dp_cp_group)
-        return dict(zip(METRIC_KEYS, vec.tolist()))
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=c.dp_cp_group)
+        return {**dict(zip(keys, vec.tolist())), "mismatch_max": float(top.item())}
 
     def _grads_finite(self) -> bool:
         """True when every rank's reduced gradients are finite (a nan/inf anywhere makes its sum so)."""

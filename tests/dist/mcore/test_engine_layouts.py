@@ -68,8 +68,9 @@ def models(tmp_path_factory):
 def _step_and_gather(hf_dir, ckpt, par, **kw):
     from megatron_spell.mcore.parallel import destroy_parallel
 
+    on_policy = kw.pop("on_policy", False)
     engine, ctx = make_engine(hf_dir, ckpt, par, **kw)
-    metrics = engine.train_step(fixed_batch())
+    metrics = engine.train_step(fixed_batch(), on_policy=on_policy)
     grads = None if kw.get("dist_opt") else full_tensors(engine.models, ctx, "main_grad")
     params = full_tensors(engine.models, ctx, "data")
     destroy_parallel()
@@ -85,6 +86,8 @@ def _reference_worker(rank, world, dense, moe):
     out = {"dense": _step_and_gather(*dense, layout()), "moe": _step_and_gather(*moe, layout())}
     # packed == unpacked: a budget so small that every sequence is its own micro-batch
     out["dense_unpacked"] = _step_and_gather(*dense, layout(), budget=34)
+    # on-policy shortcut: old log-probs from the training pass; the batch's old_logprobs act as vLLM's
+    out["dense_onpolicy"] = _step_and_gather(*dense, layout(), on_policy=True)
 
     # log-probs and loss against HF transformers at the rollout temperature
     engine, _ = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
@@ -111,10 +114,25 @@ def _reference_worker(rank, world, dense, moe):
     metrics = engine.train_step(batch)
     out["loss_vs_hf"] = abs(metrics["train/loss"] - float(hf_loss))
     # on-policy update (old = current log-probs, as in SPELL): direction of the change per sample
-    engine, _ = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
+    engine, ctx = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
     on_policy = [dataclasses.replace(s, old_logprobs=lp.tolist()) for s, lp in zip(batch, lps)]
-    engine.train_step(on_policy)
+    m_recompute = engine.train_step(on_policy)
     after = engine.compute_logprobs(batch)
+    p_recompute = full_tensors(engine.models, ctx, "data")
+    # the same step without the recompute pass: identical loss, gradients and weights; the mismatch
+    # metric compares the training pass's log-probs with the given ("rollout") ones
+    fast, fast_ctx = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
+    m_fast = fast.train_step(batch, on_policy=True)
+    p_fast = full_tensors(fast.models, fast_ctx, "data")
+    diffs = [(lp - torch.tensor(s.old_logprobs)).abs() for s, lp in zip(batch, lps)]
+    out["shortcut"] = {
+        "loss": abs(m_recompute["train/loss"] - m_fast["train/loss"]),
+        "grad_norm": abs(m_recompute["train/grad_norm"] - m_fast["train/grad_norm"]),
+        "params": max(float((p_recompute[k] - p_fast[k]).abs().max()) for k in p_fast),
+        "mismatch_mean": abs(m_fast["train/logprob_mismatch_mean"] - float(torch.cat(diffs).mean())),
+        "mismatch_max": abs(m_fast["train/logprob_mismatch_max"] - float(torch.cat(diffs).max())),
+        "no_mismatch_without_flag": "train/logprob_mismatch_mean" not in m_recompute,
+    }
     out["delta_by_adv"] = [
         (s.advantage, float((b - a).mean())) for s, a, b in zip(batch, lps, after)
     ]
@@ -141,6 +159,9 @@ TWO_RANK_LAYOUTS = {
     "dp2": ("dense", {}, {}),
     "dp2_distopt": ("dense", {}, {"dist_opt": True}),
     "ep2": ("moe", dict(expert_model_parallel_size=2), {}),
+    # the on-policy step (no recompute pass) with its mismatch metric reduced over PP and CP
+    "pp2_onpolicy": ("dense_onpolicy", dict(pipeline_model_parallel_size=2), {"on_policy": True}),
+    "cp2_onpolicy": ("dense_onpolicy", dict(context_parallel_size=2), {"on_policy": True}),
 }
 FOUR_RANK_LAYOUTS = {
     "tp2_cp2": ("dense", dict(tensor_model_parallel_size=2, context_parallel_size=2), {}),
@@ -155,7 +176,7 @@ FOUR_RANK_LAYOUTS = {
 def _layouts_worker(rank, world, paths, layouts):
     out = {}
     for name, (model, par, kw) in layouts.items():
-        res = _step_and_gather(*paths[model], layout(**par), **kw)
+        res = _step_and_gather(*paths[model.removesuffix("_onpolicy")], layout(**par), **kw)
         if rank == 0:
             out[name] = res
     return out
@@ -177,6 +198,12 @@ def test_reference_matches_hf_and_improves(reference):
     assert reference["skip"] == (1.0, 1.0, 0.0)
 
 
+def test_on_policy_shortcut_equals_recompute(reference):
+    got = reference["shortcut"]
+    assert got.pop("no_mismatch_without_flag")
+    assert all(v < TOL for v in got.values()), got
+
+
 def test_packed_equals_unpacked(reference):
     a, b = reference["dense"], reference["dense_unpacked"]
     assert b["metrics"]["train/num_microbatches"] == 6
@@ -190,6 +217,10 @@ def _check(reference, results, layouts):
         ref, got = reference[model], results[name]
         assert abs(ref["metrics"]["train/loss"] - got["metrics"]["train/loss"]) < TOL, name
         assert got["metrics"]["train/num_tokens"] == ref["metrics"]["train/num_tokens"], name
+        for key in ("train/logprob_mismatch_mean", "train/logprob_mismatch_max"):
+            assert (key in got["metrics"]) == (key in ref["metrics"]), (name, key)
+            if key in ref["metrics"]:
+                assert abs(ref["metrics"][key] - got["metrics"][key]) < TOL, (name, key)
         assert abs(ref["metrics"]["train/grad_norm"] - got["metrics"]["train/grad_norm"]) < 1e-4, (
             name
         )
