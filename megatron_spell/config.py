@@ -22,8 +22,10 @@ from typing import Any, Literal
 
 import yaml
 
-TASKS = ("doc_general_qa", "doc_mc", "docmath_qa")
-ROLES = ("questioner", "responder", "verifier")
+from megatron_spell.types import Role, Task
+
+TASKS = tuple(t.value for t in Task)
+ROLES = tuple(r.value for r in Role)
 
 
 def _fail(section: str, name: str, value: Any, fix: str) -> None:

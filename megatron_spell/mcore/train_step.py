@@ -116,9 +116,8 @@ class _Micro:
     old: torch.Tensor | None = None
     adv: torch.Tensor | None = None
     ref: torch.Tensor | None = None
-    on_policy: bool = (
-        False  # the loss's old log-probs are the current ones; `old` holds the rollout's
-    )
+    # the loss's old log-probs are the current ones; `old` then holds the rollout's (mismatch metric only)
+    on_policy: bool = False
 
 
 def _device() -> torch.device:

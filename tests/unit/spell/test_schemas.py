@@ -74,7 +74,10 @@ def test_output_constraint_per_role():
     )
     assert output_constraint("responder", "doc_mc").regex == RESPONDER_PATTERNS[Task.DOC_MC]
     assert output_constraint(Role.VERIFIER, Task.DOCMATH_QA).regex == VERIFIER_PATTERN
+    assert output_constraint("verifier") == output_constraint("verifier", Task.DOC_MC)
     with pytest.raises(ValueError):
         output_constraint("judge", Task.DOC_MC)
+    with pytest.raises(ValueError, match="depends on the task"):
+        output_constraint("responder")
     with pytest.raises(ValueError, match="exactly one"):
         OutputConstraint()
