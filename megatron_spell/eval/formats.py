@@ -52,7 +52,14 @@ from megatron_spell.types import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "EvalExample", "format_mc_question", "format_number", "load_all", "load_examples"]
+__all__ = [
+    "FORMATS",
+    "EvalExample",
+    "format_mc_question",
+    "format_number",
+    "load_all",
+    "load_examples",
+]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ _OUTPUT_RULE = (
     "inside a fenced block that starts with ```json and ends with ```."
 )
 
+
 def _history_block(history: Sequence[HistoryEntry | tuple[str, str]]) -> str:
     blocks = []
     for i, item in enumerate(history, start=1):
@@ -60,7 +61,8 @@ def questioner_prompt(
     if history:
         parts.append(
             "You will also see questions written earlier for these documents. Write ONE new question that is "
-            "clearly harder than every example and differs from them in what it asks.\n" + spec.escalation
+            "clearly harder than every example and differs from them in what it asks.\n"
+            + spec.escalation
         )
     parts += [_OUTPUT_RULE + "\n" + spec.questioner_json, f"<text>\n{context}\n</text>"]
     if history:

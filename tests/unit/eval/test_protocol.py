@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from megatron_spell.chat import render_user_turn
 from megatron_spell.eval.formats import EvalExample, format_mc_question
 from megatron_spell.eval.judge import EngineJudge, OpenAIJudge, judge_prompt, parse_judgement
-from megatron_spell.chat import render_user_turn
 from megatron_spell.eval.protocol import (
     EvalSettings,
     build_prompt,
