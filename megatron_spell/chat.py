@@ -1,14 +1,16 @@
 """Chat-template rendering to token ids, shared by training and evaluation (spec 2.2, 8.1).
 
-Every SPELL prompt is one user turn rendered with the tokenizer's chat template and the assistant generation
-prompt (`add_generation_prompt=True`), straight to token ids (`tokenize=True`): the engines take token ids,
-and rendering to text and re-encoding it can split the template's special tokens differently. Training
-(gen_round) and evaluation (eval/protocol.py, eval/judge.py) both render through `render_user_turn`, so an
-evaluation prompt is token-identical to the prompt of the same question in training.
+Every SPELL prompt is one user turn rendered with the tokenizer's chat template and the assistant
+generation prompt (`add_generation_prompt=True`), straight to token ids (`tokenize=True`): the
+engines take token ids, and rendering to text and re-encoding it can split the template's special
+tokens differently. Training (gen_round) and evaluation (eval/protocol.py, eval/judge.py) both
+render through `render_user_turn`, so an evaluation prompt is token-identical to the prompt of the
+same question in training.
 
-Deliberate deviation, evaluation only: with `allow_plain=True` a tokenizer without a chat template gets the
-plain user message encoded without special tokens (logged once); the reference would fail. Training keeps
-the error, since a policy trained on plain text would not be the chat model the run claims.
+Deliberate deviation, evaluation only: with `allow_plain=True` a tokenizer without a chat template
+gets the plain user message encoded without special tokens (logged once); the reference would fail.
+Training keeps the error, since a policy trained on plain text would not be the chat model the run
+claims.
 """
 
 from __future__ import annotations

@@ -1,27 +1,30 @@
 """History memory of successful questions per (task, data_source, question_id) (spec section 4.1).
 
-Each key holds a bounded deque (`size`, 3 in the reference) of `HistoryEntry(evidence, question, answer)`.
-`record` appends a new question when its responder success rate (mean combined reward) passes the gate;
-`entries` returns what the next questioner prompt for that row shows as examples and whose evidence union it
-re-uses (see data/curriculum.py).
+Each key holds a bounded deque (`size`, 3 in the reference) of `HistoryEntry(evidence, question,
+answer)`. `record` appends a new question when its responder success rate (mean combined reward)
+passes the gate; `entries` returns what the next questioner prompt for that row shows as examples
+and whose evidence union it re-uses (see data/curriculum.py).
 
 Deliberate decisions (spec section 9 items 2 and 15):
 
-* The key includes the row's data source. The reference keys by `f"{task}_{question_id}"` only (it mixes two
-  corpora), so two rows of different sources that feed the same task and share an id (numeric ids restart at
-  0 in every file) would share one memory: the second row would be shown the first row's questions and
-  re-use its evidence indices. Pass `data_source=` to `entries` and `record`; the corpus loader rejects a
-  duplicate (data_source, question_id) pair, so the key names exactly one row. A call without `data_source`
-  uses the key (task, None, question_id), the old keying, for callers that still pass none.
-* The success gate defaults to the paper's r^que > 0, i.e. 0 < mean < 1 (at least one but not all responses
-  correct). The reference gate [0.01, 1.0] inclusive also stores "too easy" questions (mean 1.0). Both are
-  expressible: `lower`, `upper` and `inclusive` are parameters (`HistoryMemory(lower=0.01, upper=1.0,
-  inclusive=True)` is the reference).
-* De-duplication works: a question whose normalised text (case-folded, whitespace collapsed) is already in the
-  key's deque is not appended again (the reference compared the wrong tuple slots and appended duplicates).
-* Item 15: the memory is serialisable (`state_dict` / `load_state_dict`, plain JSON types) so a resume
-  keeps it; the reference loses it. A state written before the data source was part of the key (its
-  `entries` a mapping `"{task}_{question_id}" -> entries`) loads under data_source None, with a warning.
+* The key includes the row's data source. The reference keys by `f"{task}_{question_id}"` only (it
+  mixes two corpora), so two rows of different sources that feed the same task and share an id
+  (numeric ids restart at 0 in every file) would share one memory: the second row would be shown the
+  first row's questions and re-use its evidence indices. Pass `data_source=` to `entries` and
+  `record`; the corpus loader rejects a duplicate (data_source, question_id) pair, so the key names
+  exactly one row. A call without `data_source` uses the key (task, None, question_id), the old
+  keying, for callers that still pass none.
+* The success gate defaults to the paper's r^que > 0, i.e. 0 < mean < 1 (at least one but not all
+  responses correct). The reference gate [0.01, 1.0] inclusive also stores "too easy" questions
+  (mean 1.0). Both are expressible: `lower`, `upper` and `inclusive` are parameters
+  (`HistoryMemory(lower=0.01, upper=1.0, inclusive=True)` is the reference).
+* De-duplication works: a question whose normalised text (case-folded, whitespace collapsed) is
+  already in the key's deque is not appended again (the reference compared the wrong tuple slots and
+  appended duplicates).
+* Item 15: the memory is serialisable (`state_dict` / `load_state_dict`, plain JSON types) so a
+  resume keeps it; the reference loses it. A state written before the data source was part of the
+  key (its `entries` a mapping `"{task}_{question_id}" -> entries`) loads under data_source None,
+  with a warning.
 """
 
 from __future__ import annotations

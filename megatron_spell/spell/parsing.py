@@ -1,20 +1,20 @@
 """Questioner output parsing and the grounding pre-filter decision (spec sections 1.3 and 1.4).
 
 Pipeline for one questioner completion: `strip_thinking` -> `extract_json` -> the task's field rules
-(`TaskSpec.parse_questioner` in spell/tasks/) -> `ParsedQA` or `Rejected(case)`. Nothing here raises on model
-text: arbitrary, huge or adversarial strings are classified, never evaluated.
+(`TaskSpec.parse_questioner` in spell/tasks/) -> `ParsedQA` or `Rejected(case)`. Nothing here raises
+on model text: arbitrary, huge or adversarial strings are classified, never evaluated.
 
 Deliberate decisions (spec section 9; the per-task field-rule decisions are in the task modules):
 
-* Item 7, trailing commas: our questioner prompts show valid JSON (no trailing comma), and `extract_json`
-  additionally retries a candidate with trailing commas before `}` / `]` removed, so the one common slip in
-  model-written JSON does not cost a bad_format penalty.
-* Item 9, silent drops: every silent skip (unclosed think, invalid docmath number, boolean docmath answer,
-  overlong answer) is returned as `Rejected(CaseType.DROPPED, reason)` so the caller can count it; it is
-  never penalised.
-* Item 8, doc_mc random guesses: `is_bad_ground` takes any number of no-context scores and compares their
-  MEAN with the threshold. With one sample and 0.1 it is the reference rule; a caller can pass several samples
-  (and a threshold above the 25 % guess rate) to stop rewarding chance.
+* Item 7, trailing commas: our questioner prompts show valid JSON (no trailing comma), and
+  `extract_json` additionally retries a candidate with trailing commas before `}` / `]` removed, so
+  the one common slip in model-written JSON does not cost a bad_format penalty.
+* Item 9, silent drops: every silent skip (unclosed think, invalid docmath number, boolean docmath
+  answer, overlong answer) is returned as `Rejected(CaseType.DROPPED, reason)` so the caller can
+  count it; it is never penalised.
+* Item 8, doc_mc random guesses: `is_bad_ground` takes any number of no-context scores and compares
+  their MEAN with the threshold. With one sample and 0.1 it is the reference rule; a caller can pass
+  several samples (and a threshold above the 25 % guess rate) to stop rewarding chance.
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """Prompts of the three roles (spec sections 2.1, 2.2 and 2.4), written in our own words.
 
-The per-task texts (questioner rules, JSON example, escalation types, responder template) live in the task
-records (spell/tasks/); this module assembles them and holds the shared questioner frame and the verifier
-template. Each function returns one plain user message; the caller renders it with the tokenizer's chat template
-(`add_generation_prompt=True`). The structure follows the spec: a persona and design principles, a fenced json
-block with the required fields, the documents inside `<text>...</text>` at the end of the questioner prompt, the
-"Previous Examples" section of the with-history variants, the answer forms the scorers parse ("The correct answer
-is X", "Therefore, the answer is X") and the verifier's final `[[YES]]` / `[[NO]]` decision.
+The per-task texts (questioner rules, JSON example, escalation types, responder template) live in
+the task records (spell/tasks/); this module assembles them and holds the shared questioner frame
+and the verifier template. Each function returns one plain user message; the caller renders it with
+the tokenizer's chat template (`add_generation_prompt=True`). The structure follows the spec: a
+persona and design principles, a fenced json block with the required fields, the documents inside
+`<text>...</text>` at the end of the questioner prompt, the "Previous Examples" section of the
+with-history variants, the answer forms the scorers parse ("The correct answer is X", "Therefore,
+the answer is X") and the verifier's final `[[YES]]` / `[[NO]]` decision.
 
 Deliberate decisions (spec section 9):
 
-* Item 1: the reference's doc_mc template keeps a literal `<correct_answer>` placeholder that is never filled;
-  `questioner_prompt(..., answer_letter=X)` names the letter instead (spell/tasks/mc.py).
+* Item 1: the reference's doc_mc template keeps a literal `<correct_answer>` placeholder that is
+  never filled; `questioner_prompt(..., answer_letter=X)` names the letter instead
+  (spell/tasks/mc.py).
 * Item 7: the JSON examples are valid JSON (no trailing comma).
 * Unknown task names raise ValueError instead of silently falling back to the docmath template.
 """

@@ -1,19 +1,20 @@
 """Structured-output constraints per role and task (spec sections 2.1-2.4, the answer formats).
 
-Used only for the roles named in `rollout.structured_outputs` (off by default, as in the reference): the
-rollout engine then constrains that role's sampling with vLLM structured outputs. A deliberate deviation for
-small models that cannot yet follow the formats; the CPU demo's SmolLM2-135M writes no parseable question,
-answer or verdict without it, so every group has zero variance and nothing is trained.
+Used only for the roles named in `rollout.structured_outputs` (off by default, as in the reference):
+the rollout engine then constrains that role's sampling with vLLM structured outputs. A deliberate
+deviation for small models that cannot yet follow the formats; the CPU demo's SmolLM2-135M writes no
+parseable question, answer or verdict without it, so every group has zero variance and nothing is
+trained.
 
 * questioner: the task's JSON object (`TaskSpec.questioner_schema`, spell/tasks/), written directly,
   without the reasoning and the fenced block, so the bad_format case cannot occur;
-* responder (and the grounding pre-filter, which is a responder call): the spec 2.2 answer sentence alone,
-  with no reasoning before it (`TaskSpec.responder_pattern`), which the task's scorer parses;
+* responder (and the grounding pre-filter, which is a responder call): the spec 2.2 answer sentence
+  alone, with no reasoning before it (`TaskSpec.responder_pattern`), which the task's scorer parses;
 * verifier: the spec 2.4 decision alone, `[[YES]]` or `[[NO]]` (`VERIFIER_PATTERN`).
 
-The sampled tokens then come from the constrained (masked) distribution, while the policy gradient uses the
-unconstrained policy's log-probabilities, so the update is slightly off-policy; the train/infer mismatch metric
-shows by how much.
+The sampled tokens then come from the constrained (masked) distribution, while the policy gradient
+uses the unconstrained policy's log-probabilities, so the update is slightly off-policy; the
+train/infer mismatch metric shows by how much.
 """
 
 from __future__ import annotations

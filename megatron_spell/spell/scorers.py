@@ -1,43 +1,48 @@
 """Rule-based scorers for the SPELL tasks (spec section 3.1), with a safe numeric parser.
 
-Public entry point: `score(task, prediction, reference) -> float`, where `prediction` is the model's full
-response text and `reference` the bare reference answer (a reference wrapped as "The correct answer is X" is
-accepted too). `parse_prediction` returns the parsed prediction string that the verifier is shown. Both look
-the task up in the task registry (`spell/tasks/`); this module holds the answer-parsing primitives the task
-records are built from:
+Public entry point: `score(task, prediction, reference) -> float`, where `prediction` is the model's
+full response text and `reference` the bare reference answer (a reference wrapped as "The correct
+answer is X" is accepted too). `parse_prediction` returns the parsed prediction string that the
+verifier is shown. Both look the task up in the task registry (`spell/tasks/`); this module holds
+the answer-parsing primitives the task records are built from:
 
-* doc_general_qa (3.1.1): answer after the last "the answer is" / "correct answer is" / "answer is", first line,
-  SQuAD-style normalisation; metrics em, sub_em_strict (default, as the reference scripts), sub_em_loose,
-  half_em, f1.
-* doc_mc (3.1.2): one letter A-D after "answer is" or in `\\boxed{}`; exact match. The patterns are the
-  reference's (`SPELL/verl/verl/utils/reward_score/long.py:97-103`): exactly one space after "is", no colon,
-  case-insensitive, the first pattern that matches anywhere gives its last match, and that letter must be
-  upper-case. So "The correct answer is: B" and "The correct answer is\nB" give None, as in the reference.
-* docmath_qa (3.1.3): the content of the LAST `\\boxed{}` when one is present (None when that box is not
-  closed; an earlier box is never used), else the reference's "answer is N" patterns
-  (`SPELL/verl/verl/utils/reward_score/docmath.py:213-216`): one space after "is", then the optional prefix
-  symbols `= ≈ \\` % $ ° £ € ¥` at most once each in that order, an optional `-` and `[0-9.,]+`. Both sides are
-  normalised by `parse_number` and compared by `compare_two_numbers` with the reference's 0.15 % tolerance and
-  x100/x1000/x1e6/x1e9 scale rule.
+* doc_general_qa (3.1.1): answer after the last "the answer is" / "correct answer is" / "answer is",
+  first line, SQuAD-style normalisation; metrics em, sub_em_strict (default, as the reference
+  scripts), sub_em_loose, half_em, f1.
+* doc_mc (3.1.2): one letter A-D after "answer is" or in `\\boxed{}`; exact match. The patterns are
+  the reference's (`SPELL/verl/verl/utils/reward_score/long.py:97-103`): exactly one space after
+  "is", no colon, case-insensitive, the first pattern that matches anywhere gives its last match,
+  and that letter must be upper-case. So "The correct answer is: B" and "The correct answer is\nB"
+  give None, as in the reference.
+* docmath_qa (3.1.3): the content of the LAST `\\boxed{}` when one is present (None when that box is
+  not closed; an earlier box is never used), else the reference's "answer is N" patterns
+  (`SPELL/verl/verl/utils/reward_score/docmath.py:213-216`): one space after "is", then the optional
+  prefix symbols `= ≈ \\` % $ ° £ € ¥` at most once each in that order, an optional `-` and
+  `[0-9.,]+`. Both sides are normalised by `parse_number` and compared by `compare_two_numbers` with
+  the reference's 0.15 % tolerance and x100/x1000/x1e6/x1e9 scale rule.
 
 Deliberate deviations (spec section 9 item 6, and one in the doc_mc patterns):
 
-* doc_mc: a bare letter must end a word (`\\b`). The reference reads the first letter of any word after
-  "answer is", so "The correct answer is Based on ..." or "... is Both" score as B; we give None there
-  (a letter the response never chose is not an answer). Everything else of the reference's patterns is kept.
+* doc_mc: a bare letter must end a word (`\\b`). The reference reads the first letter of any word
+  after "answer is", so "The correct answer is Based on ..." or "... is Both" score as B; we give
+  None there (a letter the response never chose is not an answer). Everything else of the
+  reference's patterns is kept.
 
-* No `eval`. `parse_number` re-implements the normalise steps that matter for numbers (currency and scale words
-  removed, text after the last `=`/`≈`, `%`, `$`, backticks and degree signs removed, "approximately" and
-  " or ..." dropped, one unit word or 1-2 symbols around the number stripped, `a x 10^k`, `10^k`, `a/b`,
-  parentheses, thousands commas) and evaluates the result with a whitelist-of-characters arithmetic walker over
-  `ast` (numbers, unary +/-, + - * / **; bounded length and exponent). Model text is never executed.
-* Sign: the reference's rounding branch compares absolute values, so -5 matches 5 (and its scale branch lets
-  -5 match 500). We require the signs to agree (a zero on either side is sign-neutral); all other rules are
-  kept. A changed sign is a wrong answer for every docmath quantity (loss vs profit, decrease vs increase).
-  For the same reason a unicode minus (U+2212) before a docmath answer counts as `-`; the reference's
-  pattern does not match it, so "the answer is \u22125" scores 0 there.
-* Booleans and option letters normalise to "not a number" (None) and therefore score 0, as the reference's
-  scorer effectively does; the questioner parser drops such ground truths (see tasks/docmath.py).
+* No `eval`. `parse_number` re-implements the normalise steps that matter for numbers (currency and
+  scale words removed, text after the last `=`/`≈`, `%`, `$`, backticks and degree signs removed,
+  "approximately" and " or ..." dropped, one unit word or 1-2 symbols around the number stripped,
+  `a x 10^k`, `10^k`, `a/b`, parentheses, thousands commas) and evaluates the result with a
+  whitelist-of-characters arithmetic walker over `ast` (numbers, unary +/-, + - * / **; bounded
+  length and exponent). Model text is never executed.
+* Sign: the reference's rounding branch compares absolute values, so -5 matches 5 (and its scale
+  branch lets -5 match 500). We require the signs to agree (a zero on either side is sign-neutral);
+  all other rules are kept. A changed sign is a wrong answer for every docmath quantity (loss vs
+  profit, decrease vs increase). For the same reason a unicode minus (U+2212) before a docmath
+  answer counts as `-`; the reference's pattern does not match it, so "the answer is \u22125" scores
+  0 there.
+* Booleans and option letters normalise to "not a number" (None) and therefore score 0, as the
+  reference's scorer effectively does; the questioner parser drops such ground truths (see
+  tasks/docmath.py).
 """
 
 from __future__ import annotations

@@ -1,20 +1,22 @@
 """The task registry: one `TaskSpec` record per SPELL task, shared by training and evaluation.
 
-A task (spec section 2) is everything the roles need to know about one kind of question: the questioner's
-rules and JSON example, the responder's template, the three parsers (questioner output, response,
-reference), the rule scorer, the structured-output schema and responder pattern, and which data-source names
-route to it. `spell/parsing.py`, `scorers.py`, `schemas.py`, `prompts.py` and `eval/formats.py` look a task
-up here instead of branching on its name, so a new task is one module that calls `register`.
+A task (spec section 2) is everything the roles need to know about one kind of question: the
+questioner's rules and JSON example, the responder's template, the three parsers (questioner output,
+response, reference), the rule scorer, the structured-output schema and responder pattern, and which
+data-source names route to it. `spell/parsing.py`, `scorers.py`, `schemas.py`, `prompts.py` and
+`eval/formats.py` look a task up here instead of branching on its name, so a new task is one module
+that calls `register`.
 
 Built-in tasks (`general_qa.py`, `mc.py`, `docmath.py`, each exporting `SPEC`) are keyed by their
-`types.Task` member; a task registered elsewhere may be keyed by a plain name. The built-ins are loaded on
-the first lookup, so the modules whose primitives they use (scorers) can import this package without an
-import cycle, and they always come first in the registry.
+`types.Task` member; a task registered elsewhere may be keyed by a plain name. The built-ins are
+loaded on the first lookup, so the modules whose primitives they use (scorers) can import this
+package without an import cycle, and they always come first in the registry.
 
 Data-source routing (`for_data_source`) is the training scorer dispatch of spec 3.1
-(`SPELL/verl/verl/utils/reward_score/__init__.py:83-93`): the registered tasks are asked in registration
-order (doc_mc, doc_general_qa, docmath_qa, then any later ones) and the first whose keywords occur in the
-name (ignoring case) wins; a name that no task accepts is an error, never a silent default.
+(`SPELL/verl/verl/utils/reward_score/__init__.py:83-93`): the registered tasks are asked in
+registration order (doc_mc, doc_general_qa, docmath_qa, then any later ones) and the first whose
+keywords occur in the name (ignoring case) wins; a name that no task accepts is an error, never a
+silent default.
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
 """The `docmath_qa` task: a multi-step numerical question over text and tables (spec 2, 3.1.3).
 
-Questioner field rules (spec 1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:855-886`): a non-empty
-string `question` and an `answer` that is a string or a number, else bad_format (-1). An answer phrased
-"... answer is N" or `\\boxed{N}` is re-parsed with the response parser; the result must be a single
-non-zero number (`scorers.parse_number`), else the sample is DROPPED (no penalty), as the reference's
-parser result 0. The stored ground truth is `scorers.format_number` of the value.
+Questioner field rules (spec 1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:855-886`): a
+non-empty string `question` and an `answer` that is a string or a number, else bad_format (-1). An
+answer phrased "... answer is N" or `\\boxed{N}` is re-parsed with the response parser; the result
+must be a single non-zero number (`scorers.parse_number`), else the sample is DROPPED (no penalty),
+as the reference's parser result 0. The stored ground truth is `scorers.format_number` of the value.
 
-Deliberate decision (spec section 9 item 6), boolean answers: "True"/"yes" strings and JSON `true`/`false`
-parse in the reference (`isinstance(True, int)`; `normalize` maps the words to booleans) and give a question
-whose numeric ground truth no "answer is N" response can match, so it ends as zero_variance (0) after eight
-responder rollouts. Here every boolean answer, string or JSON, is DROPPED before any rollout: the prompt asks
-for one non-zero number, the question cannot be rewarded, and a penalty-free skip is what the reference's
-own parser does for `false`.
+Deliberate decision (spec section 9 item 6), boolean answers: "True"/"yes" strings and JSON `true`
+parse in the reference (`isinstance(True, int)`; `normalize` maps the words to booleans) into a
+question with ground truth "True", which only a response that boxes a boolean (or 1) can match, so
+in practice it ends as zero_variance (0) after eight responder rollouts. Here every boolean answer,
+string or JSON, is DROPPED before any rollout: the prompt asks for one non-zero number, the question
+cannot be rewarded, and a penalty-free skip is what the reference's own parser does for `false`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""The `doc_general_qa` task: a multi-hop factual question with a short free-text answer (spec 2, 3.1.1).
+"""The `doc_general_qa` task: a multi-hop factual question with a short free-text answer (spec 2,
+3.1.1).
 
-Questioner field rules (spec 1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:933-964`): a non-empty
-string `question` and a non-empty `answer`; an answer phrased "... answer is X" is unwrapped.
+Questioner field rules (spec 1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:933-964`): a
+non-empty string `question` and a non-empty `answer`; an answer phrased "... answer is X" is
+unwrapped.
 
 Deliberate decisions (spec section 9 item 7):
 
-* Numeric answers: the reference penalises a JSON number as bad_format (-1). A number is a perfectly good
-  factual answer ("1969"), so we accept int/float answers and store their text; booleans, lists and objects
-  stay bad_format.
-* Answer length: the prompt asks for a short phrase; answers above `max_answer_tokens` (40 by default,
-  counted with the caller's `count_tokens`, normally the model tokenizer) are dropped without penalty, as in
-  the reference.
+* Numeric answers: the reference penalises a JSON number as bad_format (-1). A number is a perfectly
+  good factual answer ("1969"), so we accept int/float answers and store their text; booleans, lists
+  and objects stay bad_format.
+* Answer length: the prompt asks for a short phrase; answers above `max_answer_tokens` (40 by
+  default, counted with the caller's `count_tokens`, normally the model tokenizer) are dropped
+  without penalty, as in the reference.
 """
 
 from __future__ import annotations
