@@ -28,28 +28,38 @@ Deliberate deviations:
 * All gold answers are kept (LongBench's `answers` list); the protocol scores a prediction against each and
   takes the best, as LongBench's own metric does. The reference uses `answers[0]` only.
 * Multiple-choice questions (LongBench-v2, corpus rows with `options`) use the same block as training
-  (`spell.parsing.mc_question_block`: intro line, question, `Choices:`, unindented `(A)`-`(D)` lines); the
+  (`spell.tasks.mc.mc_question_block`: intro line, question, `Choices:`, unindented `(A)`-`(D)` lines); the
   reference's eval block indents its choice lines, unlike its training block (spec 9 item 17).
-* A corpus row's task comes from an explicit `task` field when present, otherwise from `data_source` with the
-  scorer dispatch of spec 3.1 (`doc_mc` -> doc_mc, `docmath` -> docmath_qa, anything else -> doc_general_qa).
+* A corpus row's task comes from an explicit `task` field (or `--task`) when present, otherwise from
+  `data_source` with the training scorer dispatch (`spell.tasks.for_data_source`, spec 3.1: doc_mc /
+  longbench_v2 -> doc_mc; general_qa / frames / musique / longbench / hotpot / 2wiki -> doc_general_qa;
+  docmath -> docmath_qa). A name that routes nowhere is an error naming the record, not a silent default.
+  The gold answer is rendered by the task record (`TaskSpec.gold_text`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from megatron_spell.spell.parsing import mc_question_block
+from megatron_spell.spell import tasks
+from megatron_spell.spell.scorers import MC_LETTERS, format_number
+from megatron_spell.spell.tasks.mc import mc_question_block
 from megatron_spell.types import Task
 
 logger = logging.getLogger(__name__)
 
-MC_LETTERS = ("A", "B", "C", "D")
+__all__ = [
+    "FORMATS",
+    "EvalExample",
+    "format_mc_question",
+    "format_number",
+    "load_all",
+    "load_examples",
+]
 
 
 @dataclass(frozen=True)
@@ -71,29 +81,6 @@ class EvalExample:
 def format_mc_question(question: str, options: dict[str, str]) -> str:
     """The multiple-choice block exactly as training shows it to the responder (`spell.parsing`)."""
     return mc_question_block(question.strip(), {k: str(options[k]).strip() for k in MC_LETTERS})
-
-
-def format_number(value: Any) -> str:
-    """Render a numeric ground truth as text (integers without a trailing `.0`)."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return repr(value)
-    return str(value).strip()
-
-
-def task_from_data_source(data_source: str) -> Task:
-    """Map a `data_source` name to its task with the scorer dispatch of spec 3.1."""
-    name = data_source.lower()
-    if "doc_mc" in name or "longbench_v2" in name or "longbench-v2" in name:
-        return Task.DOC_MC
-    if "docmath" in name:
-        return Task.DOCMATH_QA
-    return Task.DOC_GENERAL_QA
 
 
 def _str_id(row: dict, keys: tuple[str, ...], fallback: str) -> str:
@@ -175,21 +162,32 @@ def _docmath(row: dict, index: int, stem: str) -> EvalExample:
     )
 
 
+def _mc_options(row: dict) -> dict | None:
+    options = row.get("options")
+    return options if isinstance(options, dict) and all(k in options for k in MC_LETTERS) else None
+
+
+def _corpus_task(row: dict, index: int, data_source: str) -> Task | str:
+    if _mc_options(row) is not None:
+        return Task.DOC_MC
+    if row.get("task"):
+        return tasks.get(row["task"]).task
+    try:
+        return tasks.for_data_source(data_source).task
+    except ValueError as err:
+        raise ValueError(
+            f"record {index}: {err}; add a 'task' field to the record or pass --task"
+        ) from None
+
+
 def _corpus(row: dict, index: int, stem: str) -> EvalExample:
     data_source = str(row.get("data_source") or stem)
-    task = Task(row["task"]) if row.get("task") else task_from_data_source(data_source)
+    task = _corpus_task(row, index, data_source)
     question = str(row["question"]).strip()
-    options = row.get("options")
-    if isinstance(options, dict) and all(letter in options for letter in MC_LETTERS):
-        task = Task.DOC_MC
+    options = _mc_options(row)
+    if options is not None:
         question = format_mc_question(question, options)
-    answer = row["answer"]
-    if task is Task.DOCMATH_QA:
-        reference = format_number(answer)
-    elif task is Task.DOC_MC:
-        reference = str(answer).strip().upper()
-    else:
-        reference = str(answer).strip()
+    reference = tasks.get(task).gold_text(row["answer"])
     paragraphs = row["paragraphs"]
     documents = paragraphs if isinstance(paragraphs, str) else "\n".join(str(p) for p in paragraphs)
     return EvalExample(
@@ -302,9 +300,11 @@ def load_examples(
         missing = [key for key in fmt.required if key not in row]
         if missing:
             raise ValueError(f"{path}: record {index} lacks {missing} required by format {name!r}")
+        if task is not None and name == "corpus":
+            row = {**row, "task": tasks.get(task).name}  # the forced task also routes the row
         example = fmt.build(row, index, path.stem)
         if task is not None:
-            example = _with_task(example, Task(task))
+            example = _with_task(example, tasks.get(task).task)
         examples.append(example)
     logger.info("loaded %d examples from %s (format %s)", len(examples), path, name)
     return _dedupe_ids(examples)

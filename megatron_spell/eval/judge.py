@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from megatron_spell.chat import render_user_turn
+
 logger = logging.getLogger(__name__)
 
 JUDGE_TEMPLATE = """You are grading a candidate answer to a question about some documents. \
@@ -94,12 +96,14 @@ class EngineJudge:
         self.max_input_tokens = max_input_tokens
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
-        from megatron_spell.eval.protocol import chat_token_ids, middle_truncate
+        from megatron_spell.eval.protocol import middle_truncate
 
         if not prompts:
             return []
         ids = [
-            middle_truncate(chat_token_ids(self.tokenizer, p), self.max_input_tokens)
+            middle_truncate(
+                render_user_turn(self.tokenizer, p, allow_plain=True), self.max_input_tokens
+            )
             for p in prompts
         ]
         outputs = self.engine.generate(

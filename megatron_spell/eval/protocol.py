@@ -1,24 +1,28 @@
 """The SPELL evaluation protocol (spec sections 8.1-8.2): prompt, truncate, sample n, score.
 
 Per question:
-1. the responder prompt of the question's task (`spell.prompts.responder_prompt`, spec 2.2) as one user turn,
-   rendered with the tokenizer's chat template (`add_generation_prompt=True`) and tokenised;
-2. if longer than `max_input_tokens` = L, the middle is cut: the first L // 2 and the last L - L // 2 tokens are
-   kept (spec 8.1);
-3. n samples at temperature 0.7, top_p 0.95 (defaults; top_k off) from the rollout engine, in batches of
-   questions with a tqdm progress bar;
-4. the rule score of every sample (`spell.scorers.score`: sub-EM strict for QA, letter match for MC, numeric match
-   for DocMath), the best over the gold answers when there are several;
-5. optionally the LLM judge (`eval.judge`) on QA/DocMath samples whose rule score is below 1 (or all with
-   `judge_all`), never on multiple choice (as the reference); final score = max(rule, judge).
+1. the responder prompt of the question's task (`spell.prompts.responder_prompt`, spec 2.2) as one
+   user turn, rendered to token ids with the tokenizer's chat template
+   (`add_generation_prompt=True`) by the renderer training uses (`megatron_spell.chat`), so the
+   prompt is token-identical to the training prompt;
+2. if longer than `max_input_tokens` = L, the middle is cut: the first L // 2 and the last
+   L - L // 2 tokens are kept (spec 8.1);
+3. n samples at temperature 0.7, top_p 0.95 (defaults; top_k off) from the rollout engine, in
+   batches of questions with a tqdm progress bar;
+4. the rule score of every sample (`spell.scorers.score`: sub-EM strict for QA, letter match for MC,
+   numeric match for DocMath), the best over the gold answers when there are several;
+5. optionally the LLM judge (`eval.judge`) on QA/DocMath samples whose rule score is below 1 (or all
+   with `judge_all`), never on multiple choice (as the reference); final score = max(rule, judge).
 
 Deliberate deviations (spec sections 8.1 and 9 item 17):
-* The truncated prompt is sent as token ids, not decoded to text and re-tokenised as in the reference, so the
-  model sees exactly L tokens (decode/encode round trips can change the count).
-* The reference's QA rule score reads a missing key and is always 0; we use the scorers' sub_em_strict.
-* No per-request seed (it breaks the CPU engine, platform.md, and may make the n samples identical); the
-  engine is seeded once.
-* A tokenizer without a chat template gets the plain user message (logged once); the reference would fail.
+* The truncated prompt is sent as token ids, not decoded to text and re-tokenised as in the
+  reference, so the model sees exactly L tokens (decode/encode round trips can change the count).
+* The reference's QA rule score reads a missing key and is always 0; we use the scorers'
+  sub_em_strict.
+* No per-request seed (it breaks the CPU engine, platform.md, and may make the n samples identical);
+  the engine is seeded once.
+* A tokenizer without a chat template gets the plain user message (logged once;
+  `chat.render_user_turn` with `allow_plain`); the reference would fail.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from megatron_spell.chat import render_user_turn
 from megatron_spell.eval.formats import EvalExample
 from megatron_spell.eval.judge import JudgeBackend, judge_prompt, parse_judgement
 from megatron_spell.eval.metrics import question_metrics
@@ -87,32 +92,12 @@ def middle_truncate(ids: Sequence[int], limit: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
-_warned_no_template = False
-
-
-def chat_token_ids(tokenizer: Any, user_message: str) -> list[int]:
-    """Token ids of one user turn rendered with the chat template and the generation prompt."""
-    global _warned_no_template
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        if not _warned_no_template:
-            logger.warning("tokenizer has no chat template; prompts are sent as plain text")
-            _warned_no_template = True
-        text = user_message
-    # The rendered template already carries BOS etc.; do not add special tokens twice.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def build_prompt(
     example: EvalExample, tokenizer: Any, max_input_tokens: int
 ) -> tuple[list[int], int]:
     """The (possibly middle-truncated) prompt ids of one example and its untruncated length."""
-    ids = chat_token_ids(
-        tokenizer, responder_prompt(example.task, example.documents, example.question)
-    )
+    text = responder_prompt(example.task, example.documents, example.question)
+    ids = render_user_turn(tokenizer, text, allow_plain=True)
     return middle_truncate(ids, max_input_tokens), len(ids)
 
 

@@ -1,28 +1,48 @@
-"""Rule-based scorers for the three SPELL tasks (spec section 3.1), with a safe numeric parser.
+"""Rule-based scorers for the SPELL tasks (spec section 3.1), with a safe numeric parser.
 
-Public entry point: `score(task, prediction, reference) -> float`, where `prediction` is the model's full
-response text and `reference` the bare reference answer (a reference wrapped as "The correct answer is X" is
-accepted too). `parse_prediction` returns the parsed prediction string that the verifier is shown.
+Public entry point: `score(task, prediction, reference) -> float`, where `prediction` is the model's
+full response text and `reference` the bare reference answer (a reference wrapped as "The correct
+answer is X" is accepted too). `parse_prediction` returns the parsed prediction string that the
+verifier is shown. Both look the task up in the task registry (`spell/tasks/`); this module holds
+the answer-parsing primitives the task records are built from:
 
-* doc_general_qa (3.1.1): answer after the last "the answer is" / "correct answer is" / "answer is", first line,
-  SQuAD-style normalisation; metrics em, sub_em_strict (default, as the reference scripts), sub_em_loose,
-  half_em, f1.
-* doc_mc (3.1.2): one letter A-D after "answer is" or in `\\boxed{}`; exact match.
-* docmath_qa (3.1.3): number after "answer is" or in the last balanced `\\boxed{}`; both sides normalised by
-  `parse_number`; `compare_two_numbers` with the reference's 0.15 % tolerance and x100/x1000/x1e6/x1e9 scale rule.
+* doc_general_qa (3.1.1): answer after the last "the answer is" / "correct answer is" / "answer is",
+  first line, SQuAD-style normalisation; metrics em, sub_em_strict (default, as the reference
+  scripts), sub_em_loose, half_em, f1.
+* doc_mc (3.1.2): one letter A-D after "answer is" or in `\\boxed{}`; exact match. The patterns are
+  the reference's (`SPELL/verl/verl/utils/reward_score/long.py:97-103`): exactly one space after
+  "is", no colon, case-insensitive, the first pattern that matches anywhere gives its last match,
+  and that letter must be upper-case. So "The correct answer is: B" and "The correct answer is\nB"
+  give None, as in the reference.
+* docmath_qa (3.1.3): the content of the LAST `\\boxed{}` when one is present (None when that box is
+  not closed; an earlier box is never used), else the reference's "answer is N" patterns
+  (`SPELL/verl/verl/utils/reward_score/docmath.py:213-216`): one space after "is", then the optional
+  prefix symbols `= ≈ \\` % $ ° £ € ¥` at most once each in that order, an optional `-` and
+  `[0-9.,]+`. Both sides are normalised by `parse_number` and compared by `compare_two_numbers` with
+  the reference's 0.15 % tolerance and x100/x1000/x1e6/x1e9 scale rule.
 
-Deliberate deviations (spec section 9 item 6):
+Deliberate deviations (spec section 9 item 6, and one in the doc_mc patterns):
 
-* No `eval`. `parse_number` re-implements the normalise steps that matter for numbers (currency and scale words
-  removed, text after the last `=`/`≈`, `%`, `$`, backticks and degree signs removed, "approximately" and
-  " or ..." dropped, one unit word or 1-2 symbols around the number stripped, `a x 10^k`, `10^k`, `a/b`,
-  parentheses, thousands commas) and evaluates the result with a whitelist-of-characters arithmetic walker over
-  `ast` (numbers, unary +/-, + - * / **; bounded length and exponent). Model text is never executed.
-* Sign: the reference's rounding branch compares absolute values, so -5 matches 5 (and its scale branch lets
-  -5 match 500). We require the signs to agree (a zero on either side is sign-neutral); all other rules are
-  kept. A changed sign is a wrong answer for every docmath quantity (loss vs profit, decrease vs increase).
-* Booleans and option letters normalise to "not a number" (None) and therefore score 0, as the reference's
-  scorer effectively does; the questioner parser drops such ground truths (see parsing.py).
+* doc_mc: a bare letter must end a word (`\\b`). The reference reads the first letter of any word
+  after "answer is", so "The correct answer is Based on ..." or "... is Both" score as B; we give
+  None there (a letter the response never chose is not an answer). Everything else of the
+  reference's patterns is kept.
+
+* No `eval`. `parse_number` re-implements the normalise steps that matter for numbers (currency and
+  scale words removed, text after the last `=`/`≈`, `%`, `$`, backticks and degree signs removed,
+  "approximately" and " or ..." dropped, one unit word or 1-2 symbols around the number stripped,
+  `a x 10^k`, `10^k`, `a/b`, parentheses, thousands commas) and evaluates the result with a
+  whitelist-of-characters arithmetic walker over `ast` (numbers, unary +/-, + - * / **; bounded
+  length and exponent). Model text is never executed.
+* Sign: the reference's rounding branch compares absolute values, so -5 matches 5 (and its scale
+  branch lets -5 match 500). We require the signs to agree (a zero on either side is sign-neutral);
+  all other rules are kept. A changed sign is a wrong answer for every docmath quantity (loss vs
+  profit, decrease vs increase). For the same reason a unicode minus (U+2212) before a docmath
+  answer counts as `-`; the reference's pattern does not match it, so "the answer is \u22125" scores
+  0 there.
+* Booleans and option letters normalise to "not a number" (None) and therefore score 0, as the
+  reference's scorer effectively does; the questioner parser drops such ground truths (see
+  tasks/docmath.py).
 """
 
 from __future__ import annotations
@@ -32,8 +52,9 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable
+from typing import Any
 
+from megatron_spell.spell import tasks
 from megatron_spell.types import Task
 
 QA_METRICS = ("em", "sub_em_strict", "sub_em_loose", "half_em", "f1")
@@ -43,25 +64,26 @@ _MAX_EXPONENT = 400
 
 _DEEPSEEK_MARKERS = ("<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>")
 _GENERAL_PHRASES = ("the answer is", "correct answer is", "answer is")
-_LETTER = r"\(?([A-Za-z])\)?"
+MC_LETTERS = ("A", "B", "C", "D")
+# the reference's patterns, in its order (module docstring)
 _MC_PATTERNS = tuple(
     re.compile(p, re.IGNORECASE)
     for p in (
-        r"\\boxed\{\s*" + _LETTER + r"\s*\}",
-        r"correct answer is\s*:?\s*\(([A-Za-z])\)",
-        r"correct answer is\s*:?\s*([A-Za-z])\b",
-        r"answer is\s*:?\s*\(([A-Za-z])\)",
-        r"answer is\s*:?\s*([A-Za-z])\b",
+        r"\\boxed\{([A-D])\}",
+        r"correct answer is \(([A-D])\)",
+        r"correct answer is ([A-D])\b",
+        r"answer is \(([A-D])\)",
+        r"answer is ([A-D])\b",
     )
 )
-_NUM = r"([=≈`%$°£€¥\\]*\s*-?[0-9.,]+)"
+_NUM = r"(=?≈?`?%?\$?°?£?€?¥?-?[0-9.,]+)"
 _DOCMATH_PATTERNS = tuple(
     re.compile(p, re.IGNORECASE)
     for p in (
-        r"the answer is\s*:?\s*\(" + _NUM + r"\)",
-        r"the answer is\s*:?\s*" + _NUM,
-        r"answer is\s*:?\s*\(" + _NUM + r"\)",
-        r"answer is\s*:?\s*" + _NUM,
+        r"the answer is \(" + _NUM + r"\)",
+        r"the answer is " + _NUM,
+        r"answer is \(" + _NUM + r"\)",
+        r"answer is " + _NUM,
     )
 )
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
@@ -74,29 +96,13 @@ _TRAILING_UNIT_RE = re.compile(r"\s*(?:[A-Za-z]+\.?|[^\w\s().]{1,2})\s*$")
 _ARITH_CHARS_RE = re.compile(r"^[0-9eE.+\-*/() ]+$")
 
 
-def _as_task(task: Task | str) -> Task:
-    try:
-        return Task(task)
-    except ValueError:
-        return scorer_task(str(task))
+def scorer_task(data_source: str) -> Task | str:
+    """The task a data-source name dispatches to (spec 3.1; the routing rule is in spell/tasks/).
 
-
-def scorer_task(data_source: str) -> Task:
-    """The scorer a data-source name dispatches to (reward_score/__init__.py:83-93).
-
-    Names with doc_mc / longbench_v2 / longbench-v2 -> doc_mc; general_qa / frames / musique / longbench ->
-    doc_general_qa; docmath -> docmath_qa. Raises ValueError for a name that matches none.
+    Names with doc_mc / longbench_v2 / longbench-v2 -> doc_mc; general_qa / frames / musique / longbench /
+    hotpot / 2wiki -> doc_general_qa; docmath -> docmath_qa. Raises ValueError for a name that matches none.
     """
-    name = data_source.lower()
-    if "doc_mc" in name or "longbench_v2" in name or "longbench-v2" in name:
-        return Task.DOC_MC
-    if any(k in name for k in ("general_qa", "frames", "musique", "longbench", "hotpot", "2wiki")):
-        return Task.DOC_GENERAL_QA
-    if "docmath" in name:
-        return Task.DOCMATH_QA
-    raise ValueError(
-        f"no scorer for data source {data_source!r}: expected a doc_mc/qa/docmath name"
-    )
+    return tasks.for_data_source(data_source).task
 
 
 def extract_solution(text: str, fallback_chars: int, *, boxed_trigger: bool = False) -> str:
@@ -159,31 +165,34 @@ def _f1(p: str, g: str) -> float:
 
 def parse_mc_answer(text: str) -> str | None:
     """Letter A-D of an MC response: the first pattern that matches anywhere, its last match (long 76-114)."""
+    if not isinstance(text, str):
+        return None
     text = text.replace("*", "")
     for pattern in _MC_PATTERNS:
         matches = pattern.findall(text)
         if matches:
             letter = matches[-1]
-            return letter if letter in ("A", "B", "C", "D") else None
+            return letter if letter in MC_LETTERS else None
     return None
 
 
 def _last_boxed(text: str) -> str | None:
-    start = len(text)
-    for _ in range(5):  # bounded: look at the last few \boxed{ only
-        start = text.rfind("\\boxed{", 0, start)
-        if start < 0:
-            return None
-        depth, begin = 0, start + len("\\boxed{")
-        for i in range(begin - 1, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[begin:i]
+    """Content of the last `\\boxed{...}`; None when that box is never closed (docmath 8-35)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
     return None
 
 
 def parse_docmath_answer(text: str) -> str | None:
-    """Number string of a docmath response: last balanced `\\boxed{}` or an "answer is N" phrase."""
+    """Number string of a docmath response: the last `\\boxed{}` (if closed) or an "answer is N" phrase."""
+    if not isinstance(text, str):
+        return None
     text = text.replace("*", "").replace("\u2212", "-")
     if "\\boxed{" in text:
         boxed = _last_boxed(text)
@@ -264,11 +273,19 @@ def parse_number(text: str) -> float | None:
     return _safe_arith(_TRAILING_UNIT_RE.sub("", lead_stripped, count=1))
 
 
-def format_number(value: float) -> str:
-    """Canonical text of a parsed number: integers without a decimal point, others as Python's repr."""
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+def format_number(value: Any) -> str:
+    """Canonical text of a number: integers without a decimal point, other floats as Python's repr.
+
+    Used for parsed questioner answers and for datasets' numeric gold answers; a bool stays "True"/"False"
+    and any other value is its stripped text.
+    """
+    if isinstance(value, (bool, int)):
+        return str(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value)
+    return str(value).strip()
 
 
 def compare_two_numbers(prediction: float, reference: float) -> bool:
@@ -288,51 +305,25 @@ def compare_two_numbers(prediction: float, reference: float) -> bool:
 
 
 def parse_prediction(task: Task | str, prediction: str) -> str | None:
-    """The parsed answer string of a full response (what the verifier sees as Answer 1), or None."""
+    """The parsed answer string of a full response (what the verifier sees as Answer 1), or None.
+
+    `task` is a registered task or a data-source name (`scorer_task`).
+    """
     if not isinstance(prediction, str):
         return None
-    task = _as_task(task)
-    if task is Task.DOC_GENERAL_QA:
-        return parse_general_answer(extract_solution(prediction, 1000))
-    if task is Task.DOC_MC:
-        return parse_mc_answer(extract_solution(prediction, 300))
-    return parse_docmath_answer(extract_solution(prediction, 300, boxed_trigger=True))
+    return tasks.resolve(task).parse_prediction(prediction)
 
 
 def parse_reference(task: Task | str, reference: str) -> str | None:
     """The bare reference answer; a reference phrased "The correct answer is X" is unwrapped."""
     if not isinstance(reference, str):
         return None
-    task = _as_task(task)
-    wrapped = "answer is" in reference or "\\boxed{" in reference
-    if task is Task.DOC_GENERAL_QA:
-        return parse_general_answer(reference) if wrapped else reference.strip()
-    if task is Task.DOC_MC:
-        bare = reference.strip().strip("().")
-        return bare if bare in ("A", "B", "C", "D") else parse_mc_answer(reference)
-    return parse_docmath_answer(reference) if wrapped else reference.strip()
+    return tasks.resolve(task).parse_reference(reference)
 
 
-def _score_general(pred: str, ref: str, metric: str) -> float:
-    return qa_metrics(pred, ref)[metric]
-
-
-def _score_mc(pred: str, ref: str, metric: str) -> float:
-    return float(pred == ref)
-
-
-def _score_docmath(pred: str, ref: str, metric: str) -> float:
-    p, g = parse_number(pred), parse_number(ref)
-    if p is None or g is None:
-        return 0.0
-    return float(compare_two_numbers(p, g))
-
-
-_SCORERS: dict[Task, Callable[[str, str, str], float]] = {
-    Task.DOC_GENERAL_QA: _score_general,
-    Task.DOC_MC: _score_mc,
-    Task.DOCMATH_QA: _score_docmath,
-}
+def is_wrapped(reference: str) -> bool:
+    """Whether a reference is phrased as an answer sentence ("... answer is X" or `\\boxed{X}`)."""
+    return "answer is" in reference or "\\boxed{" in reference
 
 
 def score(
@@ -340,12 +331,13 @@ def score(
 ) -> float:
     """Rule score in [0, 1] of a full response against a bare reference answer; never raises on text.
 
-    `task` is a Task (or a data-source name, see `scorer_task`); `qa_metric` picks the doc_general_qa metric.
+    `task` is a registered task (or a data-source name, see `scorer_task`); `qa_metric` picks the
+    doc_general_qa metric.
     """
     if qa_metric not in QA_METRICS:
         raise ValueError(f"qa_metric={qa_metric!r} is not one of {QA_METRICS}")
-    task = _as_task(task)
-    pred, ref = parse_prediction(task, prediction), parse_reference(task, reference)
+    spec = tasks.resolve(task)
+    pred, ref = parse_prediction(spec.task, prediction), parse_reference(spec.task, reference)
     if pred is None or ref is None:
         return 0.0
-    return _SCORERS[task](pred, ref, qa_metric)
+    return spec.score(pred, ref, qa_metric)

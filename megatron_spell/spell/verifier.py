@@ -1,21 +1,28 @@
 """Verifier votes, majority, per-judgement reward and training-candidate selection (spec 3.2 and 3.4).
 
-Votes: 1 = the answers are equivalent ([[YES]]), 0 = not equivalent ([[NO]]), -1 = invalid; `NOT_JUDGED`
-(-100) marks a responder trajectory that had no parsable prediction or reference.
+Votes: 1 = the answers are equivalent ([[YES]]), 0 = not equivalent ([[NO]]), -1 = invalid;
+`NOT_JUDGED` (-100) marks a responder trajectory that had no parsable prediction or reference.
 
 Deliberate decisions (spec section 9):
 
-* Item 3, vote parsing. The reference tests case-sensitive substrings, so any capitalised word containing "NO"
-  ("NOT", "NONE", "NOTE") flips or invalidates a YES. We read the decision word-aware: the LAST bracketed
-  decision token `[[YES]]` / `[[NO]]` (case-insensitive, spaces inside the brackets allowed) is the vote,
-  because the prompt asks for the decision at the end. Without a bracketed token we fall back to whole
-  upper-case words `YES` / `NO` (word boundaries, so NOT/NONE/NOTE/YESTERDAY do not count): exactly one kind
-  present gives that vote, both or none give -1. An unclosed `<think>` gives -1.
-* Item 3, ties. The majority is the mode over {1, 0, -1}; when several values share the top count the result
-  is -1 ("no majority"). This is independent of vote order (the reference picks the first seen), never lets a
-  split verifier upgrade a reward, and such groups fail the 0.51 agreement bound anyway.
-* Item 4: `label_type="maj_cons"` (default, reference) keeps only groups whose majority equals the rule score;
-  `label_type="maj"` drops that condition.
+* Item 3, vote parsing. The reference tests case-sensitive substrings, so any capitalised word
+  containing "NO" ("NOT", "NONE", "NOTE") flips or invalidates a YES. We read the decision
+  word-aware: the LAST bracketed decision token `[[YES]]` / `[[NO]]` (case-insensitive, spaces
+  inside the brackets allowed) is the vote, because the prompt asks for the decision at the end.
+  Without a bracketed token we fall back to whole upper-case words `YES` / `NO` (word boundaries, so
+  NOT/NONE/NOTE/YESTERDAY do not count): exactly one kind present gives that vote, both or none give
+  -1. An unclosed `<think>` gives -1.
+* Item 3, ties. The majority is the mode over {1, 0, -1}. The reference breaks a tie for the top
+  count by the first value seen (`Counter.most_common`), which depends on the order the judgements
+  were sampled in. We break it independently of order: a tie between YES and NO is -1 ("no
+  majority"), so a split verifier never upgrades a reward (Eq. 6); such a group has an agreement of
+  exactly 0.5 over its valid votes and fails the 0.51 training bound anyway. A tie between one valid
+  value and the invalid votes goes to the valid value (invalid votes are no opinion): `[1, 1, 1, -1,
+  -1, -1, 0, 0]` has majority 1 with agreement 3/5 = 0.6, a verifier training candidate when the
+  rule score is 1 and an upgrade when it is 0, which is what the reference gives when a YES comes
+  first.
+* Item 4: `label_type="maj_cons"` (default, reference) keeps only groups whose majority equals the
+  rule score; `label_type="maj"` drops that condition.
 """
 
 from __future__ import annotations
@@ -52,11 +59,13 @@ def parse_vote(text: str) -> int:
 
 
 def majority(votes: Sequence[int]) -> int:
-    """Mode of the votes over {1, 0, -1}; a tie for the top count (or no votes) gives -1."""
-    counts = Counter(v for v in votes if v in (YES, NO, INVALID)).most_common()
-    if not counts or (len(counts) > 1 and counts[0][1] == counts[1][1]):
+    """Mode of the votes over {1, 0, -1}; ties as in the module docstring; no votes give -1."""
+    counts = Counter(v for v in votes if v in (YES, NO, INVALID))
+    if not counts:
         return INVALID
-    return counts[0][0]
+    top = max(counts.values())
+    tied = {v for v, c in counts.items() if c == top} - {INVALID}
+    return tied.pop() if len(tied) == 1 else INVALID
 
 
 def judgement_rewards(votes: Sequence[int], majority_vote: int) -> list[float]:

@@ -169,9 +169,9 @@ def sync_and_generate(
     rollout_tp: int = 1,
 ) -> list[dict]:
     """Megatron (perturbed twice) -> export -> vLLM; greedy == HF, vLLM logprobs == Megatron's."""
+    from megatron_spell.chat import render_user_turn
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
-    from megatron_spell.rollout.chat import render_chat
     from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
     from tests.e2e.rollout import hf_ref
 
@@ -185,7 +185,7 @@ def sync_and_generate(
     # vLLM data-parallel replicas get their own prompts; a vLLM TP group must get the same ones
     dp_rank = rank // rollout_tp
     questions = ("Who jumps?", "What is lazy?") if dp_rank == 0 else ("Where is it?", "Why?")
-    prompts = [render_chat(engine.tokenizer, doc + q) for q in questions]
+    prompts = [render_user_turn(engine.tokenizer, doc + q) for q in questions]
     results = []
     for step in (1, 2):
         _perturb(chunks, ctx, step, scale)

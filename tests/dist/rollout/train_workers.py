@@ -59,9 +59,9 @@ def _samples(engine, prompts, rank: int):
 def train_step_sync(
     rank: int, world: int, hf_dir: str, ckpt_dir: str, out_dir: str, parallel: dict
 ) -> list[dict]:
+    from megatron_spell.chat import render_user_turn
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
-    from megatron_spell.rollout.chat import render_chat
     from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
     from megatron_spell.rollout.metrics import logprob_mismatch
     from tests.e2e.rollout import hf_ref
@@ -73,7 +73,7 @@ def train_step_sync(
     )  # fmt: skip
     engine = RolloutEngine(hf_dir, settings)
     q = ("Who jumps?", "What is lazy?") if rank == 0 else ("Where is it?", "Why?")
-    prompts = [render_chat(engine.tokenizer, "The quick brown fox. " + x) for x in q]
+    prompts = [render_user_turn(engine.tokenizer, "The quick brown fox. " + x) for x in q]
     results = []
     for step in (1, 2):
         samples, _ = _samples(engine, prompts, rank)

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from megatron_spell.rollout.chat import render_chat
+from megatron_spell.chat import render_user_turn
 from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
 from megatron_spell.rollout.metrics import logprob_mismatch
 from megatron_spell.spell.schemas import VERIFIER_PATTERN
@@ -35,8 +35,8 @@ def _prompts(engine: RolloutEngine) -> list[list[int]]:
     # missing reset after a weight update would reuse stale KV (checked: the test fails without it)
     doc = "The quick brown fox jumps over the lazy dog. " * 10
     prompts = [
-        render_chat(engine.tokenizer, doc + "Who jumps?"),
-        render_chat(engine.tokenizer, doc + "What is lazy?"),
+        render_user_turn(engine.tokenizer, doc + "Who jumps?"),
+        render_user_turn(engine.tokenizer, doc + "What is lazy?"),
     ]
     assert all(200 < len(p) <= engine.settings.max_prompt_length for p in prompts)
     return prompts

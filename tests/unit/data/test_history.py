@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_spell.data.history import HistoryMemory, evidence_union
-from megatron_spell.types import HistoryEntry, Task
+from megatron_spell.types import DocSet, HistoryEntry, Task
 
 
 def entry(q, ev=(0, 1)):
@@ -57,3 +57,57 @@ def test_bad_settings():
         HistoryMemory(size=0)
     with pytest.raises(ValueError, match="gate"):
         HistoryMemory(lower=0.9, upper=0.1)
+
+
+def test_rows_of_different_sources_do_not_share_memory():
+    """Two corpora that feed one task and both number their rows from 0 keep separate memories."""
+    row_a = DocSet("ultrafineweb_en", "0", ("a0", "a1", "a2"))
+    row_b = DocSet("hotpotqa_docs", "0", ("b0", "b1"))
+    task = Task.DOC_GENERAL_QA
+    mem = HistoryMemory()
+    assert mem.record(
+        task, row_a.question_id, entry("qa", (2,)), 0.5, data_source=row_a.data_source
+    )
+    assert mem.entries(task, row_b.question_id, data_source=row_b.data_source) == []
+    assert mem.entries(task, row_a.question_id, data_source=row_a.data_source) == [
+        entry("qa", (2,))
+    ]
+    # the same question text is not a duplicate of another row's
+    assert mem.record(
+        task, row_b.question_id, entry("qa", (1,)), 0.5, data_source=row_b.data_source
+    )
+    assert len(mem) == 2
+
+
+def test_data_source_round_trips_through_a_checkpoint_state():
+    mem = HistoryMemory(size=2)
+    mem.record(Task.DOC_MC, "0", entry("q1", (4,)), 0.5, data_source="src_a")
+    mem.record(Task.DOC_MC, "0", entry("q2", (5,)), 0.5, data_source="src_b")
+    mem.record(Task.DOC_MC, "0", entry("q3"), 0.5)  # a caller that passes no source
+    back = HistoryMemory.from_state_dict(json.loads(json.dumps(mem.state_dict())))
+    for source in ("src_a", "src_b", None):
+        assert back.entries(Task.DOC_MC, "0", data_source=source) == mem.entries(
+            Task.DOC_MC, "0", data_source=source
+        )
+    assert back.entries(Task.DOC_MC, "0", data_source="src_a") == [entry("q1", (4,))]
+    assert len(back) == 3
+
+
+def test_state_keyed_without_the_source_still_loads(caplog):
+    """A state from before the data source was in the key loads under data_source None, with a warning."""
+    old = {
+        "size": 3,
+        "lower": 0.0,
+        "upper": 1.0,
+        "inclusive": False,
+        "entries": {
+            "doc_general_qa_0": [[[1, 2], "q", "a"]],
+            "docmath_qa_row_7": [[[0], "m", "5"]],
+        },
+    }
+    with caplog.at_level("WARNING"):
+        back = HistoryMemory.from_state_dict(old)
+    assert back.entries(Task.DOC_GENERAL_QA, "0") == [HistoryEntry((1, 2), "q", "a")]
+    assert back.entries(Task.DOCMATH_QA, "row_7") == [HistoryEntry((0,), "m", "5")]
+    assert back.entries(Task.DOC_GENERAL_QA, "0", data_source="hotpotqa") == []
+    assert "without the data source" in caplog.text

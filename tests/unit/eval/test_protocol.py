@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from megatron_spell.chat import render_user_turn
 from megatron_spell.eval.formats import EvalExample, format_mc_question
 from megatron_spell.eval.judge import EngineJudge, OpenAIJudge, judge_prompt, parse_judgement
 from megatron_spell.eval.protocol import (
     EvalSettings,
     build_prompt,
-    chat_token_ids,
     evaluate,
     middle_truncate,
 )
@@ -28,9 +28,9 @@ class CharTokenizer:
     chat_template = "chatml"
 
     def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-        assert tokenize is False and add_generation_prompt is True
+        assert tokenize is True and add_generation_prompt is True
         (msg,) = messages
-        return f"<u>{msg['content']}</u><a>"
+        return [ord(ch) for ch in f"<u>{msg['content']}</u><a>"]
 
     def __call__(self, text, add_special_tokens):
         assert add_special_tokens is False
@@ -123,7 +123,7 @@ def test_build_prompt_uses_responder_template_chat_and_truncation() -> None:
 def test_chat_token_ids_without_template() -> None:
     tok = CharTokenizer()
     tok.chat_template = None
-    assert chat_token_ids(tok, "hi") == [ord("h"), ord("i")]
+    assert render_user_turn(tok, "hi", allow_plain=True) == [ord("h"), ord("i")]
 
 
 def test_evaluate_rule_scores_and_sampling_arguments() -> None:

@@ -71,11 +71,13 @@ class TestDocMath:
         assert isinstance(out, Rejected) and out.case is case
 
     def test_section9_boolean_answers_are_dropped(self):
-        """Decision (item 6): a boolean ground truth can never be matched, so it is dropped, not kept."""
-        for answer in (True, "True", "yes"):
+        """Decision (item 6): a boolean ground truth cannot be rewarded, so it is dropped (no penalty),
+        whether written as a string or as a JSON boolean; the reference keeps `true` as gt "True"."""
+        for answer in (True, False, "True", "yes", "false"):
             out = parse_questioner(Task.DOCMATH_QA, fenced({"question": "q", "answer": answer}))
-            assert isinstance(out, Rejected)
-            assert out.case is (CaseType.BAD_FORMAT if answer is True else CaseType.DROPPED)
+            assert isinstance(out, Rejected) and out.case is CaseType.DROPPED, answer
+        out = parse_questioner(Task.DOCMATH_QA, '```json\n{"question":"q","answer":true}\n```')
+        assert isinstance(out, Rejected) and out.case is CaseType.DROPPED
 
 
 class TestMC:
@@ -83,7 +85,7 @@ class TestMC:
 
     def test_block_and_letter(self):
         out = parse_questioner(
-            Task.DOC_MC, fenced({"question": "Which?", "options": self.OPTIONS, "answer": "(C)"})
+            Task.DOC_MC, fenced({"question": "Which?", "options": self.OPTIONS, "answer": "C"})
         )
         assert isinstance(out, ParsedQA)
         assert out.answer == "C" and out.raw_question == "Which?"
@@ -108,6 +110,11 @@ class TestMC:
             {"question": "q", "options": ["a", "b", "c", "d"], "answer": "A"},
             {"question": "q", "options": OPTIONS, "answer": "E"},
             {"question": "q", "options": OPTIONS, "answer": 1},
+            # as the reference: only a bare letter or an answer sentence names the option
+            {"question": "q", "options": OPTIONS, "answer": "(A)"},
+            {"question": "q", "options": OPTIONS, "answer": "A."},
+            {"question": "q", "options": OPTIONS, "answer": " A"},
+            {"question": "q", "options": OPTIONS, "answer": "a"},
         ],
     )
     def test_bad_format(self, obj):

@@ -162,3 +162,69 @@ def test_scorer_task_dispatch():
     assert scorers.scorer_task("docmath_complong") is Task.DOCMATH_QA
     with pytest.raises(ValueError, match="no scorer"):
         scorers.scorer_task("imagenet")
+
+
+# What the reference parsers (`SPELL/verl/verl/utils/reward_score/long.py` and `docmath.py`,
+# `parse_model_answer(extract_solution(text))`) return on these strings, read off by running them; the
+# rows marked DEVIATION are the one documented change (scorers module docstring).
+MC_PARITY = [
+    ("The correct answer is: B", None),
+    ("The correct answer is\nB", None),
+    ("The correct answer is (B).", "B"),
+    ("The correct answer is B", "B"),
+    ("The correct answer is A.", "A"),
+    ("The correct answer is b", None),
+    ("the answer is e", None),
+    ("so \\boxed{C}", "C"),
+    ("\\boxed{ B }", None),
+    ("The **correct answer is A**", "A"),
+    ("The answer is (C), not the correct answer is D", "D"),  # first pattern that matches wins
+]
+MC_DEVIATIONS = [
+    ("The correct answer is Based on the text, (C)", "B", None),
+    ("The correct answer is Both", "B", None),
+    ("The correct answer is Bananas", "B", None),
+]
+DOCMATH_PARITY = [
+    ("the answer is: 42", None),
+    ("the answer is  42", None),
+    ("the answer is $ 42", None),
+    ("the answer is \\$42", None),
+    ("the answer is ≈=42", None),  # the prefix symbols come in a fixed order
+    ("the answer is $42", "$42"),
+    ("the answer is =≈42", "=≈42"),
+    ("the answer is (42)", "42"),
+    ("the answer is 42%", "42"),
+    ("Therefore, the answer is 1,234.", "1234"),
+    ("The answer is -5.5.", "-5.5"),
+    ("a \\boxed{12} b \\boxed{15", None),  # the last box is unbalanced: no earlier box
+    ("So \\boxed{\\frac{1}{2}} ... \\boxed{12.5}", "12.5"),
+]
+
+
+@pytest.mark.parametrize(("text", "reference"), MC_PARITY)
+def test_mc_parity_with_reference_parser(text, reference):
+    assert parse_prediction(Task.DOC_MC, text) == reference
+
+
+@pytest.mark.parametrize(("text", "reference", "ours"), MC_DEVIATIONS)
+def test_mc_letter_must_end_a_word(text, reference, ours):
+    """DEVIATION: the reference reads the first letter of any word after "answer is"."""
+    assert reference != ours
+    assert parse_prediction(Task.DOC_MC, text) == ours
+    assert score(Task.DOC_MC, text, "B") == 0.0
+
+
+@pytest.mark.parametrize(("text", "reference"), DOCMATH_PARITY)
+def test_docmath_parity_with_reference_parser(text, reference):
+    assert parse_prediction(Task.DOCMATH_QA, text) == reference
+    if reference is None:
+        assert score(Task.DOCMATH_QA, text, "42") == 0.0
+
+
+def test_docmath_unbalanced_last_box_scores_zero():
+    """An abandoned or truncated last box is no answer, even when an earlier box was right."""
+    text = "...\\boxed{12}. Wait, recompute ... \\boxed{15"
+    assert parse_prediction(Task.DOCMATH_QA, text) is None
+    assert score(Task.DOCMATH_QA, text, "12") == 0.0
+    assert score(Task.DOCMATH_QA, "...\\boxed{12}. Wait ... \\boxed{15}", "15") == 1.0

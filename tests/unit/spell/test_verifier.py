@@ -43,13 +43,34 @@ def test_reference_substring_bug_is_fixed():
 def test_majority_and_tie_rule():
     assert majority([1, 1, 0, -1]) == YES
     assert majority([0, 0, 0, 1, 1, -1, -1]) == NO
-    assert majority([0, 0, 0, 1, 1, -1, -1, -1]) == INVALID  # 0 and -1 tie
-    assert majority([-1, -1, -1, 1]) == INVALID  # invalid can be the mode
-    # tie rule: any tie for the top count is "no majority", independent of vote order
+    assert majority([-1, -1, -1, 1]) == INVALID  # invalid can be the strict mode
+    # a YES/NO tie for the top count is "no majority", independent of vote order
     assert majority([1, 1, 0, 0]) == INVALID
     assert majority([0, 0, 1, 1]) == INVALID
-    assert majority([1, -1]) == INVALID
+    assert majority([1, 1, 0, 0, -1, -1]) == INVALID
+    # a tie between one valid value and the invalid votes goes to the valid value, in any order
+    assert majority([0, 0, 0, 1, 1, -1, -1, -1]) == NO
+    assert majority([-1, -1, -1, 0, 0, 0, 1, 1]) == NO
+    assert majority([1, -1]) == YES and majority([-1, 1]) == YES
     assert majority([]) == INVALID
+
+
+@pytest.mark.parametrize("order", [[1, 1, 1, -1, -1, -1, 0, 0], [-1, 0, -1, 1, 0, -1, 1, 1]])
+def test_tie_with_invalid_votes_keeps_the_valid_majority(order):
+    """The documented rule on the review's example: majority 1, agreement 3/5, a training candidate
+    when the rule score is 1 (what the reference gives when a YES comes first), in any vote order."""
+    assert majority(order) == YES
+    assert agreement_ratio(order, YES) == pytest.approx(0.6)
+    assert is_training_candidate(order, rule_score=1.0)
+    assert not is_training_candidate(order, rule_score=0.0)  # maj_cons
+    assert judgement_rewards(order, YES).count(1.0) == 3
+
+
+def test_yes_no_tie_fails_the_agreement_bound():
+    """The docstring's claim: a YES/NO tie has agreement 0.5 over valid votes, below 0.51."""
+    votes = [1, 1, 0, 0, -1]
+    assert majority(votes) == INVALID
+    assert agreement_ratio(votes, YES) == pytest.approx(0.5)
 
 
 def test_judgement_rewards():
