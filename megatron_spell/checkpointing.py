@@ -40,7 +40,6 @@ class RLState:
     history: dict[str, Any] = field(default_factory=dict)
     curriculum: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -135,4 +134,5 @@ class CheckpointManager:
                 f"{path} missing: {ckpt_dir} is not a complete SPELL checkpoint"
             )
         payload = torch.load(path, weights_only=False)
+        payload.pop("extra", None)  # an unused field that older checkpoints still carry
         return RLState(**payload)

@@ -115,14 +115,6 @@ class Rejected:
 
 
 @dataclass(frozen=True)
-class Judgement:
-    """One verifier judgement: its vote (1 yes, 0 no, -1 invalid) and the per-judgement reward."""
-
-    vote: int
-    reward: float
-
-
-@dataclass(frozen=True)
 class Trajectory:
     """One sampled sequence of one role, ready for the update.
 
