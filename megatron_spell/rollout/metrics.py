@@ -1,16 +1,12 @@
-"""Rollout metrics: weight-sync cost and the train/infer logprob mismatch (issue 5, "Metrics").
+"""The cost of one weight update into the rollout engine (no vLLM import).
 
-Pure helpers (no vLLM import) so the loop and the tests can use them without an engine.
-Metric keys follow `section/name`: `timing/weight_sync_s`, `rollout/weight_sync_gb_per_s`,
-`rollout/logprob_diff_mean`, `rollout/logprob_diff_max`.
+`rollout/weights.load_weights` returns a `WeightSyncStats`; the training loop logs it as `sync/seconds`,
+`sync/bytes` and `sync/gb_per_s`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -24,52 +20,3 @@ class WeightSyncStats:
     @property
     def gb_per_s(self) -> float:
         return self.num_bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
-
-    def as_metrics(self) -> dict[str, float]:
-        return {
-            "timing/weight_sync_s": self.seconds,
-            "rollout/weight_sync_gb": self.num_bytes / 1e9,
-            "rollout/weight_sync_gb_per_s": self.gb_per_s,
-        }
-
-
-@dataclass(frozen=True)
-class LogprobMismatch:
-    """Absolute difference between rollout (vLLM) and recomputed (Megatron) logprobs of sampled tokens."""
-
-    mean_abs: float
-    max_abs: float
-    num_tokens: int
-
-    def as_metrics(self) -> dict[str, float]:
-        return {
-            "rollout/logprob_diff_mean": self.mean_abs,
-            "rollout/logprob_diff_max": self.max_abs,
-        }
-
-
-def logprob_mismatch(
-    rollout: Sequence[Sequence[float]] | torch.Tensor,
-    recomputed: Sequence[Sequence[float]] | torch.Tensor,
-) -> LogprobMismatch:
-    """Mean/max |rollout - recomputed| over all tokens of all sequences (same shapes required)."""
-    if isinstance(rollout, torch.Tensor) and isinstance(recomputed, torch.Tensor):
-        a, b = rollout.double().flatten(), recomputed.double().flatten()
-    else:
-        if len(rollout) != len(recomputed):
-            raise ValueError(
-                f"logprob_mismatch: {len(rollout)} rollout sequences vs {len(recomputed)} recomputed"
-            )
-        for i, (x, y) in enumerate(zip(rollout, recomputed, strict=True)):
-            if len(x) != len(y):
-                raise ValueError(f"logprob_mismatch: sequence {i} has {len(x)} vs {len(y)} tokens")
-        a = torch.tensor([v for seq in rollout for v in seq], dtype=torch.float64)
-        b = torch.tensor([float(v) for seq in recomputed for v in seq], dtype=torch.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"logprob_mismatch: shapes {tuple(a.shape)} vs {tuple(b.shape)}")
-    if a.numel() == 0:
-        return LogprobMismatch(mean_abs=0.0, max_abs=0.0, num_tokens=0)
-    diff = (a - b).abs()
-    return LogprobMismatch(
-        mean_abs=float(diff.mean()), max_abs=float(diff.max()), num_tokens=int(a.numel())
-    )

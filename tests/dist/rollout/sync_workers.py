@@ -136,8 +136,8 @@ def _megatron_logprobs(chunks, ctx, vocab: int, prompt: list[int], comp: list[in
 
 
 def _check_step(engine, chunks, ctx, hf_config, hf_dir: str, new_dir: Path, prompts) -> dict:
-    from megatron_spell.rollout.metrics import logprob_mismatch
     from tests.e2e.rollout import hf_ref
+    from tests.helpers.logprobs import logprob_mismatch
 
     hf = hf_ref.load_hf(new_dir)
     greedy = engine.generate(prompts, 1, max_tokens=MAX_TOKENS, temperature=0.0)

@@ -63,8 +63,8 @@ def train_step_sync(
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
     from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
-    from megatron_spell.rollout.metrics import logprob_mismatch
     from tests.e2e.rollout import hf_ref
+    from tests.helpers.logprobs import logprob_mismatch
 
     ctx, hf_config, models, policy = _policy(hf_dir, ckpt_dir, parallel)
     settings = EngineSettings(

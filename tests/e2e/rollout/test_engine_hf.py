@@ -15,10 +15,10 @@ import torch
 
 from megatron_spell.chat import render_user_turn
 from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
-from megatron_spell.rollout.metrics import logprob_mismatch
 from megatron_spell.spell.schemas import VERIFIER_PATTERN
 from megatron_spell.types import OutputConstraint
 from tests.e2e.rollout import hf_ref
+from tests.helpers.logprobs import logprob_mismatch
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 TEMPERATURE = 0.7
