@@ -1,9 +1,10 @@
 """Command line: `megatron-spell {train,eval,report,demo}`.
 
-`train --plan` validates the config and the parallel layout for the declared world size and prints a
-per-rank memory estimate from the HF config.json alone, so cluster configs can be checked on a laptop.
-`train --dry-run` adds every check of the target machine (checkpoint, corpus, tokenizer, run directory,
-device rules) that the full `train` runs before it starts anything heavy (megatron_spell/preflight.py).
+`train --plan` validates the config and the parallel layout for the declared world size and prints
+a per-rank memory estimate from the HF config.json alone, so cluster configs can be checked on a
+laptop. `train --dry-run` adds every check of the target machine (checkpoint, corpus, tokenizer, run
+directory, device rules) that the full `train` makes before anything heavy
+(megatron_spell/preflight.py).
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ def _demo_config(hf_dir: Path, ckpt: Path, overrides: list[str] | None) -> Any:
 def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> int:
     """Run the demo (or, with `dry_run`, build the HF directory and check the config only).
 
-    The dry run makes every check of `train --dry-run` except the checkpoint's while the demo has not
-    converted it yet (the first demo run converts it before training).
+    The dry run makes every check of `train --dry-run`, except the checkpoint's while the demo has
+    not converted it yet (the first demo run converts it before training).
     """
     import os
 

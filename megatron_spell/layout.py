@@ -1,8 +1,8 @@
 """Parallel-layout and sequence-length checks that run before any heavy work (architecture.md, "Rules").
 
-`ModelShape` is read from the Hugging Face `config.json` alone (no torch, no weights), so `train --plan`
-can validate a 30B layout on a laptop (megatron_spell/preflight.py runs these checks). Every error names the
-config field, the value and a fix.
+`ModelShape` is read from the Hugging Face `config.json` alone (no torch, no weights), so
+`train --plan` can validate a 30B layout on a laptop (megatron_spell/preflight.py runs these
+checks). Every error names the config field, the value and a fix.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def validate_layout(parallel: ParallelConfig, shape: ModelShape, world_size: int
 
 
 def pad_multiple(parallel: ParallelConfig) -> int:
-    """Every packed sequence is padded to a multiple of this (the rule of mcore/packing.pad_multiple)."""
+    """Packed sequences are padded to a multiple of this (mcore/packing.pad_multiple's rule)."""
     cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
     return (2 * cp if cp > 1 else 1) * (tp if parallel.sequence_parallel else 1)
 

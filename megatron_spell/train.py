@@ -197,8 +197,8 @@ def _restore(run: Run, state: RLState) -> None:
 def run(config: Config, *, replay_dir: str | None = None) -> int:
     """Train until `train.total_steps`; returns the process exit code.
 
-    The pre-flight (`preflight.dry_run`, what `train --dry-run` runs) comes first, on every rank and before
-    torch.distributed starts, so a setting that cannot run fails here and not after the model is built.
+    The pre-flight (`preflight.dry_run`, what `train --dry-run` runs) comes first, on every rank and
+    before torch.distributed starts: a setting that cannot run fails here, not after the build.
     """
     import torch.distributed as dist
 

@@ -6,11 +6,11 @@ columns are ignored. Files are read with the `datasets` library ("parquet" or "j
 .parquet, .jsonl, .json; a JSON file may hold one array of rows or one object per line). A path may be a
 file, a directory (all such files inside, sorted, recursively) or a list of them.
 
-Schema errors are ValueErrors that name the file, the row and the field; an empty file, a JSON line that
-does not parse (with its line number) and a file without one usable row are errors too. Empty or
-whitespace-only documents are skipped and counted (`CorpusStats.num_empty_docs`); a row left without
-documents is skipped and counted (`num_empty_rows`). Duplicate (data_source, question_id) pairs are an error, since the history memory is
-keyed by them.
+Schema errors are ValueErrors that name the file, the row and the field; an empty file, a JSON
+line that does not parse (with its line number) and a file without one usable row are errors too.
+Empty or whitespace-only documents are skipped and counted (`CorpusStats.num_empty_docs`); a row
+left without documents is skipped and counted (`num_empty_rows`). Duplicate (data_source,
+question_id) pairs are an error, since the history memory is keyed by them.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def _read_rows(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
     except Exception as exc:  # datasets raises many types for unreadable files
         if SUFFIXES[path.suffix] == "json":
             _diagnose_json(path)  # names the line when it can
+        elif _parquet_rows(path) == 0:
+            raise ValueError(f"data.paths: corpus file {path} holds no rows") from exc
         raise ValueError(f"data.paths: corpus file {path} could not be read: {exc!r}") from exc
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:
@@ -98,8 +100,18 @@ def _read_rows(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
     return ds.select_columns(list(REQUIRED)).to_list()
 
 
+def _parquet_rows(path: Path) -> int | None:
+    """Row count from a parquet file's footer (None: not parquet); `datasets` fails on 0 rows."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - not a parquet file: the caller reports the datasets error
+        return None
+
+
 def _diagnose_json(path: Path) -> None:
-    """Raise the precise error of a JSON/JSONL file that `datasets` failed to read: its line number."""
+    """Raise the precise error of a JSON/JSONL file `datasets` failed to read (its line number)."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"data.paths: corpus file {path} is empty (whitespace only)")
@@ -190,8 +202,8 @@ def load_corpus(
             kept += 1
         if not kept:
             raise ValueError(
-                f"data.paths: corpus file {path} has no usable rows ({len(rows_of_file)} rows, none "
-                "with a non-empty document); fill its paragraphs or drop the file from data.paths"
+                f"data.paths: corpus file {path} has no usable rows ({len(rows_of_file)} rows, "
+                "none with a non-empty document); fill its paragraphs or drop the file"
             )
     stats = CorpusStats(
         num_files=len(files),
