@@ -199,6 +199,35 @@ def _read_shape(path: Path, field: str, value: str) -> ModelShape:
         ) from exc
 
 
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def check_cpu_kv_cache(config: Config, shape: ModelShape) -> None:
+    """On CPU, vLLM's KV cache (`rollout.kv_cache_gib`) must hold one full-length sequence.
+
+    The lower bound of vLLM's own start-up check (vllm/v1/core/kv_cache_utils.py, "To serve at least
+    one request"): K and V of every layer for prompt + response tokens, the KV heads split over the
+    rollout TP ranks (replicated when there are fewer heads than ranks), in the model's dtype. An
+    operator-set VLLM_CPU_KVCACHE_SPACE replaces the bound (the engine lets it win): then no check.
+    """
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    r = config.rollout
+    tokens = r.max_prompt_length + r.max_response_length
+    kv_heads = max(1, shape.num_kv_heads // r.tensor_parallel_size)
+    per_token = 2 * shape.num_layers * kv_heads * shape.head_dim * _DTYPE_BYTES[config.model.dtype]
+    need = tokens * per_token / 1024**3
+    if need > r.kv_cache_gib:
+        raise _fail(
+            "rollout.kv_cache_gib",
+            r.kv_cache_gib,
+            f"holds less than one full sequence on CPU ({tokens} tokens of "
+            "rollout.max_prompt_length + max_response_length need "
+            f"{need:.2f} GiB of KV cache per rank)",
+            f"set rollout.kv_cache_gib >= {need:.2f} or shorten the sequences",
+        )
+
+
 def check_checkpoint(load: str, shape: ModelShape) -> None:
     """`model.load` is a converted checkpoint (tools/convert_hf_to_megatron.py) of the same model.
 
@@ -336,12 +365,12 @@ def dry_run(
     if replay_dir is not None and not Path(replay_dir).is_dir():
         raise PreflightError(f"--replay {replay_dir}: no such directory of dumped rollouts")
     if replay_dir is None:
+        on_gpu = target_has_gpu()
         check_rollout_world(
-            config.rollout.tensor_parallel_size,
-            world,
-            moe=bool(shape.num_experts),
-            on_gpu=target_has_gpu(),
+            config.rollout.tensor_parallel_size, world, moe=bool(shape.num_experts), on_gpu=on_gpu
         )
+        if not on_gpu:
+            check_cpu_kv_cache(config, shape)
     if not convert_first:
         check_checkpoint(config.model.load, shape)
     resolve_files(list(config.data.paths))  # every path exists before anything is parsed

