@@ -199,6 +199,10 @@ def _read_shape(path: Path, field: str, value: str) -> ModelShape:
         ) from exc
 
 
+_CONVERT = (
+    "convert the HF weights once with `python tools/convert_hf_to_megatron.py --hf-dir HF "
+    "--out-dir CKPT` and set model.load=CKPT"
+)
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -236,10 +240,7 @@ def check_checkpoint(load: str, shape: ModelShape) -> None:
     equal model.hf_dir's. A bare Megatron distributed checkpoint (a directory with metadata.json)
     carries no HF config: only its presence is checked.
     """
-    convert = (
-        "convert the HF weights once with `python tools/convert_hf_to_megatron.py --hf-dir HF "
-    )
-    convert += "--out-dir CKPT` and set model.load=CKPT"
+    convert = _CONVERT
     if not load:
         raise _fail(
             "model.load", load, "is empty: training starts from a converted checkpoint", convert
