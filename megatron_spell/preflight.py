@@ -312,8 +312,9 @@ def check_run_dir(config: Config) -> None:
         ) from exc
 
 
-def check_tokenizer(hf_dir: str) -> None:
-    """The tokenizer and its chat template (every SPELL prompt is a chat) load from model.hf_dir."""
+def check_tokenizer(hf_dir: str, vocab_size: int) -> None:
+    """The tokenizer and its chat template (every SPELL prompt is a chat) load from model.hf_dir,
+    and its token ids fit the model's embedding (`vocab_size` rows)."""
     from transformers import AutoTokenizer
 
     try:
@@ -325,6 +326,13 @@ def check_tokenizer(hf_dir: str) -> None:
             f"the tokenizer does not load ({type(exc).__name__}: {exc})",
             "point it at a Hugging Face model directory with its tokenizer files",
         ) from exc
+    if len(tok) > vocab_size:
+        raise _fail(
+            "model.hf_dir",
+            hf_dir,
+            f"the tokenizer has {len(tok)} tokens, more than the model's vocab_size={vocab_size}",
+            "use the tokenizer the model was trained with",
+        )
     if not getattr(tok, "chat_template", None):
         raise _fail(
             "model.hf_dir",
@@ -377,7 +385,7 @@ def dry_run(
     resolve_files(list(config.data.paths))  # every path exists before anything is parsed
     check_run_dir(config)
     if replay_dir is None:
-        check_tokenizer(config.model.hf_dir)
+        check_tokenizer(config.model.hf_dir, shape.vocab_size)
     corpus, stats = load_corpus(list(config.data.paths))
     check_data(config, corpus)
     return DryRun(plan=checked, corpus=corpus, corpus_stats=stats)

@@ -125,6 +125,13 @@ def _bad_corpus(tmp: Path, kind: str) -> str:
     return str(path)
 
 
+def _small_vocab(tmp: Path) -> Path:
+    hf = tmp / "small"
+    shutil.copytree(tmp / "hf", hf)
+    make_hf_dir(hf, None, vocab_size=100)  # (with a checkpoint of the same model: see the case)
+    return hf
+
+
 def _no_template(tmp: Path) -> Path:
     from tests.helpers.tiny_models import make_tiny_tokenizer
 
@@ -189,6 +196,13 @@ CASES = {
         lambda t: [f"model.hf_dir={make_hf_dir(t / 'bare', None)}"],
         # does not load, or loads without a chat template
         "config model.hf_dir='{t}/bare': the tokenizer",
+    ),
+    "tokenizer_too_large": (
+        lambda t: [
+            f"model.hf_dir={_small_vocab(t)}",
+            f"model.load={make_ckpt(t / 'ckpt_small', vocab_size=100)}",
+        ],
+        "tokens, more than the model's vocab_size=100",
     ),
     "no_chat_template": (
         lambda t: [f"model.hf_dir={_no_template(t)}"],
