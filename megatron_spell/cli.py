@@ -1,7 +1,10 @@
 """Command line: `megatron-spell {train,eval,report,demo}`.
 
-`train --dry-run` validates the config, the parallel layout for the declared world size and prints a per-rank
-memory estimate without importing Megatron or vLLM, so cluster configs can be checked on a laptop.
+`train --plan` validates the config and the parallel layout for the declared world size and prints
+a per-rank memory estimate from the HF config.json alone, so cluster configs can be checked on a
+laptop. `train --dry-run` adds every check of the target machine (checkpoint, corpus, tokenizer, run
+directory, device rules) that the full `train` makes before anything heavy
+(megatron_spell/preflight.py).
 """
 
 from __future__ import annotations
@@ -12,16 +15,23 @@ import os
 import sys
 
 from megatron_spell.config import Config, format_config, load_config
-from megatron_spell.layout import ModelShape, estimate_memory_gib, validate_layout, validate_lengths
 
 log = logging.getLogger(__name__)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="run SPELL training (or validate it with --dry-run)")
+    p = sub.add_parser("train", help="run SPELL training (or check it with --plan / --dry-run)")
     p.add_argument("--config", help="YAML preset (configs/, examples/)")
-    p.add_argument(
-        "--dry-run", action="store_true", help="validate config, layout and memory; no work"
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--plan",
+        action="store_true",
+        help="check config, layout and memory from the HF config.json only (any machine)",
+    )
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="--plan plus every check of the target machine the run makes before its first step",
     )
     p.add_argument(
         "--replay", metavar="DIR", help="train from dumped rollouts in DIR, without vLLM"
@@ -29,31 +39,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
-def dry_run(config: Config) -> int:
-    """Validate without heavy imports; print the layout and the memory estimate."""
-    shape = ModelShape.from_hf_dir(config.model.hf_dir)
-    world = config.parallel.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    layout = validate_layout(config.parallel, shape, world)
-    validate_lengths(config, shape)
-    mem = estimate_memory_gib(config, shape, layout)
-    print(f"model: {shape.architecture} ({shape.num_params() / 1e9:.2f}B parameters)")
-    print(
-        f"layout: world={layout.world_size} TP={layout.tp} PP={layout.pp} VPP={layout.vpp} "
-        f"CP={layout.cp} DP={layout.dp} EP={layout.ep} ETP={layout.etp}"
-    )
-    print(
-        "memory per rank (GiB, training phase): "
-        + ", ".join(f"{k}={v:.2f}" for k, v in mem.items())
-    )
-    print("dry run OK")
+def check(config: Config, *, full: bool, replay_dir: str | None = None) -> int:
+    """`train --plan` (full=False) or `train --dry-run` (full=True): print the plan, run no work."""
+    from megatron_spell import preflight
+
+    if full:
+        checked = preflight.dry_run(config, replay_dir=replay_dir)
+        print(checked.plan.summary())
+        s = checked.corpus_stats
+        print(f"corpus: {s.num_files} files, {s.num_rows} rows, {s.num_docs} documents")
+        print("dry run OK")
+    else:
+        print(preflight.plan(config).summary())
+        print("plan OK")
     return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    if args.dry_run:
+    if args.plan or args.dry_run:
         print(format_config(config))
-        return dry_run(config)
+        return check(config, full=args.dry_run, replay_dir=args.replay)
     from megatron_spell.train import run  # heavy imports only past this point
 
     return run(config, replay_dir=args.replay)
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument(
         "--dry-run",
         action="store_true",
-        help="build the model's HF directory only, then validate the demo config as train --dry-run",
+        help="build the model's HF directory only, then check the demo config as train --dry-run",
     )
     dm.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
     args = parser.parse_args(argv)

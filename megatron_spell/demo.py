@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from megatron_spell.config import load_config
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
+_CKPT = ROOT / ".cache" / "smollm2-135m-instruct-mcore"  # the converted checkpoint (prepare_model)
 
 
 def prepare_hf_dir(cache: Path = ROOT / ".cache") -> Path:
@@ -32,7 +34,7 @@ def prepare_hf_dir(cache: Path = ROOT / ".cache") -> Path:
 def prepare_model(cache: Path) -> tuple[Path, Path]:
     """The demo's HF directory and its converted Megatron checkpoint (built once)."""
     hf_dir = prepare_hf_dir(cache)
-    ckpt = cache / "smollm2-135m-instruct-mcore"
+    ckpt = cache / _CKPT.name
     if not (ckpt / "DONE").is_file():
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
@@ -54,22 +56,8 @@ def prepare_model(cache: Path) -> tuple[Path, Path]:
     return hf_dir, ckpt
 
 
-def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> int:
-    """Run the demo (or, with `dry_run`, build the HF directory and validate the config only)."""
-    import os
-
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    t0 = time.perf_counter()
-    if dry_run:
-        from megatron_spell.cli import dry_run as validate
-
-        hf_dir = prepare_hf_dir()
-        config = load_config(
-            ROOT / "configs" / "demo.yaml", [f"model.hf_dir={hf_dir}", *(overrides or [])]
-        )
-        return validate(config)
-    hf_dir, ckpt = prepare_model(ROOT / ".cache")
-    config = load_config(
+def _demo_config(hf_dir: Path, ckpt: Path, overrides: list[str] | None) -> Any:
+    return load_config(
         ROOT / "configs" / "demo.yaml",
         [
             f"model.hf_dir={hf_dir}",
@@ -80,6 +68,29 @@ def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> in
             *(overrides or []),
         ],
     )
+
+
+def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> int:
+    """Run the demo (or, with `dry_run`, build the HF directory and check the config only).
+
+    The dry run makes every check of `train --dry-run`, except the checkpoint's while the demo has
+    not converted it yet (the first demo run converts it before training).
+    """
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    t0 = time.perf_counter()
+    if dry_run:
+        from megatron_spell import preflight
+
+        hf_dir = prepare_hf_dir()
+        config = _demo_config(hf_dir, _CKPT, overrides)
+        checked = preflight.dry_run(config, convert_first=not (_CKPT / "DONE").is_file())
+        print(checked.plan.summary())
+        print("dry run OK")
+        return 0
+    hf_dir, ckpt = prepare_model(ROOT / ".cache")
+    config = _demo_config(hf_dir, ckpt, overrides)
     from megatron_spell.train import run
 
     rc = run(config)

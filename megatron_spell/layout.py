@@ -1,7 +1,8 @@
 """Parallel-layout and sequence-length checks that run before any heavy work (architecture.md, "Rules").
 
-`ModelShape` is read from the Hugging Face `config.json` alone (no torch, no weights), so `train --dry-run`
-can validate a 30B layout on a laptop. Every error names the config field, the value and a fix.
+`ModelShape` is read from the Hugging Face `config.json` alone (no torch, no weights), so
+`train --plan` can validate a 30B layout on a laptop (megatron_spell/preflight.py runs these
+checks). Every error names the config field, the value and a fix.
 """
 
 from __future__ import annotations
@@ -63,7 +64,13 @@ class ModelShape:
                 f"model.hf_dir={str(hf_dir)!r}: no config.json there; point it at a Hugging Face model "
                 "directory (tools/convert_megatron_to_hf.py writes one)"
             )
-        return cls.from_hf_config(json.loads(path.read_text()))
+        try:
+            return cls.from_hf_config(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:  # bad JSON, a missing or mistyped field
+            raise ValueError(
+                f"model.hf_dir={str(hf_dir)!r}: {path} is not a usable HF model config ({exc!r}); "
+                "point it at a Hugging Face model directory"
+            ) from exc
 
     def num_params(self) -> int:
         """Parameter count (embeddings included once per tied/untied copy)."""
@@ -165,13 +172,21 @@ def validate_layout(parallel: ParallelConfig, shape: ModelShape, world_size: int
             "context-parallel ranks)",
             f"choose EP*ETP among {_divisors(tp * cp * dp)}",
         )
-    if parallel.sequence_parallel and tp == 1:
-        raise _err("parallel.sequence_parallel", True, "needs TP > 1", "set it to false")
     return Layout(world_size=world_size, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp, vpp=vpp)
 
 
+def pad_multiple(parallel: ParallelConfig) -> int:
+    """Packed sequences are padded to a multiple of this (mcore/packing.pad_multiple's rule)."""
+    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+    return (2 * cp if cp > 1 else 1) * (tp if parallel.sequence_parallel else 1)
+
+
 def validate_lengths(config: Config, shape: ModelShape) -> None:
-    """Prompt + response must fit the model's positions and the CP/TP padding granularity."""
+    """Prompt + response must fit the model's positions, and one padded sequence one micro-batch.
+
+    A micro-batch holds `train.max_tokens_per_microbatch` padded tokens per context-parallel rank
+    (mcore/packing.py), so the longest sequence, padded, must fit `max_tokens_per_microbatch * CP`.
+    """
     total = config.rollout.max_prompt_length + config.rollout.max_response_length
     if shape.max_position_embeddings and total > shape.max_position_embeddings:
         raise ValueError(
@@ -179,10 +194,15 @@ def validate_lengths(config: Config, shape: ModelShape) -> None:
             f"max_position_embeddings={shape.max_position_embeddings}; lower rollout.max_prompt_length "
             "or use a model (or RoPE scaling) with longer positions"
         )
-    if config.train.max_tokens_per_microbatch < total:
+    multiple = pad_multiple(config.parallel)
+    cp = config.parallel.context_parallel_size
+    padded = max(multiple, -(-total // multiple) * multiple)
+    need = -(-padded // cp)
+    if config.train.max_tokens_per_microbatch < need:
+        per_rank = f" padded to {padded} over CP={cp} ranks" if padded != total or cp > 1 else ""
         raise ValueError(
             f"train.max_tokens_per_microbatch={config.train.max_tokens_per_microbatch} is smaller than "
-            f"one full sequence ({total} tokens): raise it to at least {total}"
+            f"one full sequence ({total} tokens{per_rank}): raise it to at least {need}"
         )
 
 
@@ -190,7 +210,7 @@ _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def estimate_memory_gib(config: Config, shape: ModelShape, layout: Layout) -> dict[str, float]:
-    """Rough per-rank memory of the training phase, in GiB (what `train --dry-run` prints).
+    """Rough per-rank memory of the training phase, in GiB (what `train --plan` prints).
 
     Weights and gradients in the training dtype (fp32 grads when the model is fp32), fp32 master weights plus two
     Adam moments sharded over data-parallel ranks by the distributed optimizer, and the activations of one

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import signal
 from pathlib import Path
 from typing import Any
 
+from megatron_spell import preflight
 from megatron_spell.checkpointing import CheckpointManager, RLState, capture_rng, restore_rng
 from megatron_spell.config import Config, dump_config, format_config
-from megatron_spell.layout import ModelShape, validate_layout, validate_lengths
 from megatron_spell.loop import Collective, Run, replay_step, spell_step
 from megatron_spell.metrics import MetricsLogger
+from megatron_spell.preflight import DryRun
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,14 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def build_run(config: Config, *, replay: bool = False) -> tuple[Run, Any, Any]:
-    """Build data, model, optimizer and (unless replaying) the vLLM engine for this rank."""
+def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple[Run, Any, Any]:
+    """Build data, model, optimizer and (unless replaying) the vLLM engine for this rank.
+
+    `checked` is the pre-flight's result (the corpus it loaded and checked).
+    """
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from megatron_spell.data.corpus import load_corpus
     from megatron_spell.data.curriculum import CurriculumSchedule
     from megatron_spell.data.history import HistoryMemory
     from megatron_spell.data.sampler import DomainSampler, assign_tasks
@@ -91,8 +93,8 @@ def build_run(config: Config, *, replay: bool = False) -> tuple[Run, Any, Any]:
 
     ctx = init_parallel(config.parallel, seed=config.train.seed)
     d = config.data
-    corpus, stats = load_corpus(list(d.paths))
-    log.info("corpus: %s", stats)
+    corpus = checked.corpus
+    log.info("corpus: %s", checked.corpus_stats)
     task_rows = assign_tasks(corpus, d.tasks, random.Random(d.seed))
     sampler = DomainSampler(task_rows, d.domain_weights, d.gen_batch_size, seed=d.seed)
     history = HistoryMemory(
@@ -193,18 +195,19 @@ def _restore(run: Run, state: RLState) -> None:
 
 
 def run(config: Config, *, replay_dir: str | None = None) -> int:
-    """Train until `train.total_steps`; returns the process exit code."""
+    """Train until `train.total_steps`; returns the process exit code.
+
+    The pre-flight (`preflight.dry_run`, what `train --dry-run` runs) comes first, on every rank and
+    before torch.distributed starts: a setting that cannot run fails here, not after the build.
+    """
     import torch.distributed as dist
 
-    shape = ModelShape.from_hf_dir(config.model.hf_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_layout(config.parallel, shape, world)
-    validate_lengths(config, shape)
-    if replay_dir is not None and not Path(replay_dir).is_dir():
-        raise FileNotFoundError(f"--replay {replay_dir}: no such directory of dumped rollouts")
+    world = preflight.launched_world_size()
+    preflight.check_launched_world(config, world)
+    checked = preflight.dry_run(config, world_size=world, replay_dir=replay_dir)
     run_dir = Path(config.run_dir)
     preempt = _Preemption()
-    run_, _ctx, policy = build_run(config, replay=replay_dir is not None)
+    run_, _ctx, policy = build_run(config, checked, replay=replay_dir is not None)
     rank = dist.get_rank()
     if rank == 0:
         dump_config(config, run_dir / "config.yaml")

@@ -6,14 +6,16 @@ columns are ignored. Files are read with the `datasets` library ("parquet" or "j
 .parquet, .jsonl, .json; a JSON file may hold one array of rows or one object per line). A path may be a
 file, a directory (all such files inside, sorted, recursively) or a list of them.
 
-Schema errors are ValueErrors that name the file, the row and the field. Empty or whitespace-only documents
-are skipped and counted (`CorpusStats.num_empty_docs`); a row left without documents is skipped and counted
-(`num_empty_rows`). Duplicate (data_source, question_id) pairs are an error, since the history memory is
-keyed by them.
+Schema errors are ValueErrors that name the file, the row and the field; an empty file, a JSON
+line that does not parse (with its line number) and a file without one usable row are errors too.
+Empty or whitespace-only documents are skipped and counted (`CorpusStats.num_empty_docs`); a row
+left without documents is skipped and counted (`num_empty_rows`). Duplicate (data_source,
+question_id) pairs are an error, since the history memory is keyed by them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +61,10 @@ def resolve_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
                 )
             files.append(path)
         else:
-            raise ValueError(f"data.paths: {path} does not exist")
+            raise ValueError(
+                f"data.paths: {path} does not exist; fix the path (files or directories of "
+                f"{', '.join(SUFFIXES)} files)"
+            )
     if not files:
         raise ValueError(
             "data.paths is empty: give at least one parquet/JSONL/JSON file or directory"
@@ -70,6 +75,8 @@ def resolve_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
 def _read_rows(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
     import datasets  # imported lazily: it is heavy and only data loading needs it
 
+    if path.stat().st_size == 0:
+        raise ValueError(f"data.paths: corpus file {path} is empty (0 bytes)")
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(
@@ -80,13 +87,63 @@ def _read_rows(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
             cache_dir=cache_dir,
         )
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise ValueError(f"corpus file {path} could not be read: {exc}") from exc
+        if SUFFIXES[path.suffix] == "json":
+            _diagnose_json(path)  # names the line when it can
+        elif _parquet_rows(path) == 0:
+            raise ValueError(f"data.paths: corpus file {path} holds no rows") from exc
+        raise ValueError(f"data.paths: corpus file {path} could not be read: {exc!r}") from exc
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:
         raise ValueError(
             f"corpus file {path}: missing column(s) {missing}; every row needs {list(REQUIRED)}"
         )
     return ds.select_columns(list(REQUIRED)).to_list()
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """Row count from a parquet file's footer (None: not parquet); `datasets` fails on 0 rows."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - not a parquet file: the caller reports the datasets error
+        return None
+
+
+def _diagnose_json(path: Path) -> None:
+    """Raise the precise error of a JSON/JSONL file `datasets` failed to read (its line number)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"data.paths: corpus file {path} is empty (whitespace only)")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        if not whole:
+            raise ValueError(f"data.paths: corpus file {path} holds an empty JSON array (no rows)")
+        for i, row in enumerate(whole):
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"data.paths: corpus file {path}, row {i}: a row must be a JSON object, got "
+                    f"{type(row).__name__}"
+                )
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"data.paths: corpus file {path}, line {n}: not valid JSON ({exc.msg} at column "
+                f"{exc.colno}); every line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"data.paths: corpus file {path}, line {n}: a row must be a JSON object, got "
+                f"{type(row).__name__}"
+            )
 
 
 def _row_to_docset(row: dict[str, Any], path: Path, index: int) -> tuple[DocSet | None, int]:
@@ -126,6 +183,7 @@ def load_corpus(
     empty_docs = empty_rows = 0
     for path in files:
         rows_of_file = _read_rows(path, None if cache_dir is None else str(cache_dir))
+        kept = 0
         for index, row in enumerate(rows_of_file):
             docset, empty = _row_to_docset(row, path, index)
             empty_docs += empty
@@ -141,6 +199,12 @@ def load_corpus(
                 )
             seen[key] = where
             rows.append(docset)
+            kept += 1
+        if not kept:
+            raise ValueError(
+                f"data.paths: corpus file {path} has no usable rows ({len(rows_of_file)} rows, "
+                "none with a non-empty document); fill its paragraphs or drop the file"
+            )
     stats = CorpusStats(
         num_files=len(files),
         num_rows=len(rows),

