@@ -4,6 +4,7 @@ import json
 
 from megatron_spell.config import SpellConfig
 from megatron_spell.gen_round import QuestionerInput, run_gen_round
+from megatron_spell.rollout.lockstep import LockstepEngine
 from megatron_spell.spell import prompts
 from megatron_spell.types import CaseType, Completion, DocSet, Role, Task
 
@@ -82,6 +83,11 @@ class FakeGenerator:
         return out
 
 
+def one_rank(gen, structured=()):
+    """The round's role-level generator over a scripted engine on a single rank."""
+    return LockstepEngine(gen, structured=structured, lockstep=False)
+
+
 def test_round_cases_rewards_and_candidates():
     chat = FakeChat()
     gen = FakeGenerator(chat)
@@ -92,7 +98,9 @@ def test_round_cases_rewards_and_candidates():
         QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),  # all correct
     ]
     spell = SpellConfig(responder_n=4, verifier_n=4)
-    res = run_gen_round(inputs, gen, chat, spell, uid_prefix="s0r0", max_response_tokens=64)
+    res = run_gen_round(
+        inputs, one_rank(gen), chat, spell, uid_prefix="s0r0", max_response_tokens=64
+    )
     cases = {s.uid: s.case for s in res.questioner}
     assert cases == {
         "s0r0q0": None,
@@ -127,7 +135,9 @@ def test_round_with_nothing_parsed_is_empty_not_a_crash():
     chat = FakeChat()
     gen = FakeGenerator(chat)
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(2,))]
-    res = run_gen_round(inputs, gen, chat, SpellConfig(), uid_prefix="x", max_response_tokens=8)
+    res = run_gen_round(
+        inputs, one_rank(gen), chat, SpellConfig(), uid_prefix="x", max_response_tokens=8
+    )
     assert res.responder_groups == [] and res.verifier_candidates == []
     assert [s.case for s in res.questioner] == [CaseType.BAD_FORMAT]
 
@@ -145,7 +155,12 @@ def test_overlong_responder_prompt_is_dropped():
     gen = Overlong(chat)
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
     res = run_gen_round(
-        inputs, gen, chat, SpellConfig(responder_n=2), uid_prefix="x", max_response_tokens=8
+        inputs,
+        one_rank(gen),
+        chat,
+        SpellConfig(responder_n=2),
+        uid_prefix="x",
+        max_response_tokens=8,
     )
     assert res.responder_groups == [] and res.questioner == []
     assert res.metrics["responder/overlong_dropped"] == 1
@@ -163,12 +178,11 @@ def test_structured_roles_call_once_per_task_with_their_constraints():
     ]
     res = run_gen_round(
         inputs,
-        gen,
+        one_rank(gen, structured=("questioner", "responder")),
         chat,
         SpellConfig(responder_n=2, verifier_n=2, tasks=("doc_general_qa",)),
         uid_prefix="x",
         max_response_tokens=8,
-        structured=("questioner", "responder"),
     )
     tasks = list(Task)  # general QA, MC, docmath
     # one call per task, also docmath_qa without prompts here and not in spell.tasks (lockstep ranks)
@@ -189,12 +203,11 @@ def test_structured_verifier_is_one_call_with_the_decision_pattern():
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
     run_gen_round(
         inputs,
-        gen,
+        one_rank(gen, structured=("verifier",)),
         chat,
         SpellConfig(responder_n=2, verifier_n=3),
         uid_prefix="x",
         max_response_tokens=8,
-        structured=("verifier",),
     )
     assert gen.schemas[:3] == [None] * 3
     assert [c.regex for c in gen.schemas[3:]] == [VERIFIER_PATTERN]
