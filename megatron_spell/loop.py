@@ -34,15 +34,9 @@ from megatron_spell.data.curriculum import CurriculumSchedule, draw_num_new_docs
 from megatron_spell.data.history import HistoryMemory
 from megatron_spell.data.sampler import DomainSampler
 from megatron_spell.dump import dump_batch, load_dumped_batch
-from megatron_spell.gen_round import (
-    ChatRenderer,
-    QuestionerInput,
-    RoleGenerator,
-    RoundResult,
-    merge_rounds,
-    run_gen_round,
-)
+from megatron_spell.gen_round import ChatRenderer, RoleGenerator, run_gen_round
 from megatron_spell.metrics import MetricsLogger
+from megatron_spell.round_records import QuestionerInput, RoundResult, merge_rounds
 from megatron_spell.spell.advantages import with_advantages
 from megatron_spell.spell.batching import BatchConfig, StepAccumulator, build_final_batch
 from megatron_spell.types import DocSet, Role, TrainBatch

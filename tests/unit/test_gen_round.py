@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from megatron_spell.config import SpellConfig
 from megatron_spell.gen_round import QuestionerInput, run_gen_round
 from megatron_spell.rollout.lockstep import LockstepEngine
@@ -125,6 +127,7 @@ def test_round_cases_rewards_and_candidates():
     assert all(t.role is Role.VERIFIER for t in cand.trajectories)
     assert res.metrics["questioner/bad_format_frac"] == 0.25
     assert res.metrics["questioner/bad_ground_frac"] == 0.25
+    assert res.metrics["questioner/overlong_dropped"] == 0
     assert res.metrics["responder/reward_mean"] == 0.75
     rates = {h.entry.question: h.success_rate for h in res.history}
     assert rates == {"Who is in Alpha?": 0.5, "Which doc mentions Alice?": 1.0}
@@ -212,3 +215,69 @@ def test_structured_verifier_is_one_call_with_the_decision_pattern():
     assert gen.schemas[:3] == [None] * 3
     assert [c.regex for c in gen.schemas[3:]] == [VERIFIER_PATTERN]
     assert gen.calls[3][1] == 3
+
+
+def test_overlong_questioner_prompt_is_counted_on_its_own():
+    chat = FakeChat()
+
+    class OverlongQuestioner(FakeGenerator):
+        def generate(self, prompt_ids, n, *, max_tokens=None, constraint=None):
+            out = super().generate(prompt_ids, n, max_tokens=max_tokens)
+            if len(self.calls) == 1:  # the questioner call: the engine excludes the second prompt
+                out[1] = []
+            return out
+
+    gen = OverlongQuestioner(chat)
+    inputs = [
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),
+    ]
+    res = run_gen_round(
+        inputs,
+        one_rank(gen),
+        chat,
+        SpellConfig(responder_n=2),
+        uid_prefix="x",
+        max_response_tokens=8,
+    )
+    assert [s.uid for s in res.questioner] == ["xq0"]
+    assert res.metrics["questioner/overlong_dropped"] == 1
+    assert res.metrics["questioner/num_prompts"] == 2
+    assert res.metrics["questioner/dropped_frac"] == 0.5  # all silent drops, the overlong one too
+    assert res.metrics["questioner/parsed_frac"] == 0.5
+    assert [g.uid for g in res.responder_groups] == ["xq0"]
+
+
+def test_rounds_of_two_ranks_merge_to_the_round_of_all_prompts():
+    """Each metric merges by its own reduction: splitting prompts over ranks changes no metric."""
+    from megatron_spell.gen_round import merge_rounds
+
+    inputs = [
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(2,)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(1,)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 2)),
+    ]
+    spell = SpellConfig(responder_n=4, verifier_n=3)
+
+    def one_round(part, prefix):
+        chat = FakeChat()
+        return run_gen_round(
+            part,
+            one_rank(FakeGenerator(chat)),
+            chat,
+            spell,
+            uid_prefix=prefix,
+            max_response_tokens=8,
+        )
+
+    whole = one_round(inputs, "a")
+    merged = merge_rounds([one_round(inputs[:1], "p0"), one_round(inputs[1:], "p1")])
+    assert set(merged.metrics) == set(whole.metrics)
+    for key, value in whole.metrics.items():
+        assert merged.metrics[key] == pytest.approx(value), key
+    assert whole.metrics["questioner/num_prompts"] == 5
+    assert 0 < whole.metrics["verifier/agreement"] < 1
+    assert len(merged.responder_groups) == len(whole.responder_groups)
+    assert [s.uid for s in merged.questioner][:1] == ["p0q0"]

@@ -110,3 +110,10 @@ def test_shortfall_errors_or_trains_available(tmp_path):
     out = spell_step(run)
     assert out["batch/shortfall"] == 2 and out["train/skipped_empty"] == 1.0
     assert out["batch/num_gen_rounds"] == 3
+
+
+def test_step_without_an_engine_names_replay(tmp_path):
+    run = make_run(tmp_path)
+    run.engine = None
+    with pytest.raises(ValueError, match="built for replay"):
+        spell_step(run)
