@@ -112,14 +112,25 @@ def run_gen_round(
     max_response_tokens: int,
 ) -> RoundResult:
     """Run every role of one round on `inputs`; see the module docstring for the steps."""
-    env = {"generator": generator, "chat": chat, "spell": spell}
-    questions = ask(inputs, **env, uid_prefix=uid_prefix, max_tokens=max_response_tokens)
+    max_tokens = max_response_tokens
+    questions = ask(
+        inputs,
+        generator=generator,
+        chat=chat,
+        spell=spell,
+        uid_prefix=uid_prefix,
+        max_tokens=max_tokens,
+    )
     if spell.filter_questioner_prompts:
-        grounded = ground(questions, **env)
+        grounded = ground(questions, generator=generator, chat=chat, spell=spell)
     else:
         grounded = GroundedQuestions(questions.parsed, frozenset(), {}, 0.0)
-    responses = respond(grounded, **env, max_tokens=max_response_tokens)
-    judgements = judge(responses, **env, max_tokens=max_response_tokens)
+    responses = respond(
+        grounded, generator=generator, chat=chat, spell=spell, max_tokens=max_tokens
+    )
+    judgements = judge(
+        responses, generator=generator, chat=chat, spell=spell, max_tokens=max_tokens
+    )
     return score(questions, grounded, responses, judgements, spell=spell)
 
 

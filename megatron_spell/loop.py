@@ -2,7 +2,8 @@
 
     repeat (one gen round):
         questioner prompts  <- domain sampler + history memory + document curriculum      (spec 4)
-        round               <- questioner -> grounding filter -> responder x n -> verifier x n   (gen_round)
+        round               <- questioner -> grounding filter -> responder x n -> verifier x n
+                               -> Eq. 6 rewards                                          (gen_round)
         history memory      <- questions whose success passes the gate                   (spec 4.1)
         accumulate; dynamic-sampling filter                                              (spec 1.5)
     until enough responder groups (or an error after spell.max_num_gen_batches rounds)
