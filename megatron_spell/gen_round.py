@@ -1,43 +1,59 @@
 """One generation round of SPELL (spec section 1.1, the body of the `repeat:` loop; sections 1.2-1.5, 3.2-3.4).
 
-questioner (n=1) -> parse -> grounding pre-filter (no-context responder, n=1) -> responder over all documents
-(n) -> rule scores -> verifier (n per judged response) -> votes -> combined responder rewards, verifier
-judgement rewards and training candidates -> history-memory candidates.
+A round is five named steps, each returning a frozen record that the next one reads:
 
-The round talks to the model only through `Generator.generate` on token ids and to the tokenizer through
+    ask        questioner (n=1) -> parse                                      -> Questions
+    ground     grounding pre-filter (no-context responder, n=1)               -> GroundedQuestions
+    respond    responder over all documents (n) -> rule scores                -> Responses
+    judge      verifier (n per judged response) -> votes, training candidates -> Judgements
+    score      Eq. 6 combined responder rewards, history-memory candidates    -> RoundResult
+
+The round talks to the model only through `RoleGenerator.generate` on token ids and to the tokenizer through
 `ChatRenderer`; it imports neither vLLM nor Megatron, so it runs unchanged with a scripted generator in unit
-tests and with the colocated vLLM engine in training.
+tests and with the colocated vLLM engine in training. The generator is role level: which calls reach the
+engine (one per task for a constrained role, a dummy on an empty lockstep rank) is decided in one place,
+`rollout/lockstep.py`.
 
 Decisions (spec section 9):
-* Item 9: silent drops (unclosed think, invalid docmath number, overlong answer, overlong responder prompt)
-  are counted in `metrics` (`questioner/dropped_frac`, `responder/overlong_dropped`), never trained on.
+* Item 9: silent drops (unclosed think, invalid docmath number, overlong answer, overlong questioner prompt,
+  overlong responder prompt) are counted in `metrics` (`questioner/dropped_frac`, which includes the
+  overlong questioner prompts that are also counted on their own as `questioner/overlong_dropped`, and
+  `responder/overlong_dropped`), never trained on.
 * Item 8: the pre-filter for doc_mc keeps the reference rule (one no-context sample, score >= threshold);
   `spell.filter_questioner_prompts=false` turns it off.
 * Responses whose prediction does not parse are not judged (the reference's rule); their reward is the rule
   score (0).
-* `structured` (rollout.structured_outputs) constrains the named roles to the spec's formats (spell/schemas.py,
-  a deviation for small models). A constrained phase makes one generate call per task, in `Task` order,
-  whether or not this rank has prompts of that task, so that lockstep ranks make the same calls.
+* Metrics carry their reduction (`metrics.Sum`, `metrics.Mean`), so rounds of several rollout groups and of
+  several rounds merge exactly (`merge_rounds`). The records of the steps are in `round_records.py`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Protocol
 
 from megatron_spell.config import SpellConfig
+from megatron_spell.metrics import Mean, Metric, Sum, merge_metrics
+from megatron_spell.round_records import (
+    GroundedQuestions,
+    HistoryCandidate,
+    Judgements,
+    Question,
+    QuestionerInput,
+    Questions,
+    ResponseGroup,
+    Responses,
+    RoundResult,
+    merge_rounds,
+)
 from megatron_spell.spell import prompts, rewards, scorers, verifier
 from megatron_spell.spell.parsing import is_bad_ground, parse_questioner
-from megatron_spell.spell.schemas import output_constraint
 from megatron_spell.types import (
     CaseType,
     Completion,
-    DocSet,
     HistoryEntry,
-    OutputConstraint,
     ParsedQA,
     QuestionerSample,
     ResponderGroup,
@@ -47,23 +63,34 @@ from megatron_spell.types import (
     VerifierGroup,
 )
 
+__all__ = [
+    "ChatRenderer",
+    "QuestionerInput",
+    "RoleGenerator",
+    "RoundResult",
+    "as_chat_renderer",
+    "merge_rounds",
+    "run_gen_round",
+]
+
 log = logging.getLogger(__name__)
 
 
-class Generator(Protocol):
-    """What a round needs from the rollout engine. An excluded (overlong) prompt yields an empty list.
+class RoleGenerator(Protocol):
+    """What a round needs from the rollout side (`rollout.lockstep.LockstepEngine`).
 
-    A round calls `generate` the same number of times whatever its prompts (also with an empty list), because
-    the engines of several ranks run vLLM data parallel in lockstep: every rank must enter every call.
+    Completions of `prompts` (prompt i asks a `tasks[i]` question) for `role`, n per prompt; an excluded
+    (overlong) prompt yields an empty list.
     """
 
     def generate(
         self,
+        role: Role,
+        tasks: Sequence[Task],
         prompts: Sequence[Sequence[int]],
         n: int,
         *,
         max_tokens: int | None = None,
-        constraint: OutputConstraint | None = None,
     ) -> list[list[Completion]]: ...
 
 
@@ -75,117 +102,61 @@ class ChatRenderer(Protocol):
     def count_tokens(self, text: str) -> int: ...
 
 
-@dataclass(frozen=True)
-class QuestionerInput:
-    """One questioner prompt to make: the task, the row, the documents shown and the history examples."""
-
-    task: Task
-    docset: DocSet
-    evidence: tuple[int, ...]  # indices into docset.paragraphs, in original order
-    history: tuple[HistoryEntry, ...] = ()
-
-
-@dataclass(frozen=True)
-class HistoryCandidate:
-    """A question whose responder success passed to the memory gate decision (made by the caller)."""
-
-    task: Task
-    question_id: str
-    entry: HistoryEntry
-    success_rate: float
-
-
-@dataclass
-class RoundResult:
-    questioner: list[QuestionerSample] = field(default_factory=list)
-    responder_groups: list[ResponderGroup] = field(default_factory=list)
-    verifier_candidates: list[VerifierGroup] = field(default_factory=list)
-    history: list[HistoryCandidate] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    records: list[dict] = field(
-        default_factory=list
-    )  # per-question rollout dump (logging.dump_rollouts)
-    seconds: dict[str, float] = field(default_factory=dict)  # generate wall time per role
-
-
-@dataclass
-class _Question:
-    inp: QuestionerInput
-    uid: str
-    trajectory: Trajectory
-    parsed: ParsedQA
-
-
-def _frac(num: int, den: int) -> float:
-    return num / den if den else 0.0
-
-
 def run_gen_round(
     inputs: Sequence[QuestionerInput],
-    generator: Generator,
+    generator: RoleGenerator,
     chat: ChatRenderer,
     spell: SpellConfig,
     *,
     uid_prefix: str,
     max_response_tokens: int,
-    structured: Collection[str] = (),
 ) -> RoundResult:
-    """Run every role of one round on `inputs`; see the module docstring for the order.
-
-    `structured` names the roles constrained to the spec's formats (rollout.structured_outputs).
-    """
-    result = RoundResult()
-    gen = _RoleGenerator(generator, structured, result.seconds)
-    questions = _questioner_phase(inputs, gen, chat, spell, uid_prefix, max_response_tokens, result)
+    """Run every role of one round on `inputs`; see the module docstring for the steps."""
+    max_tokens = max_response_tokens
+    questions = ask(
+        inputs,
+        generator=generator,
+        chat=chat,
+        spell=spell,
+        uid_prefix=uid_prefix,
+        max_tokens=max_tokens,
+    )
     if spell.filter_questioner_prompts:
-        questions = _grounding_filter(questions, gen, chat, spell, result)
-    groups = _responder_phase(questions, gen, chat, spell, max_response_tokens, result)
-    _verifier_phase(questions, groups, gen, chat, spell, max_response_tokens, result)
-    return result
+        grounded = ground(questions, generator=generator, chat=chat, spell=spell)
+    else:
+        grounded = GroundedQuestions(questions.parsed, frozenset(), {}, 0.0)
+    responses = respond(
+        grounded, generator=generator, chat=chat, spell=spell, max_tokens=max_tokens
+    )
+    judgements = judge(
+        responses, generator=generator, chat=chat, spell=spell, max_tokens=max_tokens
+    )
+    return score(questions, grounded, responses, judgements, spell=spell)
 
 
-class _RoleGenerator:
-    """`Generator` calls per role: plain, or one constrained call per task (lockstep ranks)."""
-
-    def __init__(
-        self, generator: Generator, structured: Collection[str], seconds: dict[str, float]
-    ):
-        self._gen, self._structured = generator, {Role(r) for r in structured}
-        self._seconds = seconds
-
-    def __call__(self, role, tasks, prompt_ids, n, max_tokens) -> list[list[Completion]]:
-        """Completions of `prompt_ids` (prompt i asks a `tasks[i]` question) for `role`, n per prompt."""
-        t0 = time.perf_counter()
-        try:
-            return self._generate(role, tasks, prompt_ids, n, max_tokens)
-        finally:
-            key = role.value
-            self._seconds[key] = self._seconds.get(key, 0.0) + time.perf_counter() - t0
-
-    def _generate(self, role, tasks, prompt_ids, n, max_tokens) -> list[list[Completion]]:
-        if role not in self._structured:
-            return self._gen.generate(prompt_ids, n, max_tokens=max_tokens)
-        if role is Role.VERIFIER:  # one format for every task
-            return self._gen.generate(
-                prompt_ids, n, max_tokens=max_tokens, constraint=output_constraint(role)
-            )
-        outputs: list[list[Completion]] = [[] for _ in prompt_ids]
-        # every task, present on this rank or not: engines of several ranks must make the same calls (an
-        # empty call costs one dummy token in lockstep, nothing on one rank)
-        for task in Task:
-            idx = [i for i, t in enumerate(tasks) if t is task]
-            outs = self._gen.generate(
-                [prompt_ids[i] for i in idx],
-                n,
-                max_tokens=max_tokens,
-                constraint=output_constraint(role, task),
-            )
-            for i, o in zip(idx, outs):
-                outputs[i] = o
-        return outputs
+def _timed_generate(
+    generator: RoleGenerator,
+    role: Role,
+    tasks: Sequence[Task],
+    prompt_ids: Sequence[Sequence[int]],
+    n: int,
+    max_tokens: int | None,
+) -> tuple[list[list[Completion]], float]:
+    t0 = time.perf_counter()
+    outputs = generator.generate(role, tasks, prompt_ids, n, max_tokens=max_tokens)
+    return outputs, time.perf_counter() - t0
 
 
-def _questioner_phase(inputs, gen, chat, spell, uid_prefix, max_tokens, result) -> list[_Question]:
+def ask(
+    inputs: Sequence[QuestionerInput],
+    *,
+    generator: RoleGenerator,
+    chat: ChatRenderer,
+    spell: SpellConfig,
+    uid_prefix: str,
+    max_tokens: int,
+) -> Questions:
+    """The questioner writes one question per input; parse it (spec 1.2, 3.2)."""
     prompt_ids = [
         chat.render(
             prompts.questioner_prompt(
@@ -194,126 +165,133 @@ def _questioner_phase(inputs, gen, chat, spell, uid_prefix, max_tokens, result) 
         )
         for inp in inputs
     ]
-    outputs = gen(Role.QUESTIONER, [inp.task for inp in inputs], prompt_ids, 1, max_tokens)
-    questions: list[_Question] = []
-    cases = {"bad_format": 0, "dropped": 0}
-    for i, (inp, ids, outs) in enumerate(zip(inputs, prompt_ids, outputs)):
+    outputs, seconds = _timed_generate(
+        generator, Role.QUESTIONER, [inp.task for inp in inputs], prompt_ids, 1, max_tokens
+    )
+    samples: list[QuestionerSample] = []
+    parsed_qs: list[Question] = []
+    bad_format = dropped = overlong = 0
+    for i, (inp, ids, outs) in enumerate(zip(inputs, prompt_ids, outputs, strict=True)):
         uid = f"{uid_prefix}q{i}"
         if not outs:  # the questioner prompt itself was over the length limit
-            cases["dropped"] += 1
+            overlong += 1
+            dropped += 1
             continue
-        comp = outs[0]
         traj = Trajectory(
-            role=Role.QUESTIONER, task=inp.task, uid=uid, prompt_ids=tuple(ids), completion=comp
+            role=Role.QUESTIONER, task=inp.task, uid=uid, prompt_ids=tuple(ids), completion=outs[0]
         )
         parsed = parse_questioner(
             inp.task,
-            comp.text,
+            outs[0].text,
             count_tokens=chat.count_tokens,
             max_answer_tokens=spell.max_answer_tokens,
         )
         if isinstance(parsed, ParsedQA):
-            questions.append(_Question(inp, uid, traj, parsed))
-            result.questioner.append(QuestionerSample(uid=uid, task=inp.task, trajectory=traj))
+            parsed_qs.append(Question(inp, uid, traj, parsed))
+            samples.append(QuestionerSample(uid=uid, task=inp.task, trajectory=traj))
         elif parsed.case is CaseType.BAD_FORMAT:
-            cases["bad_format"] += 1
-            result.questioner.append(
+            bad_format += 1
+            samples.append(
                 QuestionerSample(uid=uid, task=inp.task, trajectory=traj, case=CaseType.BAD_FORMAT)
             )
         else:
-            cases["dropped"] += 1
+            dropped += 1
     n = len(inputs)
-    result.metrics.update(
-        {
-            "questioner/num_prompts": n,
-            "questioner/parsed_frac": _frac(len(questions), n),
-            "questioner/bad_format_frac": _frac(cases["bad_format"], n),
-            "questioner/dropped_frac": _frac(cases["dropped"], n),
-            "questioner/docs_per_prompt": _frac(sum(len(x.evidence) for x in inputs), n),
-            "questioner/with_history_frac": _frac(sum(1 for x in inputs if x.history), n),
-            "questioner/response_tokens": sum(len(o[0].token_ids) for o in outputs if o),
-        }
-    )
-    return questions
+    metrics: dict[str, Metric] = {
+        "questioner/num_prompts": Sum(n),
+        "questioner/parsed_frac": Mean(len(parsed_qs), n),
+        "questioner/bad_format_frac": Mean(bad_format, n),
+        "questioner/dropped_frac": Mean(dropped, n),
+        "questioner/overlong_dropped": Sum(overlong),
+        "questioner/docs_per_prompt": Mean(sum(len(x.evidence) for x in inputs), n),
+        "questioner/with_history_frac": Mean(sum(1 for x in inputs if x.history), n),
+        "questioner/response_tokens": Sum(sum(len(o[0].token_ids) for o in outputs if o)),
+    }
+    return Questions(tuple(samples), tuple(parsed_qs), n, metrics, seconds)
 
 
-def _mark(result: RoundResult, uid: str, case: CaseType) -> None:
-    for i, sample in enumerate(result.questioner):
-        if sample.uid == uid:
-            result.questioner[i] = QuestionerSample(
-                uid=uid, task=sample.task, trajectory=sample.trajectory, case=case
-            )
-
-
-def _grounding_filter(questions, gen, chat, spell, result) -> list[_Question]:
+def ground(
+    questions: Questions, *, generator: RoleGenerator, chat: ChatRenderer, spell: SpellConfig
+) -> GroundedQuestions:
     """Answer each question without documents (n=1); a rule score >= threshold is bad_ground (spec 1.4)."""
+    parsed = questions.parsed
     ids = [
         chat.render(prompts.responder_prompt(q.parsed.task, prompts.NO_CONTEXT, q.parsed.question))
-        for q in questions
+        for q in parsed
     ]
-    outputs = gen(Role.RESPONDER, [q.parsed.task for q in questions], ids, 1, None)
-    kept = []
-    for q, outs in zip(questions, outputs):
+    outputs, seconds = _timed_generate(
+        generator, Role.RESPONDER, [q.parsed.task for q in parsed], ids, 1, None
+    )
+    kept, bad = [], set()
+    for q, outs in zip(parsed, outputs, strict=True):
         scores = [
             scorers.score(q.parsed.task, o.text, q.parsed.answer, qa_metric=spell.doc_qa_metric)
             for o in outs
         ]
         if is_bad_ground(scores, spell.ground_threshold):
-            _mark(result, q.uid, CaseType.BAD_GROUND)
+            bad.add(q.uid)
         else:
             kept.append(q)
-    result.metrics["questioner/bad_ground_frac"] = _frac(
-        len(questions) - len(kept), int(result.metrics.get("questioner/num_prompts", 0))
-    )
-    return kept
+    metrics = {"questioner/bad_ground_frac": Mean(len(bad), questions.num_prompts)}
+    return GroundedQuestions(tuple(kept), frozenset(bad), metrics, seconds)
 
 
-@dataclass
-class _Responses:
-    question: _Question
-    completions: list[Completion]
-    prompt_ids: tuple[int, ...]
-    scores: list[float]
-    predictions: list[str | None]
-
-
-def _responder_phase(questions, gen, chat, spell, max_tokens, result) -> list[_Responses]:
-    ids = []
-    for q in questions:
-        docs = "\n".join(q.inp.docset.paragraphs)
-        ids.append(chat.render(prompts.responder_prompt(q.parsed.task, docs, q.parsed.question)))
+def respond(
+    grounded: GroundedQuestions,
+    *,
+    generator: RoleGenerator,
+    chat: ChatRenderer,
+    spell: SpellConfig,
+    max_tokens: int,
+) -> Responses:
+    """The responder answers each kept question n times over all its documents; rule scores (spec 3.1)."""
+    questions = grounded.kept
+    ids = [
+        chat.render(
+            prompts.responder_prompt(
+                q.parsed.task, "\n".join(q.inp.docset.paragraphs), q.parsed.question
+            )
+        )
+        for q in questions
+    ]
     tasks = [q.parsed.task for q in questions]
-    outputs = gen(Role.RESPONDER, tasks, ids, spell.responder_n, max_tokens)
-    groups, overlong = [], 0
-    for q, pid, outs in zip(questions, ids, outputs):
+    outputs, seconds = _timed_generate(
+        generator, Role.RESPONDER, tasks, ids, spell.responder_n, max_tokens
+    )
+    groups, overlong = [], set()
+    for q, pid, outs in zip(questions, ids, outputs, strict=True):
         if (
             not outs
         ):  # responder prompt over the limit: dropped without reward or penalty (spec 1.2)
-            overlong += 1
-            _drop(result, q.uid)
+            overlong.add(q.uid)
             continue
         task = q.parsed.task
-        scores = [
+        scores = tuple(
             scorers.score(task, o.text, q.parsed.answer, qa_metric=spell.doc_qa_metric)
             for o in outs
-        ]
-        preds = [scorers.parse_prediction(task, o.text) for o in outs]
-        groups.append(_Responses(q, list(outs), tuple(pid), scores, preds))
-    result.metrics["responder/overlong_dropped"] = overlong
-    result.metrics["responder/response_tokens"] = sum(
-        len(o.token_ids) for g in groups for o in g.completions
-    )
-    return groups
+        )
+        preds = tuple(scorers.parse_prediction(task, o.text) for o in outs)
+        groups.append(ResponseGroup(q, tuple(pid), tuple(outs), scores, preds))
+    metrics: dict[str, Metric] = {
+        "responder/overlong_dropped": Sum(len(overlong)),
+        "responder/response_tokens": Sum(
+            sum(len(o.token_ids) for g in groups for o in g.completions)
+        ),
+    }
+    return Responses(tuple(groups), frozenset(overlong), metrics, seconds)
 
 
-def _drop(result: RoundResult, uid: str) -> None:
-    result.questioner = [s for s in result.questioner if s.uid != uid]
-
-
-def _verifier_phase(questions, groups, gen, chat, spell, max_tokens, result) -> None:
-    """Judge every parsable response n times; combine rewards; pick verifier training candidates."""
-    jobs = []  # (group index, response index, prompt ids)
-    for gi, g in enumerate(groups):
+def judge(
+    responses: Responses,
+    *,
+    generator: RoleGenerator,
+    chat: ChatRenderer,
+    spell: SpellConfig,
+    max_tokens: int,
+) -> Judgements:
+    """Judge every parsable response n times; majority votes; verifier training candidates (spec 3.3)."""
+    jobs: list[tuple[ResponseGroup, int, list[int]]] = []  # (group, response index, prompt ids)
+    for g in responses.groups:
         if g.question.parsed.task.value not in spell.tasks:
             continue
         for ri, pred in enumerate(g.predictions):
@@ -321,61 +299,78 @@ def _verifier_phase(questions, groups, gen, chat, spell, max_tokens, result) -> 
                 text = prompts.verifier_prompt(
                     g.question.parsed.question, pred, g.question.parsed.answer
                 )
-                jobs.append((gi, ri, chat.render(text)))
-    outputs = gen(Role.VERIFIER, (), [j[2] for j in jobs], spell.verifier_n, max_tokens)
-    majorities: dict[tuple[int, int], int] = {}
+                jobs.append((g, ri, chat.render(text)))
+    outputs, seconds = _timed_generate(
+        generator,
+        Role.VERIFIER,
+        [g.question.parsed.task for g, _, _ in jobs],
+        [pid for _, _, pid in jobs],
+        spell.verifier_n,
+        max_tokens,
+    )
+    majorities: dict[tuple[str, int], int] = {}
+    candidates: list[VerifierGroup] = []
     votes_all, invalid, agree = 0, 0, []
-    for (gi, ri, pid), outs in zip(jobs, outputs):
+    for (g, ri, pid), outs in zip(jobs, outputs, strict=True):
         if not outs:
             continue
         votes = [verifier.parse_vote(o.text) for o in outs]
         m = verifier.majority(votes)
-        majorities[(gi, ri)] = m
+        majorities[(g.question.uid, ri)] = m
         votes_all += len(votes)
         invalid += sum(1 for v in votes if v == verifier.INVALID)
         if m != verifier.INVALID:
             agree.append(verifier.agreement_ratio(votes, m))
-        rule = groups[gi].scores[ri]
         if spell.update_verifier and verifier.is_training_candidate(
             votes,
-            rule,
+            g.scores[ri],
             label_type=spell.verifier_label,
             lower_bound=spell.verifier_lower,
             upper_bound=spell.verifier_upper,
         ):
-            uid = f"{groups[gi].question.uid}r{ri}"
-            rewards_j = verifier.judgement_rewards(votes, m)
+            uid, task = f"{g.question.uid}r{ri}", g.question.parsed.task
             trajs = tuple(
                 Trajectory(
                     role=Role.VERIFIER,
-                    task=groups[gi].question.parsed.task,
+                    task=task,
                     uid=uid,
                     prompt_ids=tuple(pid),
                     completion=o,
                     reward=r,
                 )
-                for o, r in zip(outs, rewards_j)
+                for o, r in zip(outs, verifier.judgement_rewards(votes, m), strict=True)
             )
-            result.verifier_candidates.append(
-                VerifierGroup(uid=uid, task=groups[gi].question.parsed.task, trajectories=trajs)
-            )
-    _assemble_groups(groups, majorities, spell, result)
-    result.metrics.update(
-        {
-            "verifier/num_judged": len(jobs),
-            "verifier/invalid_vote_frac": _frac(invalid, votes_all),
-            "verifier/agreement": sum(agree) / len(agree) if agree else 0.0,
-            "verifier/num_candidates": len(result.verifier_candidates),
-        }
-    )
+            candidates.append(VerifierGroup(uid=uid, task=task, trajectories=trajs))
+    metrics: dict[str, Metric] = {
+        "verifier/num_judged": Sum(len(jobs)),
+        "verifier/invalid_vote_frac": Mean(invalid, votes_all),
+        "verifier/agreement": Mean.of(agree),
+        "verifier/num_candidates": Sum(len(candidates)),
+    }
+    return Judgements(majorities, tuple(candidates), metrics, seconds)
 
 
-def _assemble_groups(groups, majorities, spell, result) -> None:
-    rule_all, final_all = [], []
-    for gi, g in enumerate(groups):
+def score(
+    questions: Questions,
+    grounded: GroundedQuestions,
+    responses: Responses,
+    judgements: Judgements,
+    *,
+    spell: SpellConfig,
+) -> RoundResult:
+    """Eq. 6 responder rewards (rule score combined with the verifier majority), the questioner samples
+    with their cases, and the history-memory candidates: the round's result."""
+    groups: list[ResponderGroup] = []
+    history: list[HistoryCandidate] = []
+    records: list[dict] = []
+    rule_all: list[float] = []
+    final_all: list[float] = []
+    for g in responses.groups:
         q = g.question
         final = [
-            rewards.responder_reward(s, majorities.get((gi, ri), -100), spell.reward_combine)
+            rewards.responder_reward(
+                s, judgements.majorities.get((q.uid, ri), verifier.NOT_JUDGED), spell.reward_combine
+            )
             for ri, s in enumerate(g.scores)
         ]
         rule_all += g.scores
@@ -389,43 +384,59 @@ def _assemble_groups(groups, majorities, spell, result) -> None:
                 completion=o,
                 reward=r,
             )
-            for o, r in zip(g.completions, final)
+            for o, r in zip(g.completions, final, strict=True)
         )
-        result.responder_groups.append(
-            ResponderGroup(uid=q.uid, task=q.parsed.task, trajectories=trajs)
-        )
-        rate = sum(final) / len(final)
-        result.history.append(
+        groups.append(ResponderGroup(uid=q.uid, task=q.parsed.task, trajectories=trajs))
+        history.append(
             HistoryCandidate(
                 task=q.parsed.task,
                 question_id=q.inp.docset.question_id,
                 entry=HistoryEntry(
                     evidence=q.inp.evidence, question=q.parsed.question, answer=q.parsed.answer
                 ),
-                success_rate=rate,
+                success_rate=sum(final) / len(final),
             )
         )
-        result.records.append(
+        records.append(
             {
                 "uid": q.uid,
                 "task": q.parsed.task.value,
                 "question_id": q.inp.docset.question_id,
                 "question": q.parsed.question,
                 "answer": q.parsed.answer,
-                "rule_scores": g.scores,
+                "rule_scores": list(g.scores),
                 "rewards": final,
                 "responses": [o.text for o in g.completions],
             }
         )
-    result.metrics["responder/rule_score_mean"] = sum(rule_all) / len(rule_all) if rule_all else 0.0
-    result.metrics["responder/reward_mean"] = sum(final_all) / len(final_all) if final_all else 0.0
-    result.metrics["responder/pass_rate"] = (
-        sum(1 for g in result.responder_groups if any(t.reward > 0 for t in g.trajectories))
-        / len(result.responder_groups)
-        if result.responder_groups
-        else 0.0
+    samples = [
+        QuestionerSample(s.uid, s.task, s.trajectory, CaseType.BAD_GROUND)
+        if s.uid in grounded.bad_ground
+        else s
+        for s in questions.samples
+        if s.uid not in responses.overlong
+    ]
+    passed = sum(1 for g in groups if any(t.reward > 0 for t in g.trajectories))
+    own: dict[str, Metric] = {
+        "responder/rule_score_mean": Mean.of(rule_all),
+        "responder/reward_mean": Mean.of(final_all),
+        "responder/pass_rate": Mean(passed, len(groups)),
+        "responder/num_groups": Sum(len(groups)),
+    }
+    parts = (questions, grounded, responses, judgements)
+    return RoundResult(
+        questioner=samples,
+        responder_groups=groups,
+        verifier_candidates=list(judgements.candidates),
+        history=history,
+        stats=merge_metrics([*(p.metrics for p in parts), own]),
+        records=records,
+        seconds={
+            Role.QUESTIONER.value: questions.seconds,
+            Role.RESPONDER.value: grounded.seconds + responses.seconds,
+            Role.VERIFIER.value: judgements.seconds,
+        },
     )
-    result.metrics["responder/num_groups"] = len(result.responder_groups)
 
 
 def as_chat_renderer(tokenizer) -> ChatRenderer:
@@ -444,43 +455,3 @@ def as_chat_renderer(tokenizer) -> ChatRenderer:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return _Renderer()
-
-
-_SUMMED = ("num_", "_tokens", "overlong_dropped", "num_candidates")
-
-
-def merge_rounds(results: Sequence[RoundResult]) -> RoundResult:
-    """Concatenate the rounds of all rollout groups (rank order) and combine their metrics.
-
-    Counts (`num_*`, `*_tokens`, drops) are summed; fractions and means are averaged weighted by each part's
-    number of questioner prompts (responder/verifier means by their group and judgement counts).
-    """
-    merged = RoundResult()
-    for r in results:
-        merged.questioner += r.questioner
-        merged.responder_groups += r.responder_groups
-        merged.verifier_candidates += r.verifier_candidates
-        merged.history += r.history
-        merged.records += r.records
-        for role, sec in r.seconds.items():  # ranks generate concurrently: the slowest one counts
-            merged.seconds[role] = max(merged.seconds.get(role, 0.0), sec)
-    keys = {k for r in results for k in r.metrics}
-    for key in keys:
-        parts = [r for r in results if key in r.metrics]
-        if any(s in key for s in _SUMMED):
-            merged.metrics[key] = float(sum(r.metrics[key] for r in parts))
-            continue
-        weight_key = (
-            "responder/num_groups"
-            if key.startswith("responder/")
-            else "verifier/num_judged"
-            if key.startswith("verifier/")
-            else "questioner/num_prompts"
-        )
-        weights = [r.metrics.get(weight_key, 0.0) for r in parts]
-        total = sum(weights)
-        if total:
-            merged.metrics[key] = sum(w * r.metrics[key] for w, r in zip(weights, parts)) / total
-        else:
-            merged.metrics[key] = sum(r.metrics[key] for r in parts) / len(parts)
-    return merged

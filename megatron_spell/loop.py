@@ -2,7 +2,8 @@
 
     repeat (one gen round):
         questioner prompts  <- domain sampler + history memory + document curriculum      (spec 4)
-        round               <- questioner -> grounding filter -> responder x n -> verifier x n   (gen_round)
+        round               <- questioner -> grounding filter -> responder x n -> verifier x n
+                               -> Eq. 6 rewards                                          (gen_round)
         history memory      <- questions whose success passes the gate                   (spec 4.1)
         accumulate; dynamic-sampling filter                                              (spec 1.5)
     until enough responder groups (or an error after spell.max_num_gen_batches rounds)
@@ -21,11 +22,10 @@ aborting the run; the default "error" keeps the reference's behaviour with a mes
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,20 +34,19 @@ from megatron_spell.config import Config
 from megatron_spell.data.curriculum import CurriculumSchedule, draw_num_new_docs, select_documents
 from megatron_spell.data.history import HistoryMemory
 from megatron_spell.data.sampler import DomainSampler
-from megatron_spell.gen_round import (
-    ChatRenderer,
-    Generator,
-    QuestionerInput,
-    RoundResult,
-    merge_rounds,
-    run_gen_round,
-)
+from megatron_spell.dump import dump_batch, load_dumped_batch
+from megatron_spell.gen_round import ChatRenderer, RoleGenerator, run_gen_round
 from megatron_spell.metrics import MetricsLogger
+from megatron_spell.round_records import QuestionerInput, RoundResult, merge_rounds
 from megatron_spell.spell.advantages import with_advantages
 from megatron_spell.spell.batching import BatchConfig, StepAccumulator, build_final_batch
-from megatron_spell.types import CaseType, Completion, DocSet, Role, Task, TrainBatch, Trajectory
+from megatron_spell.types import DocSet, Role, TrainBatch
 
 log = logging.getLogger(__name__)
+
+
+WeightBuckets = Iterator[list[tuple[str, Any]]]
+"""The policy's weights in Hugging Face names, streamed as size-bounded buckets of (name, tensor)."""
 
 
 class Policy(Protocol):
@@ -55,23 +54,35 @@ class Policy(Protocol):
 
     def update(self, batch: TrainBatch) -> dict[str, float]: ...
 
-    def export_weights(self) -> Iterator[tuple[str, Any]]: ...
+    def export_weights(self) -> WeightBuckets: ...
 
 
-class Engine(Generator, Protocol):
-    """The vLLM side: generation plus in-place weight loading."""
+class Engine(RoleGenerator, Protocol):
+    """The vLLM side (`rollout.lockstep.LockstepEngine`): role-level generation in lockstep plus the
+    in-place weight load, which returns the sync metrics."""
 
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> dict[str, float]: ...
+    def load_weights(self, weights: WeightBuckets) -> dict[str, float]: ...
+
+
+def _gather_one(obj: Any) -> list[Any]:
+    """all_gather_object of a single process."""
+    return [obj]
+
+
+def _no_reseed(step: int) -> None:
+    """The reseed of a run without sampling state to seed (unit tests)."""
 
 
 @dataclass
 class Collective:
     """What the loop needs from torch.distributed (identity functions on one process)."""
 
-    rollout_rank: int = 0  # this rank's rollout data-parallel group
+    # this rank's rollout data-parallel group
+    rollout_rank: int = 0
     rollout_world: int = 1
-    is_writer: bool = True  # the rank that writes metrics, dumps and checkpoint metadata
-    all_gather_object: Callable[[Any], list[Any]] = lambda obj: [obj]
+    # the rank that writes metrics, dumps and checkpoint metadata
+    is_writer: bool = True
+    all_gather_object: Callable[[Any], list[Any]] = _gather_one
 
 
 @dataclass
@@ -83,19 +94,29 @@ class Run:
     sampler: DomainSampler
     history: HistoryMemory
     curriculum: CurriculumSchedule
-    engine: Engine | None  # None in replay mode
+    # the rollout engine and the tokenizer's chat template; both None in replay mode (`replay_step`)
+    engine: Engine | None
     chat: ChatRenderer | None
     policy: Policy
     metrics: MetricsLogger
     collective: Collective
-    rng: (
-        random.Random
-    )  # batch assembly (bad cases, verifier groups); same seed and draws on every rank
-    doc_rng: random.Random  # which documents a questioner sees
+    # batch assembly (bad cases, verifier groups); same seed and draws on every rank
+    rng: random.Random
+    # which documents a questioner sees
+    doc_rng: random.Random
     step: int = 0
     # seeds the sampling RNGs at the start of each step (vLLM samples in-process from torch's default
     # generator on CPU), so a resumed run draws exactly what an uninterrupted one would
-    reseed: Callable[[int], None] = lambda step: None
+    reseed: Callable[[int], None] = _no_reseed
+
+    def rollout(self) -> tuple[Engine, ChatRenderer]:
+        """The engine and chat renderer of a generating run (ValueError in replay mode)."""
+        if self.engine is None or self.chat is None:
+            raise ValueError(
+                "spell_step needs a rollout engine and a chat renderer; this run was built for "
+                "replay (train --replay), which trains with replay_step"
+            )
+        return self.engine, self.chat
 
     @property
     def batch_config(self) -> BatchConfig:
@@ -123,6 +144,7 @@ def spell_step(run: Run) -> dict[str, float]:
     """One optimizer step of SPELL; returns the step's scalars (also logged)."""
     t0 = time.perf_counter()
     cfg, metrics = run.config, run.metrics
+    engine, chat = run.rollout()
     run.reseed(run.step)
     acc = StepAccumulator()
     rounds: list[RoundResult] = []
@@ -132,12 +154,11 @@ def spell_step(run: Run) -> dict[str, float]:
             mine = inputs[run.collective.rollout_rank :: run.collective.rollout_world]
             local = run_gen_round(
                 mine,
-                run.engine,
-                run.chat,
+                engine,
+                chat,
                 cfg.spell,
                 uid_prefix=f"s{run.step}g{acc.num_rounds}p{run.collective.rollout_rank}",
                 max_response_tokens=cfg.rollout.max_response_length,
-                structured=cfg.rollout.structured_outputs,
             )
             round_ = merge_rounds(run.collective.all_gather_object(local))
         with metrics.timer("score"):
@@ -159,9 +180,10 @@ def spell_step(run: Run) -> dict[str, float]:
     with metrics.timer("train"):
         train_metrics = run.policy.update(batch) if batch.trajectories else {"skipped_empty": 1.0}
     with metrics.timer("sync"):
-        sync_metrics = run.engine.load_weights(run.policy.export_weights()) if run.engine else {}
+        sync_metrics = engine.load_weights(run.policy.export_weights())
     if cfg.logging.dump_rollouts and run.collective.is_writer:
-        dump_batch(batch, rounds, Path(cfg.run_dir) / "rollouts", run.step)
+        records = [rec for r in rounds for rec in r.records]
+        dump_batch(batch, records, Path(cfg.run_dir) / "rollouts", run.step)
     metrics.add(merge_rounds(rounds).metrics)
     for role in Role:  # generate wall time per role, summed over the rounds
         metrics.add(
@@ -233,79 +255,6 @@ def batch_metrics(batch: TrainBatch, acc: StepAccumulator) -> dict[str, float]:
     if total_cases:
         out["questioner/zero_variance_frac"] = acc.case_counts.get("zero_variance", 0) / total_cases
     return out
-
-
-def dump_batch(batch: TrainBatch, rounds: list[RoundResult], out_dir: Path, step: int) -> Path:
-    """Write the step's training batch (replayable) and per-question rollout records as JSONL."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"step_{step:08d}.jsonl"
-    with open(path, "w", encoding="utf-8") as fh:
-        for t in batch.trajectories:
-            fh.write(json.dumps(trajectory_to_json(t)) + "\n")
-    with open(out_dir / f"step_{step:08d}_rounds.jsonl", "w", encoding="utf-8") as fh:
-        for r in rounds:
-            for rec in r.records:
-                fh.write(json.dumps(rec) + "\n")
-    return path
-
-
-def trajectory_to_json(t) -> dict[str, Any]:
-    return {
-        "role": t.role.value,
-        "task": t.task.value,
-        "uid": t.uid,
-        "case": t.case.value if t.case else None,
-        "reward": t.reward,
-        "advantage": t.advantage,
-        "prompt_ids": list(t.prompt_ids),
-        "response_ids": list(t.completion.token_ids),
-        "logprobs": list(t.completion.logprobs),
-        "text": t.completion.text,
-        "finish_reason": t.completion.finish_reason,
-    }
-
-
-def trajectory_from_json(d: dict[str, Any]) -> Trajectory:
-    """Inverse of `trajectory_to_json` (a dumped trajectory, with its reward and advantage)."""
-    return Trajectory(
-        role=Role(d["role"]),
-        task=Task(d["task"]),
-        uid=str(d["uid"]),
-        prompt_ids=tuple(int(i) for i in d["prompt_ids"]),
-        completion=Completion(
-            token_ids=tuple(int(i) for i in d["response_ids"]),
-            text=str(d.get("text", "")),
-            logprobs=tuple(float(x) for x in d["logprobs"]),
-            finish_reason=str(d.get("finish_reason", "stop")),
-        ),
-        reward=float(d["reward"]),
-        case=CaseType(d["case"]) if d.get("case") else None,
-        advantage=float(d["advantage"]),
-    )
-
-
-def load_dumped_batch(replay_dir: Path, step: int) -> TrainBatch:
-    """The training batch that `dump_batch` wrote for `step` (ValueError names a bad line)."""
-    path = Path(replay_dir) / f"step_{step:08d}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--replay: {path} does not exist (dump rollouts with logging.dump_rollouts=true)"
-        )
-    parts: dict[Role, list[Trajectory]] = {r: [] for r in Role}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                t = trajectory_from_json(json.loads(line))
-            except (KeyError, ValueError, TypeError) as exc:
-                raise ValueError(f"{path}:{n}: not a dumped trajectory ({exc})") from exc
-            parts[t.role].append(t)
-    return TrainBatch(
-        responder=tuple(parts[Role.RESPONDER]),
-        questioner=tuple(parts[Role.QUESTIONER]),
-        verifier=tuple(parts[Role.VERIFIER]),
-    )
 
 
 def replay_step(run: Run, replay_dir: Path) -> dict[str, float]:

@@ -3,6 +3,10 @@
 Keys are `section/name` (`questioner/bad_format_frac`, `timing/generate_s`). Only the rank that owns the logger
 (rank 0) writes; the others get a logger whose sinks are disabled but whose timers still work, so the loop code
 is the same on every rank.
+
+A metric made on several parts (the rollout groups of a round, the rounds of a step) carries its own
+reduction: `Sum(value)` for counts, `Mean(total, count)` for fractions and means. `merge_metrics` combines
+parts key by key with that reduction, so a new metric merges correctly whatever its name.
 """
 
 from __future__ import annotations
@@ -11,11 +15,78 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sum:
+    """A count: parts add up."""
+
+    value: float
+
+    def merge(self, other: Sum) -> Sum:
+        return Sum(self.value + other.value)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class Mean:
+    """A ratio `total / count` (0 when nothing was counted): parts add totals and counts."""
+
+    total: float
+    count: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Mean:
+        """The mean of `values`."""
+        values = list(values)
+        return cls(float(sum(values)), float(len(values)))
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def merge(self, other: Mean) -> Mean:
+        return Mean(self.total + other.total, self.count + other.count)
+
+    def __float__(self) -> float:
+        return self.value
+
+
+Metric = Sum | Mean
+
+
+def merge_metrics(parts: Iterable[Mapping[str, Metric]]) -> dict[str, Metric]:
+    """Combine the metrics of several parts key by key, each with its own reduction.
+
+    A key that is missing from a part contributes nothing there; a key whose parts disagree on the
+    reduction is a programming error (TypeError naming the key).
+    """
+    merged: dict[str, Metric] = {}
+    for part in parts:
+        for key, metric in part.items():
+            if key not in merged:
+                merged[key] = metric
+            elif type(merged[key]) is not type(metric):
+                raise TypeError(
+                    f"metric {key}: parts reduce by {type(merged[key]).__name__} and "
+                    f"{type(metric).__name__}; one key needs one reduction"
+                )
+            else:
+                merged[key] = merged[key].merge(metric)  # type: ignore[arg-type]
+    return merged
+
+
+def values(metrics: Mapping[str, Metric]) -> dict[str, float]:
+    """The scalar value of each metric (what is logged)."""
+    return {key: float(metric) for key, metric in metrics.items()}
 
 
 class MetricsLogger:

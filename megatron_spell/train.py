@@ -108,12 +108,12 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
     engine, chat = None, None
     if not replay:
         from megatron_spell.rollout.engine import RolloutEngine
-        from megatron_spell.rollout.weights import load_weights
+        from megatron_spell.rollout.lockstep import LockstepEngine
 
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[config.model.dtype]
-        engine = _SyncingEngine(
+        engine = LockstepEngine(
             RolloutEngine.from_config(config.model.hf_dir, config.rollout, dtype=dtype),
-            load_weights,
+            structured=config.rollout.structured_outputs,
             lockstep=dist.get_world_size() > config.rollout.tensor_parallel_size,
         )
         chat = as_chat_renderer(AutoTokenizer.from_pretrained(config.model.hf_dir))
@@ -147,32 +147,6 @@ def _reseed(seed: int, step: int) -> None:
     import torch
 
     torch.manual_seed(seed * 1_000_003 + step)
-
-
-class _SyncingEngine:
-    """The rollout engine plus the in-place weight load, as the loop's `Engine`.
-
-    With several ranks the vLLM engines run data parallel and step in lockstep (each `generate` loops until
-    every rank's requests are done), so a rank with nothing to generate in a phase still enters the call
-    with a one-token dummy request; otherwise the ranks that have work wait for it forever.
-    """
-
-    def __init__(self, engine: Any, load: Any, lockstep: bool) -> None:
-        self._engine, self._load, self._lockstep = engine, load, lockstep
-
-    def generate(self, prompts, n, *, max_tokens=None, constraint=None):
-        if not prompts and self._lockstep:
-            self._engine.generate([[0]], 1, max_tokens=1)
-            return []
-        return self._engine.generate(prompts, n, max_tokens=max_tokens, constraint=constraint)
-
-    def load_weights(self, weights) -> dict[str, float]:
-        stats = self._load(self._engine, weights)
-        return {
-            "seconds": stats.seconds,
-            "bytes": float(stats.num_bytes),
-            "gb_per_s": stats.gb_per_s,
-        }
 
 
 def _state(run: Run) -> RLState:

@@ -43,13 +43,17 @@ class _Counter:
         self.num_bytes = 0
 
 
-def flatten(weights: Iterable[Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Accept `(name, tensor)` pairs or buckets (lists of pairs) and yield pairs."""
-    for item in weights:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            yield item
-        else:
-            yield from item
+def flatten(
+    buckets: Iterable[list[tuple[str, torch.Tensor]]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The `(name, tensor)` pairs of a stream of buckets (lists of pairs), in order."""
+    for bucket in buckets:
+        if not isinstance(bucket, list):
+            raise TypeError(
+                f"weights: expected buckets (lists of (hf_name, tensor) pairs), got a "
+                f"{type(bucket).__name__}; wrap single pairs as [(name, tensor)]"
+            )
+        yield from bucket
 
 
 def _with_tied_head(
@@ -94,8 +98,8 @@ def _reload_on_worker(
     return _moe_post_process(worker.model_runner.get_model())
 
 
-def load_weights(engine: Any, weights: Iterable[Any]) -> WeightSyncStats:
-    """Load `(hf_name, tensor)` pairs (or buckets of them) into `engine` (a RolloutEngine) in place.
+def load_weights(engine: Any, weights: Iterable[list[tuple[str, torch.Tensor]]]) -> WeightSyncStats:
+    """Load buckets of `(hf_name, tensor)` pairs into `engine` (a RolloutEngine) in place.
 
     Every rank hosting an engine must receive FULL (unsharded) HF tensors: vLLM's weight loaders slice the
     rollout-TP shard themselves. The iterator is consumed exactly once, lazily, inside the reload.

@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+
 from megatron_spell.config import SpellConfig
 from megatron_spell.gen_round import QuestionerInput, run_gen_round
+from megatron_spell.rollout.lockstep import LockstepEngine
 from megatron_spell.spell import prompts
 from megatron_spell.types import CaseType, Completion, DocSet, Role, Task
 
@@ -82,6 +85,11 @@ class FakeGenerator:
         return out
 
 
+def one_rank(gen, structured=()):
+    """The round's role-level generator over a scripted engine on a single rank."""
+    return LockstepEngine(gen, structured=structured, lockstep=False)
+
+
 def test_round_cases_rewards_and_candidates():
     chat = FakeChat()
     gen = FakeGenerator(chat)
@@ -92,7 +100,9 @@ def test_round_cases_rewards_and_candidates():
         QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),  # all correct
     ]
     spell = SpellConfig(responder_n=4, verifier_n=4)
-    res = run_gen_round(inputs, gen, chat, spell, uid_prefix="s0r0", max_response_tokens=64)
+    res = run_gen_round(
+        inputs, one_rank(gen), chat, spell, uid_prefix="s0r0", max_response_tokens=64
+    )
     cases = {s.uid: s.case for s in res.questioner}
     assert cases == {
         "s0r0q0": None,
@@ -117,6 +127,7 @@ def test_round_cases_rewards_and_candidates():
     assert all(t.role is Role.VERIFIER for t in cand.trajectories)
     assert res.metrics["questioner/bad_format_frac"] == 0.25
     assert res.metrics["questioner/bad_ground_frac"] == 0.25
+    assert res.metrics["questioner/overlong_dropped"] == 0
     assert res.metrics["responder/reward_mean"] == 0.75
     rates = {h.entry.question: h.success_rate for h in res.history}
     assert rates == {"Who is in Alpha?": 0.5, "Which doc mentions Alice?": 1.0}
@@ -127,7 +138,9 @@ def test_round_with_nothing_parsed_is_empty_not_a_crash():
     chat = FakeChat()
     gen = FakeGenerator(chat)
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(2,))]
-    res = run_gen_round(inputs, gen, chat, SpellConfig(), uid_prefix="x", max_response_tokens=8)
+    res = run_gen_round(
+        inputs, one_rank(gen), chat, SpellConfig(), uid_prefix="x", max_response_tokens=8
+    )
     assert res.responder_groups == [] and res.verifier_candidates == []
     assert [s.case for s in res.questioner] == [CaseType.BAD_FORMAT]
 
@@ -145,7 +158,12 @@ def test_overlong_responder_prompt_is_dropped():
     gen = Overlong(chat)
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
     res = run_gen_round(
-        inputs, gen, chat, SpellConfig(responder_n=2), uid_prefix="x", max_response_tokens=8
+        inputs,
+        one_rank(gen),
+        chat,
+        SpellConfig(responder_n=2),
+        uid_prefix="x",
+        max_response_tokens=8,
     )
     assert res.responder_groups == [] and res.questioner == []
     assert res.metrics["responder/overlong_dropped"] == 1
@@ -163,12 +181,11 @@ def test_structured_roles_call_once_per_task_with_their_constraints():
     ]
     res = run_gen_round(
         inputs,
-        gen,
+        one_rank(gen, structured=("questioner", "responder")),
         chat,
         SpellConfig(responder_n=2, verifier_n=2, tasks=("doc_general_qa",)),
         uid_prefix="x",
         max_response_tokens=8,
-        structured=("questioner", "responder"),
     )
     tasks = list(Task)  # general QA, MC, docmath
     # one call per task, also docmath_qa without prompts here and not in spell.tasks (lockstep ranks)
@@ -189,13 +206,78 @@ def test_structured_verifier_is_one_call_with_the_decision_pattern():
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
     run_gen_round(
         inputs,
-        gen,
+        one_rank(gen, structured=("verifier",)),
         chat,
         SpellConfig(responder_n=2, verifier_n=3),
         uid_prefix="x",
         max_response_tokens=8,
-        structured=("verifier",),
     )
     assert gen.schemas[:3] == [None] * 3
     assert [c.regex for c in gen.schemas[3:]] == [VERIFIER_PATTERN]
     assert gen.calls[3][1] == 3
+
+
+def test_overlong_questioner_prompt_is_counted_on_its_own():
+    chat = FakeChat()
+
+    class OverlongQuestioner(FakeGenerator):
+        def generate(self, prompt_ids, n, *, max_tokens=None, constraint=None):
+            out = super().generate(prompt_ids, n, max_tokens=max_tokens)
+            if len(self.calls) == 1:  # the questioner call: the engine excludes the second prompt
+                out[1] = []
+            return out
+
+    gen = OverlongQuestioner(chat)
+    inputs = [
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),
+    ]
+    res = run_gen_round(
+        inputs,
+        one_rank(gen),
+        chat,
+        SpellConfig(responder_n=2),
+        uid_prefix="x",
+        max_response_tokens=8,
+    )
+    assert [s.uid for s in res.questioner] == ["xq0"]
+    assert res.metrics["questioner/overlong_dropped"] == 1
+    assert res.metrics["questioner/num_prompts"] == 2
+    assert res.metrics["questioner/dropped_frac"] == 0.5  # all silent drops, the overlong one too
+    assert res.metrics["questioner/parsed_frac"] == 0.5
+    assert [g.uid for g in res.responder_groups] == ["xq0"]
+
+
+def test_rounds_of_two_ranks_merge_to_the_round_of_all_prompts():
+    """Each metric merges by its own reduction: splitting prompts over ranks changes no metric."""
+    from megatron_spell.gen_round import merge_rounds
+
+    inputs = [
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(2,)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(1,)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),
+        QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 2)),
+    ]
+    spell = SpellConfig(responder_n=4, verifier_n=3)
+
+    def one_round(part, prefix):
+        chat = FakeChat()
+        return run_gen_round(
+            part,
+            one_rank(FakeGenerator(chat)),
+            chat,
+            spell,
+            uid_prefix=prefix,
+            max_response_tokens=8,
+        )
+
+    whole = one_round(inputs, "a")
+    merged = merge_rounds([one_round(inputs[:1], "p0"), one_round(inputs[1:], "p1")])
+    assert set(merged.metrics) == set(whole.metrics)
+    for key, value in whole.metrics.items():
+        assert merged.metrics[key] == pytest.approx(value), key
+    assert whole.metrics["questioner/num_prompts"] == 5
+    assert 0 < whole.metrics["verifier/agreement"] < 1
+    assert len(merged.responder_groups) == len(whole.responder_groups)
+    assert [s.uid for s in merged.questioner][:1] == ["p0q0"]

@@ -10,6 +10,8 @@ from megatron_spell.data.history import HistoryMemory
 from megatron_spell.data.sampler import DomainSampler
 from megatron_spell.loop import Collective, Run, spell_step
 from megatron_spell.metrics import MetricsLogger
+from megatron_spell.rollout.lockstep import LockstepEngine
+from megatron_spell.rollout.metrics import WeightSyncStats
 from megatron_spell.spell.batching import BatchNotReadyError
 from megatron_spell.types import DocSet, Role, Task
 from tests.unit.test_gen_round import FakeChat, FakeGenerator
@@ -27,7 +29,7 @@ class Engine(FakeGenerator):
 
     def load_weights(self, weights):
         self.loaded.append(list(weights))
-        return {"seconds": 0.0, "bytes": 0.0}
+        return WeightSyncStats(seconds=0.0, num_bytes=0, num_tensors=len(self.loaded[-1]))
 
 
 class Policy:
@@ -39,7 +41,7 @@ class Policy:
         return {"loss": 0.5, "grad_norm": 1.0}
 
     def export_weights(self):
-        yield ("model.embed_tokens.weight", [0.0])
+        yield [("model.embed_tokens.weight", [0.0])]
 
 
 def make_run(tmp_path, *overrides, docs=DOCS):
@@ -72,7 +74,7 @@ def make_run(tmp_path, *overrides, docs=DOCS):
         sampler=sampler,
         history=HistoryMemory(3, lower=0.01, upper=0.99),
         curriculum=CurriculumSchedule(),
-        engine=Engine(chat),
+        engine=LockstepEngine(Engine(chat), lockstep=False),
         chat=chat,
         policy=Policy(),
         metrics=MetricsLogger(tmp_path, tensorboard=False),
@@ -89,7 +91,7 @@ def test_step_builds_batch_updates_and_syncs(tmp_path):
     assert len(batch.responder) == 2 * 4  # train_batch_size groups x responder_n
     assert {t.role for t in batch.responder} == {Role.RESPONDER}
     assert len([t for t in batch.questioner if t.case is None]) == 2
-    assert len(run.engine.loaded) == 1  # one weight sync after the update
+    assert len(run.engine.engine.loaded) == 1  # one weight sync after the update
     assert out["train/loss"] == 0.5 and out["batch/num_responder"] == 8
     assert out["timing/generate_s"] >= 0 and out["timing/train_s"] >= 0
     # questions with 0 < success < 1 were remembered for their rows
@@ -108,3 +110,10 @@ def test_shortfall_errors_or_trains_available(tmp_path):
     out = spell_step(run)
     assert out["batch/shortfall"] == 2 and out["train/skipped_empty"] == 1.0
     assert out["batch/num_gen_rounds"] == 3
+
+
+def test_step_without_an_engine_names_replay(tmp_path):
+    run = make_run(tmp_path)
+    run.engine = None
+    with pytest.raises(ValueError, match="built for replay"):
+        spell_step(run)
