@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from megatron_spell.chat import ChatRenderer
 from megatron_spell.config import SpellConfig
 from megatron_spell.metrics import Mean, Metric, Sum, merge_metrics
 from megatron_spell.round_records import (
@@ -64,11 +65,9 @@ from megatron_spell.types import (
 )
 
 __all__ = [
-    "ChatRenderer",
     "QuestionerInput",
     "RoleGenerator",
     "RoundResult",
-    "as_chat_renderer",
     "merge_rounds",
     "run_gen_round",
 ]
@@ -92,14 +91,6 @@ class RoleGenerator(Protocol):
         *,
         max_tokens: int | None = None,
     ) -> list[list[Completion]]: ...
-
-
-class ChatRenderer(Protocol):
-    """Chat template and token counting of the policy's tokenizer."""
-
-    def render(self, user_text: str) -> list[int]: ...
-
-    def count_tokens(self, text: str) -> int: ...
 
 
 def run_gen_round(
@@ -390,6 +381,7 @@ def score(
         history.append(
             HistoryCandidate(
                 task=q.parsed.task,
+                data_source=q.inp.docset.data_source,
                 question_id=q.inp.docset.question_id,
                 entry=HistoryEntry(
                     evidence=q.inp.evidence, question=q.parsed.question, answer=q.parsed.answer
@@ -437,21 +429,3 @@ def score(
             Role.VERIFIER.value: judgements.seconds,
         },
     )
-
-
-def as_chat_renderer(tokenizer) -> ChatRenderer:
-    """Wrap a Hugging Face tokenizer: one user turn, generation prompt added (spec 2.2)."""
-
-    class _Renderer:
-        def render(self, user_text: str) -> list[int]:
-            out = tokenizer.apply_chat_template(
-                [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(out, dict) or hasattr(out, "input_ids"):
-                out = out["input_ids"]
-            return list(out)
-
-        def count_tokens(self, text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return _Renderer()

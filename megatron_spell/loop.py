@@ -30,12 +30,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from megatron_spell.chat import ChatRenderer
 from megatron_spell.config import Config
 from megatron_spell.data.curriculum import CurriculumSchedule, draw_num_new_docs, select_documents
 from megatron_spell.data.history import HistoryMemory
 from megatron_spell.data.sampler import DomainSampler
 from megatron_spell.dump import dump_batch, load_dumped_batch
-from megatron_spell.gen_round import ChatRenderer, RoleGenerator, run_gen_round
+from megatron_spell.gen_round import RoleGenerator, run_gen_round
 from megatron_spell.metrics import MetricsLogger
 from megatron_spell.round_records import QuestionerInput, RoundResult, merge_rounds
 from megatron_spell.spell.advantages import with_advantages
@@ -204,7 +205,11 @@ def questioner_inputs(run: Run) -> list[QuestionerInput]:
     inputs = []
     for task, row in run.sampler.next_round():
         docset = run.corpus[row]
-        history = run.history.entries(task, docset.question_id) if cfg.use_history else []
+        history = (
+            run.history.entries(task, docset.question_id, data_source=docset.data_source)
+            if cfg.use_history
+            else []
+        )
         n_new = draw_num_new_docs(cfg.n_docs, docset.data_source, run.doc_rng)
         evidence = select_documents(
             len(docset.paragraphs),
@@ -222,7 +227,8 @@ def questioner_inputs(run: Run) -> list[QuestionerInput]:
 def remember(history: HistoryMemory, round_: RoundResult) -> int:
     """Store the round's questions that pass the memory gate (spec 4.1); returns how many were stored."""
     return sum(
-        history.record(c.task, c.question_id, c.entry, c.success_rate) for c in round_.history
+        history.record(c.task, c.question_id, c.entry, c.success_rate, data_source=c.data_source)
+        for c in round_.history
     )
 
 

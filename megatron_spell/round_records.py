@@ -42,6 +42,8 @@ class HistoryCandidate:
     """A question whose responder success passed to the memory gate decision (made by the caller)."""
 
     task: Task
+    # the row's corpus: the memory is keyed by (task, data_source, question_id)
+    data_source: str
     question_id: str
     entry: HistoryEntry
     success_rate: float

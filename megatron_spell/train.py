@@ -83,10 +83,10 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    from megatron_spell.chat import as_chat_renderer
     from megatron_spell.data.curriculum import CurriculumSchedule
     from megatron_spell.data.history import HistoryMemory
     from megatron_spell.data.sampler import DomainSampler, assign_tasks
-    from megatron_spell.gen_round import as_chat_renderer
     from megatron_spell.mcore.model import load_hf_config
     from megatron_spell.mcore.parallel import init_parallel
     from megatron_spell.mcore.policy import MegatronPolicy

@@ -59,9 +59,11 @@ class Completion:
 class CaseType(str, enum.Enum):  # noqa: UP042 (same form as Role and Task)
     """Why a questioner sample is not a "good" case (spec sections 1.3-1.5, 3.5).
 
-    `BAD_FORMAT` (-1), `BAD_GROUND` (-0.5) and `ZERO_VARIANCE` (0) are penalised bad cases that can be sampled
-    into the questioner part of the batch; `DROPPED` is a silent skip (unclosed think, invalid docmath number,
-    overlong answer, overlong responder prompt) that is counted in metrics but never trained on.
+    `BAD_FORMAT` (-1), `BAD_GROUND` (-0.5) and `ZERO_VARIANCE` (0) are penalised bad cases that can be
+    sampled into the questioner part of the batch; `DROPPED` is a skip without penalty (unclosed think,
+    invalid or boolean docmath number, overlong answer, overlong responder prompt) that is counted in
+    metrics but never trained on. An overlong questioner prompt never produces a sample: it is counted as
+    `questioner/overlong_dropped` (and in `questioner/dropped_frac`).
     """
 
     BAD_FORMAT = "bad_format"
@@ -81,7 +83,7 @@ class DocSet:
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One remembered successful question of a (task, question_id) (spec section 4.1).
+    """One remembered successful question of a (task, data_source, question_id) (spec section 4.1).
 
     `evidence` are the document indices the questioner saw; `question` is the responder-facing question text
     (for doc_mc the full block with choices) and `answer` the bare reference answer.
