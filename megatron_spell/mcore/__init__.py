@@ -9,7 +9,15 @@ imported at all: it registers a stand-in for megatron's triton kernel module fir
 
 import importlib.util
 
-if importlib.util.find_spec("triton") is None:
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (import blocked)
+        return False
+
+
+if not _triton_installed():
     from megatron_spell.mcore.cpu_support import provide_paged_stash_stand_in
 
     provide_paged_stash_stand_in()
