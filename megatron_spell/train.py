@@ -47,7 +47,7 @@ class _Preemption:
         self.requested = True
 
 
-def _collective(ctx: Any, rollout_tp: int) -> Collective:
+def _collective(rollout_tp: int) -> Collective:
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -87,6 +87,7 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
     from megatron_spell.data.curriculum import CurriculumSchedule
     from megatron_spell.data.history import HistoryMemory
     from megatron_spell.data.sampler import DomainSampler, assign_tasks
+    from megatron_spell.mcore.checkpoint import DTYPES
     from megatron_spell.mcore.model import load_hf_config
     from megatron_spell.mcore.parallel import init_parallel
     from megatron_spell.mcore.policy import MegatronPolicy
@@ -110,7 +111,7 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
         from megatron_spell.rollout.engine import RolloutEngine
         from megatron_spell.rollout.lockstep import LockstepEngine
 
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[config.model.dtype]
+        dtype = str(DTYPES[config.model.dtype]).removeprefix("torch.")  # vLLM's dtype name
         engine = LockstepEngine(
             RolloutEngine.from_config(config.model.hf_dir, config.rollout, dtype=dtype),
             structured=config.rollout.structured_outputs,
@@ -134,7 +135,7 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
         chat=chat,
         policy=policy,
         metrics=metrics,
-        collective=_collective(ctx, config.rollout.tensor_parallel_size),
+        collective=_collective(config.rollout.tensor_parallel_size),
         rng=random.Random(config.train.seed),
         doc_rng=random.Random(config.train.seed + 1),
         reseed=functools.partial(_reseed, config.rollout.seed),

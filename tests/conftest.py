@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Before torch/vllm import anywhere: CPU only, in-process vLLM engine, bounded KV cache (platform.md).
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -10,7 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
+
+@pytest.fixture(scope="session")
+def megatron_on_cpu() -> None:
+    """The CPU patches for tests that use Megatron in the pytest process without `init_parallel`
+    (which makes the same call in spawned ranks); a no-op with CUDA."""
+    from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+    apply_cpu_patches()
 
 
 def pytest_collection_modifyitems(config, items):

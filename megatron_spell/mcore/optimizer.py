@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.overrides import TorchFunctionMode
 
-from megatron_spell.mcore.cpu_support import apply_cpu_patches
-
-apply_cpu_patches()
-
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
+from megatron_spell.mcore.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -65,39 +62,6 @@ def optim_config_from(train: Any) -> OptimConfig:
     )
 
 
-def _cpu_clip_grad_by_total_norm_fp32(
-    parameters, max_norm, total_norm, use_decoupled_grad: bool = False
-) -> None:
-    """Megatron's clip without its `param.grad.type() == 'torch.cuda.FloatTensor'` assert (CPU only)."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr, None) for p in parameters]
-    coeff = max_norm / (total_norm + 1.0e-6)
-    if isinstance(coeff, torch.Tensor):
-        coeff = coeff.clamp_max(1.0)
-    elif coeff >= 1.0:
-        return
-    for g in grads:
-        if g is not None:
-            g.detach().mul_(coeff)
-
-
-def _patch_clip_for_cpu() -> None:
-    """Workaround (belongs in cpu_support, owned by the foundation): Megatron's grad clipping asserts CUDA
-    tensors, so any clip_grad > 0 fails on CPU. Replaces the function where the optimizers look it up."""
-    if torch.cuda.is_available():
-        return
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer import optimizer as optimizer_module
-
-    clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
-    optimizer_module.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
-
-
-_patch_clip_for_cpu()
-
-
 class _CudaTensorTypeNames(TorchFunctionMode):
     """`Tensor.type()` answers 'torch.cuda.FloatTensor' for CPU tensors while active.
 
@@ -121,7 +85,7 @@ def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, 
 
 
 def wrap_ddp(
-    chunks: list[torch.nn.Module], ctx: Any, *, use_distributed_optimizer: bool = True
+    chunks: list[torch.nn.Module], ctx: ParallelContext, *, use_distributed_optimizer: bool = True
 ) -> list[DistributedDataParallel]:
     """Wrap model chunks in Megatron DDP (grads reduced in fp32, summed over DP x CP)."""
     config = chunks[0].config
@@ -142,14 +106,14 @@ def wrap_ddp(
                 ddp_config=ddp_config,
                 module=chunk,
                 disable_bucketing=i > 0,  # Megatron-LM: only the first VPP chunk uses buckets
-                pg_collection=None,  # Megatron's parallel_state groups (same as ctx's)
+                pg_collection=ctx.pg_collection,
             )
         )
     return wrapped
 
 
 def build_optimizer(
-    ddp_chunks: list[DistributedDataParallel], cfg: OptimConfig, ctx: Any = None
+    ddp_chunks: list[DistributedDataParallel], cfg: OptimConfig, ctx: ParallelContext
 ) -> Any:
     """Megatron AdamW (fp32 params on CPU; bf16 params keep fp32 main weights on GPU)."""
     model_config = ddp_chunks[0].config
@@ -172,8 +136,11 @@ def build_optimizer(
         return get_megatron_optimizer(
             opt_config,
             ddp_chunks,
-            use_gloo_process_groups=not torch.cuda.is_available(),
-            pg_collection=None,
+            # Megatron refuses its extra gloo copies of the DP groups together with an explicit
+            # pg_collection. They serve only the dp_zero optimizer-state formats; our checkpoints use
+            # dp_reshardable, and on CPU the groups themselves are gloo.
+            use_gloo_process_groups=False,
+            pg_collection=ctx.pg_collection,
         )
 
 

@@ -1,9 +1,9 @@
 """Parallel context: initialise torch.distributed and Megatron's parallel state from a ParallelConfig.
 
-Implements item 3 of issue 2 (parallel-context builder). `init_parallel` is the one place that calls
-`megatron.core.parallel_state.initialize_model_parallel`; it returns a frozen `ParallelContext` holding the
-sizes, this rank's coordinates and the torch process groups, which our distributed code takes as arguments
-instead of reading `parallel_state` globals (only `megatron_spell/mcore/` reads them).
+`init_parallel` is the one place that calls `megatron.core.parallel_state.initialize_model_parallel` (and
+the one production call of the CPU patches, `cpu_support.apply_cpu_patches`); it returns a frozen
+`ParallelContext` holding the layout, this rank's coordinates and the torch process groups, which our
+distributed code takes as arguments instead of reading `parallel_state` globals.
 
 Deviations: Megatron keeps its groups in module globals, so only one context can be live per process;
 `init_parallel` tears down a previous one first. The backend is gloo without CUDA, nccl with it.
@@ -15,18 +15,15 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 
+from megatron_spell.config import ParallelConfig
 from megatron_spell.mcore.cpu_support import apply_cpu_patches
-
-apply_cpu_patches()  # before megatron imports (paged_stash stand-in); no-op with CUDA
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core import tensor_parallel  # noqa: E402
-from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -35,36 +32,21 @@ _OWNS_DIST = (
 )
 
 
-class ParallelConfigLike(Protocol):
-    """The fields of megatron_spell.config.ParallelConfig this module reads."""
-
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    virtual_pipeline_model_parallel_size: int | None
-    context_parallel_size: int
-    expert_model_parallel_size: int
-    expert_tensor_parallel_size: int | None
-    sequence_parallel: bool
-
-
 @dataclass(frozen=True)
 class ParallelContext:
-    """Sizes, this rank's coordinates and process groups of one Megatron parallel layout.
+    """The parallel layout of this job, this rank's coordinates and its process groups.
 
-    dp is the data-parallel size without CP (world / (tp * pp * cp)); dp_cp_group spans DP x CP (the
-    group over which gradients are reduced). vpp is the number of model chunks per pipeline rank (1 when
-    not interleaved). `pg_collection` is Megatron's ProcessGroupCollection for the same groups, passed to
-    GPTModel and the schedules.
+    `parallel_config` is the layout it was built from; tp/pp/cp/ep/sequence_parallel read it. dp is the
+    data-parallel size without CP (world / (tp * pp * cp)); etp is the expert-TP size (tp when unset);
+    vpp is the number of model chunks per pipeline rank (1 when not interleaved). dp_cp_group spans
+    DP x CP (the group over which gradients are reduced). `pg_collection` is Megatron's
+    ProcessGroupCollection of the same groups, passed to GPTModel, DDP and the optimizer.
     """
 
-    tp: int
-    pp: int
-    cp: int
-    ep: int
-    etp: int
+    parallel_config: ParallelConfig
     dp: int
+    etp: int
     vpp: int
-    sequence_parallel: bool
     rank: int
     world_size: int
     tp_rank: int
@@ -72,16 +54,36 @@ class ParallelContext:
     cp_rank: int
     dp_rank: int
     ep_rank: int
-    tp_group: Any = field(repr=False)
-    pp_group: Any = field(repr=False)
-    cp_group: Any = field(repr=False)
-    dp_group: Any = field(repr=False)
-    dp_cp_group: Any = field(repr=False)
-    ep_group: Any = field(repr=False)
-    mp_group: Any = field(repr=False)
-    etp_group: Any = field(repr=False, default=None)
-    expt_dp_group: Any = field(repr=False, default=None)
-    pg_collection: Any = field(repr=False, default=None)
+    tp_group: dist.ProcessGroup = field(repr=False)
+    pp_group: dist.ProcessGroup = field(repr=False)
+    cp_group: dist.ProcessGroup = field(repr=False)
+    dp_group: dist.ProcessGroup = field(repr=False)
+    dp_cp_group: dist.ProcessGroup = field(repr=False)
+    ep_group: dist.ProcessGroup = field(repr=False)
+    mp_group: dist.ProcessGroup = field(repr=False)
+    etp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    expt_dp_group: dist.ProcessGroup | None = field(repr=False, default=None)
+    pg_collection: ProcessGroupCollection | None = field(repr=False, default=None)
+
+    @property
+    def tp(self) -> int:
+        return self.parallel_config.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.parallel_config.pipeline_model_parallel_size
+
+    @property
+    def cp(self) -> int:
+        return self.parallel_config.context_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.parallel_config.expert_model_parallel_size
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return bool(self.parallel_config.sequence_parallel)
 
     @property
     def is_first_pp_stage(self) -> bool:
@@ -90,6 +92,21 @@ class ParallelContext:
     @property
     def is_last_pp_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
+
+    def holds_first_stage(self, vp_stage: int | None) -> bool:
+        """Whether model chunk `vp_stage` (None: not interleaved) is the pipeline's first stage."""
+        return self.is_first_pp_stage and (vp_stage is None or vp_stage == 0)
+
+    def holds_last_stage(self, vp_stage: int | None) -> bool:
+        """Whether model chunk `vp_stage` (None: not interleaved) is the pipeline's last stage."""
+        return self.is_last_pp_stage and (vp_stage is None or vp_stage == self.vpp - 1)
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device: the current CUDA device, or the CPU without CUDA."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 def _init_torch_distributed() -> None:
@@ -123,7 +140,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _validate(parallel: ParallelConfigLike, world_size: int) -> tuple[int, int, int]:
+def _validate(parallel: ParallelConfig, world_size: int) -> tuple[int, int, int]:
     tp = parallel.tensor_model_parallel_size
     pp = parallel.pipeline_model_parallel_size
     cp = parallel.context_parallel_size
@@ -144,8 +161,11 @@ def _validate(parallel: ParallelConfigLike, world_size: int) -> tuple[int, int, 
     return dp, etp, tp
 
 
-def init_parallel(parallel: ParallelConfigLike, *, seed: int = 0) -> ParallelContext:
-    """Initialise torch.distributed (if needed), Megatron's parallel state and RNG; return the context."""
+def init_parallel(parallel: ParallelConfig, *, seed: int = 0) -> ParallelContext:
+    """Initialise torch.distributed (if needed), Megatron's parallel state and RNG; return the context.
+
+    Applies the CPU patches first (a no-op with CUDA): every Megatron run of ours starts here.
+    """
     apply_cpu_patches()
     _init_torch_distributed()
     world_size = dist.get_world_size()
@@ -171,17 +191,13 @@ def init_parallel(parallel: ParallelConfigLike, *, seed: int = 0) -> ParallelCon
 
 
 def _context_from_parallel_state(
-    parallel: ParallelConfigLike, *, dp: int, etp: int, vpp: int
+    parallel: ParallelConfig, *, dp: int, etp: int, vpp: int
 ) -> ParallelContext:
     return ParallelContext(
-        tp=parallel.tensor_model_parallel_size,
-        pp=parallel.pipeline_model_parallel_size,
-        cp=parallel.context_parallel_size,
-        ep=parallel.expert_model_parallel_size,
+        parallel_config=parallel,
         etp=etp,
         dp=dp,
         vpp=vpp,
-        sequence_parallel=bool(parallel.sequence_parallel),
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(),

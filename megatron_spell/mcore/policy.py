@@ -28,7 +28,7 @@ import torch
 
 from megatron_spell.config import Config
 from megatron_spell.mcore.attention import core_attention_class
-from megatron_spell.mcore.checkpoint import load_checkpoint
+from megatron_spell.mcore.checkpoint import DTYPES, load_checkpoint
 from megatron_spell.mcore.export import export_hf_weights
 from megatron_spell.mcore.model import build_model
 from megatron_spell.mcore.optimizer import (
@@ -43,8 +43,6 @@ from megatron_spell.mcore.train_step import PolicyEngine, engine_config_from, re
 from megatron_spell.types import TrainBatch, Trajectory
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def to_sample(t: Trajectory, old_logprobs: tuple[float, ...] | None = None) -> TrainSample:
@@ -75,7 +73,7 @@ class MegatronPolicy:
             core_attention=core_attention_class(),
             config_overrides=recompute_overrides(config.train.recompute),
         )
-        load_checkpoint(self.chunks, config.model.load, ctx)
+        load_checkpoint(self.chunks, config.model.load)
         ocfg = optim_config_from(config.train)
         if ocfg.use_distributed_optimizer and not torch.cuda.is_available():
             # megatron-core 0.19's DistributedOptimizer only wraps CUDA tensors; on CPU (tests, the demo)

@@ -28,27 +28,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from megatron_spell.mcore.cpu_support import apply_cpu_patches
-
-apply_cpu_patches()
-
-from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.tensor_parallel import (  # noqa: E402
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
 
-from megatron_spell.mcore.logprobs import chunked_logprobs  # noqa: E402
-from megatron_spell.mcore.loss import PolicyLossConfig, policy_loss, token_weights  # noqa: E402
-from megatron_spell.mcore.packing import (  # noqa: E402
+from megatron_spell.mcore.logprobs import chunked_logprobs
+from megatron_spell.mcore.loss import PolicyLossConfig, policy_loss, token_weights
+from megatron_spell.mcore.packing import (
     MicroBatch,
     PackedBatch,
     TrainSample,
     pack_batch,
     response_values,
 )
+from megatron_spell.mcore.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -120,21 +116,13 @@ class _Micro:
     on_policy: bool = False
 
 
-def _device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-
-
 class PolicyEngine:
     """Train step and forward-only log-probs for DDP-wrapped Megatron model chunks."""
 
     def __init__(
         self,
         models: list[Any],
-        ctx: Any,
+        ctx: ParallelContext,
         cfg: EngineConfig,
         *,
         optimizer: Any = None,
@@ -143,7 +131,7 @@ class PolicyEngine:
         self.models, self.ctx, self.cfg = models, ctx, cfg
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_skipped_steps = 0
-        self._device = _device()
+        self._device = ctx.device
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
             # padded to one length instead (pack(equal_length=True)) and shapes are fixed.

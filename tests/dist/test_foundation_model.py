@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_spell.config import ParallelConfig
-from megatron_spell.mcore.model import (  # noqa: E402  (applies the CPU patches)
+from megatron_spell.mcore.model import (
     SUPPORTED_ARCHITECTURES,
     load_hf_config,
     padded_vocab_size,
@@ -22,6 +22,8 @@ from megatron_spell.mcore.model import (  # noqa: E402  (applies the CPU patches
     transformer_config_from_hf,
 )
 from tests.helpers.tiny_models import make_tiny_hf_model
+
+pytestmark = pytest.mark.usefixtures("megatron_on_cpu")
 
 
 def _hf(tmp_path: Path, family: str, **kw: Any) -> Any:

@@ -46,10 +46,6 @@ def _tiny_gpt(moe: bool):  # noqa: ANN202
 
 
 def _fwd_bwd_rank(rank: int, world_size: int, moe: bool) -> None:
-    from megatron_spell.mcore.cpu_support import apply_cpu_patches
-
-    apply_cpu_patches()
-    apply_cpu_patches()  # idempotent
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -76,14 +72,6 @@ def _fwd_bwd_rank(rank: int, world_size: int, moe: bool) -> None:
 
 
 def _cuda_calls_rank(rank: int, world_size: int) -> None:
-    from torch.overrides import _get_current_function_mode_stack
-
-    from megatron_spell.mcore.cpu_support import apply_cpu_patches
-
-    apply_cpu_patches()
-    depth = len(_get_current_function_mode_stack())
-    apply_cpu_patches()
-    assert len(_get_current_function_mode_stack()) == depth == 1
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
     assert (
@@ -99,8 +87,84 @@ def _cuda_calls_rank(rank: int, world_size: int) -> None:
     torch.cuda.Event().record()
 
 
+def _import_has_no_side_effect_then_patch() -> None:
+    """Importing our Megatron modules patches nothing; the explicit call afterwards patches every place."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_module
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import utils
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from torch.overrides import _get_current_function_mode_stack
+
+    import megatron_spell.mcore.checkpoint
+    import megatron_spell.mcore.model
+    import megatron_spell.mcore.optimizer
+    import megatron_spell.mcore.parallel
+    import megatron_spell.mcore.train_step  # noqa: F401
+    from megatron_spell.mcore.cpu_support import apply_cpu_patches
+
+    assert not _get_current_function_mode_stack()
+    with pytest.raises((AssertionError, RuntimeError)):  # "Torch not compiled with CUDA enabled"
+        torch.zeros(1, device="cuda")
+    originals = (
+        fused_softmax.get_default_causal_mask,
+        optimizer_module.clip_grad_by_total_norm_fp32,
+        token_dispatcher.maybe_move_tensor_to_cpu,
+        mrandom.model_parallel_cuda_manual_seed,
+    )
+    # Megatron's own clip asserts CUDA gradients: the reason for its patch.
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    with pytest.raises(AssertionError):
+        originals[1]([p], 1.0, 4.0)
+
+    apply_cpu_patches()
+    apply_cpu_patches()  # idempotent: one mode entered
+    assert len(_get_current_function_mode_stack()) == 1
+    # Modules imported before the call (by name, `from x import f`) see the patched functions too.
+    patched = (
+        utils.get_default_causal_mask,
+        clip_grads.clip_grad_by_total_norm_fp32,
+        moe_utils.maybe_move_tensor_to_cpu,
+        megatron_spell.mcore.parallel.tensor_parallel.model_parallel_cuda_manual_seed,
+    )
+    now = (
+        fused_softmax.get_default_causal_mask,
+        optimizer_module.clip_grad_by_total_norm_fp32,
+        token_dispatcher.maybe_move_tensor_to_cpu,
+        mrandom.model_parallel_cuda_manual_seed,
+    )
+    for before, after, source in zip(originals, now, patched, strict=True):
+        assert after is source and after is not before
+
+
+def _clip_rank() -> None:
+    """The patched clip scales CPU grads as torch's clip_grad_norm_ does (it clips by the given norm)."""
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=gen)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 5
+    ref = [p.grad.clone() for p in params]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref]))
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for rp, g in zip(ref_params, ref, strict=True):
+        rp.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ref_params, max_norm=1.0)
+    optimizer_module.clip_grad_by_total_norm_fp32(params, 1.0, float(total))
+    for p, rp in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p.grad, rp.grad, rtol=1e-5, atol=1e-6)
+    before = [p.grad.clone() for p in params]  # a norm under max_norm leaves the grads as they are
+    optimizer_module.clip_grad_by_total_norm_fp32(params, 1e9, float(total))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before, strict=True))
+
+
 def _all_checks_rank(rank: int, world_size: int) -> None:
+    _import_has_no_side_effect_then_patch()
     _cuda_calls_rank(rank, world_size)
+    _clip_rank()
     _fwd_bwd_rank(rank, world_size, False)
     _fwd_bwd_rank(rank, world_size, True)
 

@@ -71,7 +71,7 @@ def layouts_worker(
         for name, layout in layouts.items():
             ctx = init_parallel(ParallelConfig(**layout))
             chunks = build_model(hf_config, ctx)
-            load_checkpoint(chunks, ckpt_dir, ctx)
+            load_checkpoint(chunks, ckpt_dir)
             logits = forward_logits(
                 chunks,
                 tokens,

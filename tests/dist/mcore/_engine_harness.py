@@ -8,25 +8,16 @@ compared key by key with a single-process reference.
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-LAYOUT_FIELDS = dict(
-    tensor_model_parallel_size=1,
-    pipeline_model_parallel_size=1,
-    virtual_pipeline_model_parallel_size=None,
-    context_parallel_size=1,
-    expert_model_parallel_size=1,
-    expert_tensor_parallel_size=None,
-    sequence_parallel=False,
-)
+from megatron_spell.config import ParallelConfig
 
 
-def layout(**kw: Any) -> SimpleNamespace:
-    return SimpleNamespace(**{**LAYOUT_FIELDS, **kw})
+def layout(**kw: Any) -> ParallelConfig:
+    return ParallelConfig(**kw)
 
 
 def fixed_batch(seed: int = 0, *, with_old: bool = True, vocab: int = 500) -> list:
@@ -59,7 +50,7 @@ def fixed_batch(seed: int = 0, *, with_old: bool = True, vocab: int = 500) -> li
 def make_engine(
     hf_dir: str,
     ckpt: str,
-    par: SimpleNamespace,
+    par: ParallelConfig,
     *,
     budget: int = 64,
     lr: float = 1e-3,
@@ -82,7 +73,7 @@ def make_engine(
     ocfg = OptimConfig(
         lr=lr, adam_eps=adam_eps, grad_clip=grad_clip, use_distributed_optimizer=dist_opt
     )
-    opt = build_optimizer(ddp, ocfg)
+    opt = build_optimizer(ddp, ocfg, ctx)
     ecfg = EngineConfig(
         temperature=temperature,
         logprob_chunk_size=8,

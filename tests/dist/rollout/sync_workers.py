@@ -68,7 +68,7 @@ def _build(hf_dir: str, ckpt_dir: str, via_hf: bool = False, **parallel: int):
     if via_hf:
         _load_from_hf(chunks, ctx, hf_config, hf_dir)
     else:
-        load_checkpoint(chunks, ckpt_dir, ctx)
+        load_checkpoint(chunks, ckpt_dir)
     for c in chunks:
         c.eval()
     return ctx, hf_config, chunks

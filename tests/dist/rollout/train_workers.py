@@ -27,7 +27,7 @@ def _policy(hf_dir: str, ckpt_dir: str, parallel: dict):
     ctx = init_parallel(ParallelConfig(**parallel))
     hf = load_hf_config(hf_dir)
     models = build_model(hf, ctx, core_attention=PackedCPAttention)
-    load_checkpoint(models, ckpt_dir, ctx)
+    load_checkpoint(models, ckpt_dir)
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=False)
     opt = build_optimizer(
         ddp, OptimConfig(lr=3e-3, adam_eps=1e-3, use_distributed_optimizer=False), ctx

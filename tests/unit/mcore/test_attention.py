@@ -7,16 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_spell.mcore.cpu_support import apply_cpu_patches
+from megatron_spell.mcore.attention import PackedCPAttention
 
-apply_cpu_patches()
-
-from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
-from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
-
-from megatron_spell.mcore.attention import PackedCPAttention  # noqa: E402
+pytestmark = pytest.mark.usefixtures("megatron_on_cpu")
 
 
 def naive_causal(q, k, v):
