@@ -314,7 +314,7 @@ def _verifier_phase(questions, groups, gen, chat, spell, max_tokens, result) -> 
     """Judge every parsable response n times; combine rewards; pick verifier training candidates."""
     jobs = []  # (group index, response index, prompt ids)
     for gi, g in enumerate(groups):
-        if g.question.parsed.task.value not in spell.tasks:
+        if g.question.parsed.task.value not in spell.verifier_tasks:
             continue
         for ri, pred in enumerate(g.predictions):
             if pred is not None:

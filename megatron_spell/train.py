@@ -110,7 +110,7 @@ def build_run(config: Config, *, replay: bool = False) -> tuple[Run, Any, Any]:
 
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[config.model.dtype]
         engine = _SyncingEngine(
-            RolloutEngine.from_config(config.model.hf_dir, config.rollout, dtype=dtype),
+            RolloutEngine(config.model.hf_dir, config.rollout, dtype=dtype),
             load_weights,
             lockstep=dist.get_world_size() > config.rollout.tensor_parallel_size,
         )
