@@ -128,7 +128,7 @@ def run_megatron(cfg, args, samples_by_len, dtype):
 
     from megatron_spell.config import TrainConfig
     from megatron_spell.mcore.attention import core_attention_class
-    from megatron_spell.mcore.model import build_model
+    from megatron_spell.mcore.model import build_model, use_transformer_engine
     from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
     from megatron_spell.mcore.parallel import init_parallel
     from megatron_spell.mcore.train_step import PolicyEngine
@@ -144,9 +144,10 @@ def run_megatron(cfg, args, samples_by_len, dtype):
         "recompute_method": "uniform",
         "recompute_num_layers": 1,
     }
+    use_te = use_transformer_engine("auto")
     models = build_model(
-        cfg, ctx, dtype=dtype, core_attention=core_attention_class(),
-        config_overrides=overrides if args.recompute else None,
+        cfg, ctx, dtype=dtype, core_attention=core_attention_class(use_te),
+        config_overrides=overrides if args.recompute else None, use_te=use_te,
     )  # fmt: skip
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=True)
     max_len = max(samples_by_len)

@@ -31,7 +31,7 @@ from megatron_spell.config import Config
 from megatron_spell.mcore.attention import core_attention_class
 from megatron_spell.mcore.checkpoint import load_checkpoint
 from megatron_spell.mcore.export import export_hf_weights
-from megatron_spell.mcore.model import build_model
+from megatron_spell.mcore.model import build_model, use_transformer_engine
 from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_spell.mcore.packing import TrainSample
 from megatron_spell.mcore.parallel import ParallelContext
@@ -64,12 +64,14 @@ class MegatronPolicy:
             )
         self.config, self.ctx, self.hf_config = config, ctx, hf_config
         dtype = DTYPES[config.model.dtype]
+        use_te = use_transformer_engine(config.model.attention_backend)
         self.chunks = build_model(
             hf_config,
             ctx,
             dtype=dtype,
-            core_attention=core_attention_class(),
+            core_attention=core_attention_class(use_te),
             config_overrides=recompute_overrides(config.train.recompute),
+            use_te=use_te,
         )
         load_checkpoint(self.chunks, config.model.load, ctx)
         train = config.train
