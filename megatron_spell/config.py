@@ -1,8 +1,11 @@
 """Typed, frozen run configuration: YAML presets plus `section.key=value` overrides.
 
-Every field has a default taken from the SPELL reference scripts (spell-algorithm.md section 6) unless the
-comment says otherwise. Sections are keyword-only frozen dataclasses validated at construction; an error names the
-field, the value and the fix. Unknown keys are errors (with a "did you mean" hint), never silently ignored.
+This is the one config tree of a run: components take their typed section (`TrainConfig`,
+`RolloutConfig`, `SpellConfig`, ...) directly, and every knob has one default and one validation
+here. Defaults follow the SPELL reference scripts (docs/spell-algorithm.md §6) unless the field's
+comment says otherwise. Sections are keyword-only frozen dataclasses validated at construction
+(`Literal` fields included); an error names the field, the value and the fix. Unknown keys are
+errors (with a "did you mean" hint), never silently ignored.
 
 Cross-checks that need the model shape or the world size (parallel layout, sequence lengths) live in
 `megatron_spell.layout`, which runs before any heavy work.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import types
 import typing
@@ -38,22 +42,42 @@ def _positive(section: str, **values: int | float | None) -> None:
             _fail(section, name, value, "must be > 0")
 
 
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple[Any, ...]]:
+    """{field: allowed values} of a section's `Literal` fields."""
+    hints = typing.get_type_hints(cls)
+    return {n: typing.get_args(t) for n, t in hints.items() if typing.get_origin(t) is Literal}
+
+
+def _check_literals(section: str, obj: Any) -> None:
+    """Every `Literal` field holds one of its values (the one check of these fields)."""
+    for name, allowed in _literal_fields(type(obj)).items():
+        if getattr(obj, name) not in allowed:
+            _fail(section, name, getattr(obj, name), f"must be one of {list(allowed)}")
+
+
+def _check_members(section: str, name: str, values: tuple[str, ...], allowed: tuple[str, ...]):
+    for value in values:
+        if value not in allowed:
+            _fail(section, name, value, f"must be among {allowed}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which model to train and how to hold it."""
 
-    hf_dir: str = (
-        ""  # Hugging Face model directory: config, tokenizer, and weights unless `load` is set
-    )
-    load: str = (
-        ""  # Megatron distributed checkpoint (tools/convert_hf_to_megatron.py) to start from
-    )
+    # Hugging Face model directory: config, tokenizer, and weights unless `load` is set
+    hf_dir: str = ""
+    # Megatron distributed checkpoint (tools/convert_hf_to_megatron.py) to start from
+    load: str = ""
+    # parameter dtype of the Megatron model (bf16/fp16 keep fp32 main weights in the optimizer)
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    attention_backend: Literal["auto", "local", "te"] = (
-        "auto"  # auto: Transformer Engine if it imports
-    )
+    # layer spec and core attention: "te" Transformer Engine (needs it to import, and CUDA), "local"
+    # Megatron's local spec with our packed/CP attention, "auto" TE when it imports, else local
+    attention_backend: Literal["auto", "local", "te"] = "auto"
 
     def __post_init__(self) -> None:
+        _check_literals("model", self)
         if not self.hf_dir:
             _fail("model", "hf_dir", self.hf_dir, "set it to a Hugging Face model directory")
 
@@ -62,16 +86,22 @@ class ModelConfig:
 class ParallelConfig:
     """Megatron parallel layout. The data-parallel size is derived: world / (TP * PP * CP)."""
 
+    # tensor-parallel ranks per model replica
     tensor_model_parallel_size: int = 1
+    # pipeline stages per model replica
     pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = (
-        None  # model chunks per pipeline rank (interleaved 1F1B)
-    )
+    # model chunks per pipeline rank (interleaved 1F1B); None: not interleaved
+    virtual_pipeline_model_parallel_size: int | None = None
+    # context-parallel ranks: each holds a slice of every packed sequence
     context_parallel_size: int = 1
+    # expert-parallel ranks of the MoE layers
     expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int | None = None  # None: same as tensor_model_parallel_size
+    # tensor-parallel ranks inside one expert; None: same as tensor_model_parallel_size
+    expert_tensor_parallel_size: int | None = None
+    # Megatron sequence parallelism (activations split over the TP ranks; needs TP > 1)
     sequence_parallel: bool = False
-    world_size: int | None = None  # declared world size for --dry-run; None: from the launcher
+    # declared world size for --dry-run; None: from the launcher
+    world_size: int | None = None
 
     def __post_init__(self) -> None:
         _positive(
@@ -114,7 +144,8 @@ class ParallelConfig:
 class DataConfig:
     """Corpus, task split, domain sampling and the history memory (spec sections 2, 4)."""
 
-    paths: tuple[str, ...] = ()  # parquet / JSONL / JSON files or directories
+    # parquet / JSONL / JSON files or directories
+    paths: tuple[str, ...] = ()
     # data_source prefix (text before the first "_") -> tasks generated from those rows
     tasks: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {
@@ -123,19 +154,26 @@ class DataConfig:
             "hotpotqa": ("doc_general_qa", "doc_mc"),
         }
     )
+    # data_source prefix (or "default") -> documents shown to the questioner, drawn per prompt
     n_docs: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"default": (5,)})
+    # task -> relative weight of its questioner prompts in a generation round
     domain_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
-    gen_batch_size: int = 480  # questioner prompts per generation round
+    # questioner prompts per generation round
+    gen_batch_size: int = 480
+    # seed of the task split, the domain sampler and the document draws
     seed: int = 42
-    # history memory (spec 4.1); success gate: lower <= responder mean <= upper
+    # keep a history memory of earlier questions per document set (spec 4.1)
     use_history: bool = True
+    # questions remembered per document set
     history_size: int = 3
+    # memory success gate, lower end: a question is stored when lower <= responder mean <= upper
     history_lower: float = 0.01
-    history_upper: float = (
-        0.99  # deviation: the reference admits 1.0 (too easy); the paper gates on r^que > 0
-    )
-    # optional explicit curriculum: documents shown to the questioner per stage, stage advances every N steps
+    # memory gate, upper end. Deviation: the reference admits 1.0 (too easy); the paper gates on
+    # r > 0
+    history_upper: float = 0.99
+    # explicit curriculum: documents shown to the questioner per stage; empty: no curriculum
     curriculum_docs: tuple[int, ...] = ()
+    # steps per curriculum stage (0: no curriculum)
     curriculum_steps_per_stage: int = 0
 
     def __post_init__(self) -> None:
@@ -160,30 +198,50 @@ class DataConfig:
 class SpellConfig:
     """The self-play algorithm: batch sizes, rewards, filters (spec sections 1, 3)."""
 
-    train_batch_size: int = 128  # distinct responder question groups per update
+    # distinct responder question groups per update
+    train_batch_size: int = 128
+    # responder samples per question (the GRPO group size)
     responder_n: int = 8
+    # verifier judgements per responder answer (majority vote)
     verifier_n: int = 8
-    max_num_gen_batches: int = 10  # generation rounds before giving up on a batch
-    filter_questioner_prompts: bool = True  # grounding pre-filter (bad_ground)
+    # generation rounds before giving up on a batch
+    max_num_gen_batches: int = 10
+    # grounding pre-filter: drop questions answerable without the documents (bad_ground)
+    filter_questioner_prompts: bool = True
+    # pre-filter: a document-free answer scoring >= this makes the question bad_ground
     ground_threshold: float = 0.1
+    # responder reward from the rule score and the verifier majority (Eq. 6); "rule": rule only
     reward_combine: Literal["max", "mean", "min", "sum", "rule"] = "max"
+    # rule scorer of doc_general_qa answers
     doc_qa_metric: Literal["sub_em_strict", "sub_em_loose", "em", "f1"] = "sub_em_strict"
+    # reference answers longer than this (tokens) make the question bad_format
     max_answer_tokens: int = 40
+    # questioner reward of a good question from its group's mean responder reward (Eq. 7)
     questioner_reward: Literal["gaussian", "reverse", "rzero"] = "gaussian"
+    # questioner advantage: "batch" normalises over the batch's questioner samples, "none" raw
     questioner_group: Literal["batch", "none"] = "batch"
+    # train the questioner role
     update_questioner: bool = True
+    # bad-case questioner samples per good one (0 disables bad cases, 1 as many bad as good)
     questioner_bad_case_ratio: float = 1.0
+    # train the verifier role
     update_verifier: bool = True
+    # verifier groups per update = responder trajectories * this / verifier_n
     verifier_update_ratio: float = 0.125
+    # verifier training label: "maj_cons" majority agreeing with the rule score, "maj" majority
     verifier_label: Literal["maj_cons", "maj"] = "maj_cons"
+    # verifier candidates need a majority share within [verifier_lower, verifier_upper]
     verifier_lower: float = 0.51
+    # upper end of that share (unanimous groups teach nothing)
     verifier_upper: float = 0.99
-    tasks: tuple[str, ...] = TASKS
-    # what a step does when max_num_gen_batches rounds gave fewer than train_batch_size groups:
-    # "error" (the reference) or "train_available" (train on the groups there are; logged as batch/shortfall)
+    # tasks whose responder answers the verifier judges; the others are scored by rule only
+    verifier_tasks: tuple[str, ...] = TASKS
+    # when max_num_gen_batches rounds gave too few groups: "error" (the reference), or
+    # "train_available" (train on the groups there are; logged as batch/shortfall)
     on_batch_shortfall: Literal["error", "train_available"] = "error"
 
     def __post_init__(self) -> None:
+        _check_literals("spell", self)
         _positive(
             "spell",
             train_batch_size=self.train_batch_size,
@@ -193,34 +251,56 @@ class SpellConfig:
         )
         if self.responder_n < 2:
             _fail("spell", "responder_n", self.responder_n, "GRPO needs >= 2 samples per question")
-        for task in self.tasks:
-            if task not in TASKS:
-                _fail("spell", "tasks", task, f"must be among {TASKS}")
+        if self.questioner_bad_case_ratio < 0:
+            _fail(
+                "spell",
+                "questioner_bad_case_ratio",
+                self.questioner_bad_case_ratio,
+                "must be >= 0 (0 disables bad cases, 1 = as many bad as good)",
+            )
+        if not 0.0 <= self.verifier_update_ratio <= 1.0:
+            _fail("spell", "verifier_update_ratio", self.verifier_update_ratio, "must be in [0, 1]")
+        _check_members("spell", "verifier_tasks", self.verifier_tasks, TASKS)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
     """vLLM generation, shared by the three roles (spec section 6)."""
 
+    # sampling temperature; the train step takes log-probs of softmax(logits / temperature) too
     temperature: float = 0.7
+    # nucleus sampling mass
     top_p: float = 0.95
+    # top-k sampling; <= 0 disables it
     top_k: int = -1
+    # prompts longer than this (tokens) are excluded from generation and counted
     max_prompt_length: int = 18000
+    # most tokens generated per response
     max_response_length: int = 4096
+    # vLLM tensor-parallel size; the other ranks form vLLM data-parallel replicas
     tensor_parallel_size: int = 1
+    # GPU only: fraction of GPU memory vLLM may take
     gpu_memory_utilization: float = 0.6
-    kv_cache_gib: float = 1.0  # CPU only: bound on the KV cache
+    # CPU only: bound on the KV cache (GiB)
+    kv_cache_gib: float = 1.0
+    # vLLM automatic prefix caching (the three roles share long document prefixes)
     enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 32000
+    # vLLM scheduler token budget per step (raised to prompt + response length); None: vLLM's
+    # default
+    max_num_batched_tokens: int | None = 32000
+    # log-probs vLLM returns: of the sampling distribution (after temperature, top-p/k) or raw
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = "processed_logprobs"
+    # size of one weight-sync bucket Megatron -> vLLM (MB)
     weight_sync_bucket_mb: int = 512
+    # vLLM engine seed (plus the rollout data-parallel rank)
     seed: int = 0
-    # roles whose outputs are constrained to the spec's formats (vLLM structured outputs): any of questioner,
-    # responder, verifier. A deviation for small models that cannot follow the formats yet (see
-    # megatron_spell/spell/schemas.py). Empty, as in the reference, by default.
+    # roles whose outputs are constrained to the spec's formats (vLLM structured outputs). A
+    # deviation for small models that cannot follow the formats yet (see spell/schemas.py); empty,
+    # as in the reference, by default
     structured_outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check_literals("rollout", self)
         _positive(
             "rollout",
             temperature=self.temperature,
@@ -228,46 +308,83 @@ class RolloutConfig:
             max_response_length=self.max_response_length,
             tensor_parallel_size=self.tensor_parallel_size,
             kv_cache_gib=self.kv_cache_gib,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             weight_sync_bucket_mb=self.weight_sync_bucket_mb,
         )
         if not 0.0 < self.top_p <= 1.0:
             _fail("rollout", "top_p", self.top_p, "must be in (0, 1]")
-        for role in self.structured_outputs:
-            if role not in ROLES:
-                _fail("rollout", "structured_outputs", role, f"roles must be among {ROLES}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            _fail(
+                "rollout",
+                "gpu_memory_utilization",
+                self.gpu_memory_utilization,
+                "must be in (0, 1]",
+            )
+        _check_members("rollout", "structured_outputs", self.structured_outputs, ROLES)
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence the engine holds: prompt plus response."""
+        return self.max_prompt_length + self.max_response_length
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Policy update: optimizer, GRPO loss, micro-batching (spec section 5)."""
+    """Policy update: optimizer, policy loss, micro-batching (spec section 5)."""
 
+    # peak learning rate (constant by default, as the reference)
     lr: float = 2e-6
-    # PPO old log-probs: False takes them from the training pass itself (the batch is on-policy: one optimizer
-    # step per batch, spec 1.7), True recomputes them in a forward-only pass first, as the reference does
+    # PPO old log-probs: False takes them from the training pass itself (the batch is on-policy:
+    # one optimizer step per batch, spec 1.7), True recomputes them in a forward-only pass first
+    # (as the reference does)
     recompute_old_logprobs: bool = False
+    # learning rate at the end of a cosine schedule
     min_lr: float = 0.0
+    # learning-rate schedule after the warm-up
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # linear warm-up steps from 0 to lr
     lr_warmup_steps: int = 0
+    # AdamW weight decay (Megatron's rule: biases and 1-D params such as norms are not decayed)
     weight_decay: float = 0.01
+    # Adam beta1
     adam_beta1: float = 0.9
+    # Adam beta2
     adam_beta2: float = 0.999
+    # Adam epsilon
     adam_eps: float = 1e-8
+    # gradient clipping by global norm; 0 disables it
     grad_clip: float = 1.0
+    # policy loss, by name (mcore/loss.py POLICY_LOSSES): "grpo" PPO clip with dual clip
+    loss: Literal["grpo"] = "grpo"
+    # PPO ratio clip below 1: ratio >= 1 - clip_ratio_low
     clip_ratio_low: float = 0.2
+    # PPO ratio clip above 1: ratio <= 1 + clip_ratio_high
     clip_ratio_high: float = 0.2
+    # dual-clip bound for negative advantages (loss <= -A * clip_ratio_c); must be > 1
     clip_ratio_c: float = 3.0
+    # KL penalty to a reference model; must be 0 (no reference model is kept, spec 9 item 13)
     kl_coef: float = 0.0
+    # KL estimator of that penalty: k3 "low_var_kl", k1 "kl", k2 "mse"
     kl_loss_type: Literal["low_var_kl", "kl", "mse"] = "low_var_kl"
+    # entropy bonus coefficient
     entropy_coef: float = 0.0
+    # loss mean over all response tokens of the global batch, or over its sequences
     loss_agg_mode: Literal["token_mean", "seq_mean"] = "token_mean"
+    # padded tokens per CP rank in one micro-batch of the update
     max_tokens_per_microbatch: int = 32000
-    logprob_chunk_size: int = 4096  # tokens per chunk of the vocab-parallel logprob pass
+    # tokens per chunk of the vocab-parallel log-prob pass
+    logprob_chunk_size: int = 4096
+    # Megatron's DistributedOptimizer (optimizer state sharded over DP; ignored on CPU)
     use_distributed_optimizer: bool = True
+    # activation recomputation in the update: none, full (every layer) or selective
     recompute: Literal["none", "full", "selective"] = "full"
+    # optimizer steps of the run (also the length of a cosine schedule)
     total_steps: int = 1000
+    # seed of the model's random init and of the step's sampling RNGs
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        _check_literals("train", self)
         _positive(
             "train",
             lr=self.lr,
@@ -277,45 +394,67 @@ class TrainConfig:
         )
         if self.clip_ratio_c <= 1.0:
             _fail("train", "clip_ratio_c", self.clip_ratio_c, "dual-clip bound must be > 1")
+        if self.kl_coef != 0.0:
+            _fail(
+                "train",
+                "kl_coef",
+                self.kl_coef,
+                "a KL penalty needs a reference model, which is not kept (the reference runs "
+                "with kl_coef=0); set train.kl_coef=0",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """Where and how often the whole RL state is saved."""
 
-    save_interval: int = (
-        10  # steps; 0 disables periodic saves (a final and a SIGTERM save still happen)
-    )
+    # steps between saves; 0 disables periodic saves (a final and a SIGTERM save still happen)
+    save_interval: int = 10
+    # checkpoints kept (older ones are deleted)
     keep_last: int = 2
+    # "auto" resumes from the run directory's latest checkpoint, "never" starts fresh
     resume: Literal["auto", "never"] = "auto"
 
     def __post_init__(self) -> None:
+        _check_literals("checkpoint", self)
         _positive("checkpoint", keep_last=self.keep_last)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
-    """Metrics sinks and rollout dumps."""
+    """Metrics sinks and rollout dumps (metrics are written every step)."""
 
+    # write TensorBoard event files
     tensorboard: bool = True
+    # write metrics.jsonl
     jsonl: bool = True
-    log_interval: int = 1
-    dump_rollouts: bool = False  # write every phase's records as JSONL per step (for replay)
+    # write every phase's records as JSONL per step (for replay)
+    dump_rollouts: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole run. `output_dir/run_name` holds config, logs, checkpoints and rollout dumps."""
 
+    # name of the run directory
     run_name: str = "spell"
+    # parent of the run directory
     output_dir: str = "runs"
+    # model to train (required)
     model: ModelConfig
+    # Megatron parallel layout
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # corpus, tasks, sampling and history memory
     data: DataConfig = field(default_factory=DataConfig)
+    # the self-play algorithm
     spell: SpellConfig = field(default_factory=SpellConfig)
+    # vLLM generation
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # policy update
     train: TrainConfig = field(default_factory=TrainConfig)
+    # checkpoints
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # metrics and dumps
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -323,8 +462,12 @@ class Config:
         return Path(self.output_dir) / self.run_name
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Building from dicts, YAML and overrides
+
+
+# keys of earlier versions -> their names now (for the config.yaml saved by an older run)
+RENAMED = {"spell.tasks": "spell.verifier_tasks"}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -333,9 +476,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"config {where}={value!r}: must be one of {list(args)}")
+    if origin is Literal:  # checked by the section (_check_literals)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -398,13 +539,15 @@ def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            if path in RENAMED:
+                hint = f"; it is now {RENAMED[path]!r}"
             raise ValueError(f"unknown config key {path!r}{hint} (valid keys: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `a.b=c` into (["a", "b"], value); the value is parsed as YAML (so 1e-6, true, [1,2] work)."""
+    """Split `a.b=c` into (["a", "b"], value); the value is parsed as YAML (1e-6, true, [1,2])."""
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
@@ -431,7 +574,7 @@ def _merge(base: dict[str, Any], parts: list[str], value: Any) -> None:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """Read a YAML preset (optional), apply `section.key=value` overrides, validate, return a Config."""
+    """Read a YAML preset (optional), apply `section.key=value` overrides, validate; a Config."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)

@@ -283,7 +283,7 @@ def judge(
     """Judge every parsable response n times; majority votes; verifier training candidates (spec 3.3)."""
     jobs: list[tuple[ResponseGroup, int, list[int]]] = []  # (group, response index, prompt ids)
     for g in responses.groups:
-        if g.question.parsed.task.value not in spell.tasks:
+        if g.question.parsed.task.value not in spell.verifier_tasks:
             continue
         for ri, pred in enumerate(g.predictions):
             if pred is not None:

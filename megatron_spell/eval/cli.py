@@ -118,23 +118,50 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--judge openai needs --judge-url and --judge-model")
 
 
-def build_engine(args: argparse.Namespace) -> Any:
-    """Start the rollout engine for `args.model` with the eval's lengths and sampling defaults."""
-    from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
+# RolloutConfig field -> the eval flag that sets it (the engine's error messages name the flag)
+ENGINE_FLAGS = {
+    "max_prompt_length": "--max-input-tokens",
+    "max_response_length": "--max-new-tokens",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "kv_cache_gib": "--kv-cache-gib",
+}
+
+
+def engine_settings(args: argparse.Namespace) -> Any:
+    """The engine's `RolloutConfig` from the eval flags; a bad flag is a ValueError naming it.
+
+    Sampling (temperature, top-p) is passed with every generate call (eval.protocol, eval.judge), so
+    the section's sampling defaults are never used here.
+    """
+    from megatron_spell.config import RolloutConfig
 
     judge_tokens = args.judge_max_tokens if args.judge == "engine" else 0
-    settings = EngineSettings(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_prompt_length=args.max_input_tokens,
-        max_response_length=max(args.max_new_tokens, judge_tokens),
-        tensor_parallel_size=args.tensor_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_gib=args.kv_cache_gib,
-        seed=args.seed,
-        dtype=args.dtype,
-    )
-    return RolloutEngine(args.model, settings)
+    values = {
+        "max_prompt_length": args.max_input_tokens,
+        "max_response_length": max(args.max_new_tokens, judge_tokens),
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "kv_cache_gib": args.kv_cache_gib,
+    }
+    try:
+        return RolloutConfig(**values, seed=args.seed, max_num_batched_tokens=None)
+    except ValueError as exc:  # "config rollout.NAME=VALUE: FIX" -> "FLAG VALUE: FIX"
+        for name, flag in ENGINE_FLAGS.items():
+            prefix = f"config rollout.{name}="
+            if str(exc).startswith(prefix):
+                fix = str(exc).split(": ", 1)[1]
+                raise ValueError(
+                    f"{flag} {getattr(args, flag[2:].replace('-', '_'))!r}: {fix}"
+                ) from None
+        raise
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """Start the rollout engine for `args.model` with the eval's lengths."""
+    from megatron_spell.rollout.engine import RolloutEngine
+
+    return RolloutEngine(args.model, engine_settings(args), dtype=args.dtype, knobs=ENGINE_FLAGS)
 
 
 def _init_distributed(tp: int) -> tuple[int, int, int]:

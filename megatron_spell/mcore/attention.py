@@ -202,11 +202,7 @@ class PackedCPAttention(MegatronModule):
         return full[..., :d], full[..., d:]
 
 
-def core_attention_class():
-    """The core-attention module for the layer spec: None (keep TE's own, with its THD and CP support)
-    when Transformer Engine imports and CUDA is available (when model.py picks the TE spec), else ours."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means no TE
-        return PackedCPAttention
-    return None if torch.cuda.is_available() else PackedCPAttention
+def core_attention_class(use_te: bool) -> type[PackedCPAttention] | None:
+    """The core-attention module for the layer spec: None with Transformer Engine's spec (keep TE's own,
+    with its THD and CP support; `model.use_transformer_engine` decides), else ours."""
+    return None if use_te else PackedCPAttention

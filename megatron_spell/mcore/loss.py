@@ -1,6 +1,7 @@
-"""PPO clipped policy loss with dual clip, low-variance KL and entropy bonus (spell-algorithm.md section 5).
+"""Policy losses by name (`train.loss` -> `POLICY_LOSSES`), plus KL and entropy terms.
 
-Per response token (verl `core_algos.compute_policy_loss`, vanilla mode):
+See docs/spell-algorithm.md §5. "grpo", per response token (verl `core_algos.compute_policy_loss`,
+vanilla mode):
 
     ratio = exp(clamp(logp - old_logp, -20, 20))
     L     = max(-A * ratio, -A * clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high))
@@ -8,6 +9,8 @@ Per response token (verl `core_algos.compute_policy_loss`, vanilla mode):
     L    += kl_coef * clamp(exp(ref - logp) - (ref - logp) - 1, -10, 10)   (low_var_kl / k3;
             also "kl" = logp - ref and "mse" = (logp - ref)^2 / 2, as verl)
     L    -= entropy_coef * entropy
+
+The KL term is kept for a reference model; today the config requires `train.kl_coef = 0`.
 
 Aggregation (deliberate deviation, spec section 9 item 12): the reference takes a token mean inside each
 micro-batch and weights micro-batches by `len(micro) / normalised_mini_batch_size`, which is neither a token
@@ -27,39 +30,20 @@ gives global means.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
+
+from megatron_spell.config import TrainConfig
 
 LOSS_AGG_MODES = ("token_mean", "seq_mean")
 KL_LOSS_TYPES = ("low_var_kl", "kl", "mse")
 
-
-@dataclass(frozen=True)
-class PolicyLossConfig:
-    """Loss hyperparameters (TrainConfig names; defaults from spec section 5)."""
-
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    clip_ratio_c: float = 3.0
-    kl_coef: float = 0.0
-    kl_loss_type: str = "low_var_kl"
-    entropy_coef: float = 0.0
-    loss_agg_mode: str = "token_mean"
-
-    def __post_init__(self) -> None:
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(
-                f"train.loss_agg_mode={self.loss_agg_mode!r} is not one of {LOSS_AGG_MODES}"
-            )
-        if self.kl_loss_type not in KL_LOSS_TYPES:
-            raise ValueError(
-                f"train.kl_loss_type={self.kl_loss_type!r} is not one of {KL_LOSS_TYPES}"
-            )
-        if self.clip_ratio_c <= 1.0:
-            raise ValueError(
-                f"train.clip_ratio_c must be > 1.0 (dual clip), got {self.clip_ratio_c}"
-            )
+# (logprobs, old_logprobs, advantages, weights, train) -> (per-token loss, weighted-sum metrics)
+PolicyLossFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TrainConfig],
+    tuple[torch.Tensor, dict[str, torch.Tensor]],
+]
 
 
 def token_weights(
@@ -95,21 +79,14 @@ def low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tens
     return (kl.exp() - kl - 1.0).clamp(-10.0, 10.0)
 
 
-def policy_loss(
+def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     weights: torch.Tensor,
-    cfg: PolicyLossConfig,
-    *,
-    entropy: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
+    cfg: TrainConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the per-token PPO loss; all inputs are 1-D over the same tokens.
-
-    `weights` is zero on non-response tokens (see `token_weights`). Returns (loss, metrics) where each metric
-    is a weighted sum (a 0-d tensor, detached): `pg_loss`, `clip_frac`, `ppo_kl`, `entropy`, `kl`.
-    """
+    """PPO clip with dual clip per token (verl `compute_policy_loss`, vanilla), the loss of GRPO."""
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
     ratio = log_ratio.exp()
     pg1 = -advantages * ratio
@@ -117,7 +94,6 @@ def policy_loss(
     clipped = torch.maximum(pg1, pg2)
     dual = torch.minimum(clipped, -advantages * cfg.clip_ratio_c)
     pg = torch.where(advantages < 0, dual, clipped)
-    per_token = pg
     metrics: dict[str, torch.Tensor] = {
         "pg_loss": (weights * pg).sum().detach(),
         "clip_frac": (weights * (pg2 > pg1).float()).sum().detach(),
@@ -128,6 +104,31 @@ def policy_loss(
         .detach(),
         "ppo_kl": (weights * -log_ratio).sum().detach(),
     }
+    return pg, metrics
+
+
+# train.loss -> policy-gradient loss. A new loss (GSPO, Dr.GRPO, ...) is one function of this
+# signature, one entry here and its name in TrainConfig.loss's Literal (a test checks they agree).
+POLICY_LOSSES: dict[str, PolicyLossFn] = {"grpo": grpo_loss}
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    entropy: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the per-token loss `train.loss`, plus KL and entropy terms; inputs are 1-D.
+
+    `weights` is zero on non-response tokens (see `token_weights`). Returns (loss, metrics) where
+    each metric is a weighted sum (a 0-d tensor, detached): the loss's own (grpo: `pg_loss`,
+    `clip_frac`, `dual_clip_frac`, `ppo_kl`), `entropy`, `kl`.
+    """
+    per_token, metrics = POLICY_LOSSES[cfg.loss](logprobs, old_logprobs, advantages, weights, cfg)
     if ref_logprobs is not None and cfg.kl_coef != 0.0:
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_loss_type)
         per_token = per_token + cfg.kl_coef * kl

@@ -65,6 +65,24 @@ def _have_transformer_engine() -> bool:
     return torch.cuda.is_available()
 
 
+def use_transformer_engine(backend: str) -> bool:
+    """Whether `model.attention_backend` picks Transformer Engine's layer spec and attention.
+
+    "local": never; "auto": when TE imports and CUDA is available; "te": required (a ValueError
+    naming the setting when TE does not import or there is no CUDA).
+    """
+    if backend == "local":
+        return False
+    available = _have_transformer_engine()
+    if backend == "te" and not available:
+        raise ValueError(
+            "config model.attention_backend='te': Transformer Engine does not import here (or no "
+            "CUDA device); install transformer_engine on the GPU machine, or set "
+            "model.attention_backend=auto (or local)"
+        )
+    return available
+
+
 def load_hf_config(hf_dir: str | Path) -> Any:
     """Load an HF config.json from a model directory; ValueError if it is missing or unsupported."""
     from transformers import AutoConfig
@@ -305,16 +323,20 @@ def _with_core_attention(spec: ModuleSpec, core_attention: Any) -> ModuleSpec:
 
 
 def layer_spec(
-    config: TransformerConfig, *, core_attention: Any = None, vp_stage: int | None = None
+    config: TransformerConfig,
+    *,
+    core_attention: Any = None,
+    vp_stage: int | None = None,
+    use_te: bool | None = None,
 ) -> Any:
-    """The transformer layer spec for `config` (TE when available, else local).
+    """The transformer layer spec for `config` (TE if `use_te`, None: when available; else local).
 
     core_attention: a module class replacing the spec's core attention (DotProductAttention or
     TEDotProductAttention), constructed by Megatron with the same arguments. Returns a ModuleSpec when all
     layers are alike, or the TransformerBlockSubmodules of pipeline stage (`vp_stage`) for mixed
     dense/MoE layers.
     """
-    use_te = _have_transformer_engine()
+    use_te = _have_transformer_engine() if use_te is None else use_te
     if isinstance(config.moe_layer_freq, list) and config.num_moe_experts:
         block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
@@ -349,8 +371,11 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     core_attention: Any = None,
     config_overrides: dict[str, Any] | None = None,
+    use_te: bool | None = None,
 ) -> list[GPTModel]:
     """Build this rank's GPTModel chunks (one per virtual pipeline stage) for `hf_config`.
+
+    `use_te`: Transformer Engine's layer spec (see `use_transformer_engine`); None: when available.
 
     Weights are randomly initialised; load a checkpoint into them (megatron_spell.mcore.checkpoint).
     """
@@ -366,7 +391,7 @@ def build_model(
         model = GPTModel(
             config=config,
             transformer_layer_spec=layer_spec(
-                config, core_attention=core_attention, vp_stage=vp_stage
+                config, core_attention=core_attention, vp_stage=vp_stage, use_te=use_te
             ),
             vocab_size=vocab,
             max_sequence_length=int(hf_config.max_position_embeddings),

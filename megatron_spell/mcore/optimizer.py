@@ -4,7 +4,14 @@
   `calculate_per_token_loss=True` so that DDP *sums* gradients over DP x CP (the loss is already divided by
   the global token count, see loss.py) and `finalize_model_grads` does no extra scaling.
 - `build_optimizer`: `megatron.core.optimizer.get_megatron_optimizer` with AdamW (betas 0.9/0.999, weight
-  decay 0.01, grad clip 1.0 by default), optionally the DistributedOptimizer.
+  decay 0.01, grad clip 1.0 by default), optionally the DistributedOptimizer. Both take the run's
+  `train` section (`config.TrainConfig`).
+
+  Deviation (kept on purpose): Megatron puts biases and 1-D parameters (norm weights) in param
+  groups with `wd_mult = 0`, so they are not decayed; the reference (verl's FSDP AdamW over
+  `module.parameters()`) decays every parameter by `weight_decay`. Not decaying biases and norm
+  gains is the usual AdamW practice, and at lr 2e-6 and wd 0.01 the difference is ~2e-8 of a
+  weight per step (tests/unit/mcore/test_optimizer.py checks the groups).
 - `build_scheduler`: Megatron's `OptimizerParamScheduler` (constant LR 2e-6 with no warm-up by default, as the
   reference; warm-up + cosine available).
 """
@@ -13,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,43 +29,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.overrides import TorchFunctionMode
 
+from megatron_spell.config import TrainConfig
 from megatron_spell.mcore.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer settings (TrainConfig field names; defaults from spec section 5)."""
-
-    lr: float = 2e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    use_distributed_optimizer: bool = True
-    lr_warmup_steps: int = 0
-    lr_decay_style: str = "constant"  # "constant" | "cosine" | "linear"
-    lr_decay_steps: int = 1
-
-
-def optim_config_from(train: Any) -> OptimConfig:
-    """OptimConfig from the config's `train` section (megatron_spell.config.TrainConfig)."""
-    return OptimConfig(
-        lr=train.lr,
-        min_lr=train.min_lr,
-        weight_decay=train.weight_decay,
-        adam_beta1=train.adam_beta1,
-        adam_beta2=train.adam_beta2,
-        adam_eps=train.adam_eps,
-        grad_clip=train.grad_clip,
-        use_distributed_optimizer=train.use_distributed_optimizer,
-        lr_warmup_steps=train.lr_warmup_steps,
-        lr_decay_style=train.lr_schedule,
-        lr_decay_steps=train.total_steps,
-    )
 
 
 class _CudaTensorTypeNames(TorchFunctionMode):
@@ -113,7 +86,7 @@ def wrap_ddp(
 
 
 def build_optimizer(
-    ddp_chunks: list[DistributedDataParallel], cfg: OptimConfig, ctx: ParallelContext
+    ddp_chunks: list[DistributedDataParallel], cfg: TrainConfig, ctx: ParallelContext
 ) -> Any:
     """Megatron AdamW (fp32 params on CPU; bf16 params keep fp32 main weights on GPU)."""
     model_config = ddp_chunks[0].config
@@ -144,19 +117,17 @@ def build_optimizer(
         )
 
 
-def build_scheduler(optimizer: Any, cfg: OptimConfig) -> OptimizerParamScheduler:
-    """Constant LR by default; `lr_decay_style` cosine/linear with `lr_warmup_steps` linear warm-up."""
-    if cfg.lr_decay_style not in ("constant", "cosine", "linear"):
-        raise ValueError(f"lr_decay_style={cfg.lr_decay_style!r}: use constant, cosine or linear")
-    decay_steps = max(cfg.lr_decay_steps, cfg.lr_warmup_steps + 1)
+def build_scheduler(optimizer: Any, cfg: TrainConfig) -> OptimizerParamScheduler:
+    """`train.lr_schedule` (constant or cosine over `train.total_steps`) after `lr_warmup_steps`."""
+    decay_steps = max(cfg.total_steps, cfg.lr_warmup_steps + 1)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.lr_warmup_steps > 0 else cfg.lr,
         max_lr=cfg.lr,
-        min_lr=cfg.min_lr if cfg.lr_decay_style != "constant" else cfg.lr,
+        min_lr=cfg.min_lr if cfg.lr_schedule != "constant" else cfg.lr,
         lr_warmup_steps=cfg.lr_warmup_steps,
         lr_decay_steps=decay_steps,
-        lr_decay_style=cfg.lr_decay_style,
+        lr_decay_style=cfg.lr_schedule,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
         wd_incr_steps=decay_steps,

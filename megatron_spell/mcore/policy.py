@@ -13,7 +13,8 @@ Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the 
   at the same layout (optimizer state resharding follows Megatron's `dp_reshardable` format).
 
 Decision (spec section 9 item 13): the reference computes reference log-probs with `kl_loss_coef = 0`, wasted
-compute. We keep no reference model; `train.kl_coef > 0` is rejected until a reference copy is added.
+compute. We keep no reference model; the config rejects `train.kl_coef != 0` until a reference copy is
+added.
 """
 
 from __future__ import annotations
@@ -30,16 +31,11 @@ from megatron_spell.config import Config
 from megatron_spell.mcore.attention import core_attention_class
 from megatron_spell.mcore.checkpoint import DTYPES, load_checkpoint
 from megatron_spell.mcore.export import export_hf_weights
-from megatron_spell.mcore.model import build_model
-from megatron_spell.mcore.optimizer import (
-    build_optimizer,
-    build_scheduler,
-    optim_config_from,
-    wrap_ddp,
-)
+from megatron_spell.mcore.model import build_model, use_transformer_engine
+from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_spell.mcore.packing import TrainSample
 from megatron_spell.mcore.parallel import ParallelContext
-from megatron_spell.mcore.train_step import PolicyEngine, engine_config_from, recompute_overrides
+from megatron_spell.mcore.train_step import PolicyEngine, recompute_overrides
 from megatron_spell.types import TrainBatch, Trajectory
 
 log = logging.getLogger(__name__)
@@ -59,41 +55,36 @@ class MegatronPolicy:
     """Model, optimizer and update for one rank (see the module docstring)."""
 
     def __init__(self, config: Config, ctx: ParallelContext, hf_config: Any) -> None:
-        if config.train.kl_coef > 0:
-            raise ValueError(
-                f"train.kl_coef={config.train.kl_coef}: a KL penalty needs a reference model, which is "
-                "not kept (the reference runs with kl_coef=0); set train.kl_coef=0"
-            )
         self.config, self.ctx, self.hf_config = config, ctx, hf_config
         dtype = DTYPES[config.model.dtype]
+        use_te = use_transformer_engine(config.model.attention_backend)
         self.chunks = build_model(
             hf_config,
             ctx,
             dtype=dtype,
-            core_attention=core_attention_class(),
+            core_attention=core_attention_class(use_te),
             config_overrides=recompute_overrides(config.train.recompute),
+            use_te=use_te,
         )
         load_checkpoint(self.chunks, config.model.load)
-        ocfg = optim_config_from(config.train)
-        if ocfg.use_distributed_optimizer and not torch.cuda.is_available():
+        train = config.train
+        if train.use_distributed_optimizer and not torch.cuda.is_available():
             # megatron-core 0.19's DistributedOptimizer only wraps CUDA tensors; on CPU (tests, the demo)
             # the plain Megatron optimizer is used, which gives the same update.
             log.info("CPU run: train.use_distributed_optimizer ignored (needs CUDA tensors)")
-            ocfg = dataclasses.replace(ocfg, use_distributed_optimizer=False)
+            train = dataclasses.replace(train, use_distributed_optimizer=False)
         self.ddp = wrap_ddp(
-            self.chunks, ctx, use_distributed_optimizer=ocfg.use_distributed_optimizer
+            self.chunks, ctx, use_distributed_optimizer=train.use_distributed_optimizer
         )
-        self.optimizer = build_optimizer(self.ddp, ocfg, ctx)
-        self.scheduler = build_scheduler(self.optimizer, ocfg)
+        self.optimizer = build_optimizer(self.ddp, train, ctx)
+        self.scheduler = build_scheduler(self.optimizer, train)
         self.engine = PolicyEngine(
             self.ddp,
             ctx,
-            engine_config_from(
-                config.train,
-                config.rollout,
-                vocab_size=int(hf_config.vocab_size),
-                pad_token_id=int(getattr(hf_config, "pad_token_id", None) or 0),
-            ),
+            train,
+            temperature=config.rollout.temperature,
+            vocab_size=int(hf_config.vocab_size),
+            pad_token_id=int(getattr(hf_config, "pad_token_id", None) or 0),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
         )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,8 +35,9 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
 )
 
+from megatron_spell.config import TrainConfig
 from megatron_spell.mcore.logprobs import chunked_logprobs
-from megatron_spell.mcore.loss import PolicyLossConfig, policy_loss, token_weights
+from megatron_spell.mcore.loss import policy_loss, token_weights
 from megatron_spell.mcore.packing import (
     MicroBatch,
     PackedBatch,
@@ -50,40 +51,6 @@ logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl", "entropy", "kl")
 _MISMATCH_KEYS = ("mismatch_sum", "mismatch_count")  # on-policy steps only (train_step)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Knobs of the update that are not optimizer settings (TrainConfig / RolloutConfig names)."""
-
-    temperature: float = 1.0  # rollout temperature: log-probs are taken of softmax(logits / T)
-    logprob_chunk_size: int = 1024
-    max_tokens_per_microbatch: int = 8192  # padded tokens per CP rank in one micro-batch
-    pad_token_id: int = 0
-    vocab_size: int | None = None  # the true (HF) vocabulary; padded output rows are masked
-    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-
-
-def engine_config_from(
-    train: Any, rollout: Any, *, vocab_size: int, pad_token_id: int = 0
-) -> EngineConfig:
-    """EngineConfig from the config's `train` and `rollout` sections (megatron_spell.config)."""
-    return EngineConfig(
-        temperature=rollout.temperature,
-        logprob_chunk_size=train.logprob_chunk_size,
-        max_tokens_per_microbatch=train.max_tokens_per_microbatch,
-        pad_token_id=pad_token_id,
-        vocab_size=vocab_size,
-        loss=PolicyLossConfig(
-            clip_ratio_low=train.clip_ratio_low,
-            clip_ratio_high=train.clip_ratio_high,
-            clip_ratio_c=train.clip_ratio_c,
-            kl_coef=train.kl_coef,
-            kl_loss_type=train.kl_loss_type,
-            entropy_coef=train.entropy_coef,
-            loss_agg_mode=train.loss_agg_mode,
-        ),
-    )
 
 
 def recompute_overrides(recompute: str) -> dict[str, Any]:
@@ -117,18 +84,28 @@ class _Micro:
 
 
 class PolicyEngine:
-    """Train step and forward-only log-probs for DDP-wrapped Megatron model chunks."""
+    """Train step and forward-only log-probs for DDP-wrapped Megatron model chunks.
+
+    `train` is the run's `train` section (loss, micro-batching, log-prob chunks). The rest is not in
+    it: `temperature` is the rollout's (log-probs are taken of softmax(logits / temperature)),
+    `vocab_size` the true (HF) vocabulary (padded output rows are masked) and `pad_token_id` fills
+    the packs.
+    """
 
     def __init__(
         self,
         models: list[Any],
         ctx: ParallelContext,
-        cfg: EngineConfig,
+        train: TrainConfig,
         *,
+        temperature: float,
+        vocab_size: int | None,
+        pad_token_id: int,
         optimizer: Any = None,
         scheduler: Any = None,
     ):
-        self.models, self.ctx, self.cfg = models, ctx, cfg
+        self.models, self.ctx, self.cfg = models, ctx, train
+        self.temperature, self.vocab_size, self.pad_token_id = temperature, vocab_size, pad_token_id
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_skipped_steps = 0
         self._device = ctx.device
@@ -152,7 +129,7 @@ class PolicyEngine:
             tp_size=c.tp,
             sequence_parallel=c.sequence_parallel,
             microbatch_multiple=c.pp if c.vpp > 1 else 1,
-            pad_id=self.cfg.pad_token_id,
+            pad_id=self.pad_token_id,
             equal_length=c.vpp > 1,
         )
 
@@ -165,7 +142,7 @@ class PolicyEngine:
             w = token_weights(
                 mb.loss_mask,
                 mb.seq_num_loss_tokens,
-                mode=self.cfg.loss.loss_agg_mode,
+                mode=self.cfg.loss_agg_mode,
                 global_num_loss_tokens=packed.global_num_loss_tokens,
                 global_num_sequences=packed.global_num_sequences,
             )
@@ -192,11 +169,11 @@ class PolicyEngine:
             h,
             weight,
             context.labels,
-            temperature=self.cfg.temperature,
+            temperature=self.temperature,
             chunk_size=self.cfg.logprob_chunk_size,
             tp_group=c.tp_group if c.tp > 1 else None,
             vocab_start=c.tp_rank * weight.size(0),
-            vocab_size=self.cfg.vocab_size,
+            vocab_size=self.vocab_size,
         )
         return torch.stack([lp, ent])
 
@@ -229,7 +206,7 @@ class PolicyEngine:
         lp, ent = output[0], output[1]
         old = lp.detach() if m.on_policy else m.old
         loss, metrics = policy_loss(
-            lp, old, m.adv, m.weights, self.cfg.loss, entropy=ent, ref_logprobs=m.ref
+            lp, old, m.adv, m.weights, self.cfg, entropy=ent, ref_logprobs=m.ref
         )
         if (
             m.on_policy and m.old is not None

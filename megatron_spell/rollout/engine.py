@@ -39,57 +39,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_spell.config import RolloutConfig
 from megatron_spell.preflight import check_rollout_world
 from megatron_spell.types import Completion, OutputConstraint
 
 if TYPE_CHECKING:
-    from megatron_spell.config import RolloutConfig
     from megatron_spell.rollout.metrics import WeightSyncStats
 
 logger = logging.getLogger(__name__)
-
-_LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineSettings:
-    """Everything the engine is built from (a superset of `RolloutConfig`'s fields, plus dtype)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_prompt_length: int = 1024
-    max_response_length: int = 256
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.6
-    kv_cache_gib: float = 1.0
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int | None = None
-    logprobs_mode: str = "processed_logprobs"
-    seed: int = 0
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.logprobs_mode not in _LOGPROBS_MODES:
-            raise ValueError(
-                f"rollout.logprobs_mode={self.logprobs_mode!r}: use one of {_LOGPROBS_MODES}"
-            )
-        for name in ("max_prompt_length", "max_response_length", "tensor_parallel_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"rollout.{name}={getattr(self, name)!r}: must be > 0")
-        if self.temperature < 0:
-            raise ValueError(f"rollout.temperature={self.temperature!r}: must be >= 0")
-
-    @property
-    def max_model_len(self) -> int:
-        return self.max_prompt_length + self.max_response_length
 
 
 def _dist_world() -> tuple[int, int]:
@@ -107,12 +70,15 @@ def _is_moe(model_dir: str) -> bool:
     )
 
 
-def _llm_kwargs(model_dir: str, s: EngineSettings) -> dict[str, Any]:
-    """Arguments of `vllm.LLM` for the colocated engine."""
+def _llm_kwargs(
+    model_dir: str, s: RolloutConfig, dtype: str, knobs: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Arguments of `vllm.LLM` for the colocated engine (errors name the knob as `knobs` spells it)."""
     rank, world = _dist_world()
+    tp = (knobs or {}).get("tensor_parallel_size", "rollout.tensor_parallel_size")
     kwargs: dict[str, Any] = dict(
         model=model_dir,
-        dtype=s.dtype,
+        dtype=dtype,
         # the ranks of one rollout-TP group must sample alike; data-parallel replicas differ
         seed=s.seed + rank // s.tensor_parallel_size,
         enforce_eager=True,
@@ -129,7 +95,11 @@ def _llm_kwargs(model_dir: str, s: EngineSettings) -> dict[str, Any]:
     else:
         kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * (1 << 30))
     check_rollout_world(
-        s.tensor_parallel_size, world, moe=_is_moe(model_dir), on_gpu=torch.cuda.is_available()
+        s.tensor_parallel_size,
+        world,
+        moe=_is_moe(model_dir),
+        on_gpu=torch.cuda.is_available(),
+        field=tp,
     )
     if world > 1:
         dp = world // s.tensor_parallel_size
@@ -143,16 +113,30 @@ def _llm_kwargs(model_dir: str, s: EngineSettings) -> dict[str, Any]:
 
 
 class RolloutEngine:
-    """A vLLM engine colocated with the trainer: `generate`, `load_weights`, `sleep`, `wake_up`."""
+    """A vLLM engine colocated with the trainer: `generate`, `load_weights`, `sleep`, `wake_up`.
 
-    def __init__(self, model_dir: str | Path, settings: EngineSettings | None = None) -> None:
-        self.settings = settings or EngineSettings()
+    `settings` is the run's `rollout` section (sampling defaults, lengths, engine sizes); `dtype` is
+    vLLM's weight dtype ("float32", "bfloat16", "float16" or "auto"), which the run derives from
+    `model.dtype`. The eval CLI builds a `RolloutConfig` from its own flags and passes `knobs`
+    ({RolloutConfig field: its flag}) so that the engine's errors name those flags.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        settings: RolloutConfig,
+        *,
+        dtype: str,
+        knobs: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.knobs = dict(knobs or {})
         self.model_dir = str(model_dir)
         # In-process engine: needed for in-place weight sync, and ~2 s instead of ~20 s to start.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        kwargs = _llm_kwargs(self.model_dir, self.settings)
+        kwargs = _llm_kwargs(self.model_dir, self.settings, dtype, self.knobs)
         logger.info("starting vLLM engine: %s", kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -160,17 +144,8 @@ class RolloutEngine:
         self.num_excluded_total = 0
         self._sleeping = False
 
-    @classmethod
-    def from_config(
-        cls, model_dir: str | Path, cfg: RolloutConfig, *, dtype: str = "float32"
-    ) -> RolloutEngine:
-        """Build from the run config's `rollout` section."""
-        fields = {
-            name: getattr(cfg, name)
-            for name in EngineSettings.__dataclass_fields__
-            if name != "dtype" and hasattr(cfg, name)
-        }
-        return cls(model_dir, EngineSettings(**fields, dtype=dtype))
+    def _knob(self, name: str) -> str:
+        return self.knobs.get(name, f"rollout.{name}")
 
     @property
     def is_gpu(self) -> bool:
@@ -233,8 +208,8 @@ class RolloutEngine:
         max_tokens = s.max_response_length if max_tokens is None else max_tokens
         if not 0 < max_tokens <= s.max_response_length:
             raise ValueError(
-                f"generate max_tokens={max_tokens}: must be in [1, rollout.max_response_length="
-                f"{s.max_response_length}]"
+                f"generate max_tokens={max_tokens}: must be in [1, "
+                f"{self._knob('max_response_length')}={s.max_response_length}]"
             )
         token_prompts = [self._to_token_ids(p) for p in prompts]
         keep = [i for i, p in enumerate(token_prompts) if 0 < len(p) <= s.max_prompt_length]
@@ -242,9 +217,10 @@ class RolloutEngine:
         self.num_excluded_total += self.num_excluded_last
         if self.num_excluded_last:
             logger.warning(
-                "excluded %d of %d prompts longer than rollout.max_prompt_length=%d (or empty)",
+                "excluded %d of %d prompts longer than %s=%d (or empty)",
                 self.num_excluded_last,
                 len(token_prompts),
+                self._knob("max_prompt_length"),
                 s.max_prompt_length,
             )
         results: list[list[Completion]] = [[] for _ in token_prompts]

@@ -11,14 +11,18 @@ One step = one optimizer update, built from one or more gen rounds:
   sample per kept group, rewarded with Eq. 7 of its group's mean reward; bad cases sampled per task with
   carry-over (`sample_bad_cases`); `int(num_responder_traj * verifier_update_ratio / verifier_n)` verifier
   groups sampled from the candidates (none if there are fewer). Bad and verifier parts are cut to a multiple of
-  `world_size`. Reference sizes: 1024 + 128 + <=128 + 128.
+  `dp_size`. Reference sizes: 1024 + 128 + <=128 + 128. The sizes come from the run's `spell` section
+  (`config.SpellConfig`), which also validates them.
 
 Deliberate decisions (spec section 9):
 
 * Item 14: a round in which no questioner output parses is an empty round, not a crash (`add_round` accepts
   empty or None parts). Running out of rounds raises `BatchNotReadyError` (a RuntimeError) whose message
   names the knobs to change and the case counts of the step, instead of a bare ValueError.
-* Item 11: `world_size` is the data-parallel size the update is split over (the caller decides; default 1).
+* Item 11: `dp_size` is an explicit argument. The reference cuts to a multiple of its data-parallel world
+  size (`n_gpus / ulysses_sp`) because verl's dispatch splits the batch into equal shares. The loop passes
+  1: the Megatron update balances any number of sequences over its DP ranks (`mcore/packing.pack_batch`)
+  and normalises the loss by global token counts, so no trajectory has to be dropped.
 * Item 16: `questioner_bad_case_ratio` is "bad cases per good case": 0 disables bad cases, 1 allows as many
   bad as good (the reference script comment "set to 1 to ablate" is wrong).
 * Bad-case carry-over visits tasks by descending good count (ties by task name, for determinism) and then the
@@ -32,9 +36,9 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from megatron_spell.config import SpellConfig
 from megatron_spell.spell.rewards import bad_case_reward, questioner_reward
 from megatron_spell.types import (
     CaseType,
@@ -53,47 +57,6 @@ BAD_CASES = (CaseType.BAD_FORMAT, CaseType.BAD_GROUND, CaseType.ZERO_VARIANCE)
 
 class BatchNotReadyError(RuntimeError):
     """No training batch formed within the allowed number of generation rounds."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchConfig:
-    """Sizes of the final batch (spec 1.6); defaults are the reference hyperparameters."""
-
-    train_batch_size: int = 128  # responder groups per update
-    responder_n: int = 8
-    verifier_n: int = 8
-    max_num_gen_batches: int = 10
-    update_questioner: bool = True
-    questioner_bad_case_ratio: float = 1.0
-    questioner_reward: str = "gaussian"
-    update_verifier: bool = True
-    verifier_update_ratio: float = 0.125
-    world_size: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("train_batch_size", "responder_n", "verifier_n", "max_num_gen_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"spell.{name}={getattr(self, name)} must be >= 1")
-        if self.world_size < 1:
-            raise ValueError(f"world_size={self.world_size} must be >= 1 (the data-parallel size)")
-        if self.questioner_bad_case_ratio < 0:
-            raise ValueError(
-                f"spell.questioner_bad_case_ratio={self.questioner_bad_case_ratio} must be >= 0 "
-                "(0 disables bad cases, 1 = as many bad as good)"
-            )
-        if not 0.0 <= self.verifier_update_ratio <= 1.0:
-            raise ValueError(
-                f"spell.verifier_update_ratio={self.verifier_update_ratio} must be in [0, 1]"
-            )
-        questioner_reward(0.5, self.questioner_reward)  # validates the mapping name
-
-    @classmethod
-    def from_spell_config(cls, spell: Any, *, world_size: int = 1) -> BatchConfig:
-        """Build from a `config.SpellConfig` (read by attribute name)."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "world_size"]
-        return cls(
-            world_size=world_size, **{n: getattr(spell, n) for n in names if hasattr(spell, n)}
-        )
 
 
 def _has_variance(rewards: Sequence[float]) -> bool:
@@ -155,10 +118,10 @@ class StepAccumulator:
         self.verifier_candidates.extend(verifier_candidates or ())
         return kept
 
-    def is_ready(self, config: BatchConfig) -> bool:
+    def is_ready(self, config: SpellConfig) -> bool:
         return self.num_groups >= config.train_batch_size
 
-    def check_progress(self, config: BatchConfig) -> None:
+    def check_progress(self, config: SpellConfig) -> None:
         """Raise `BatchNotReadyError` when `max_num_gen_batches` rounds did not yield a batch."""
         if self.is_ready(config) or self.num_rounds < config.max_num_gen_batches:
             return
@@ -212,7 +175,11 @@ def sample_verifier_groups(
 
 
 def _questioner_part(
-    acc: StepAccumulator, groups: Sequence[ResponderGroup], config: BatchConfig, rng: random.Random
+    acc: StepAccumulator,
+    groups: Sequence[ResponderGroup],
+    config: SpellConfig,
+    rng: random.Random,
+    dp_size: int,
 ) -> tuple[list[Trajectory], list[Trajectory]]:
     good: list[Trajectory] = []
     good_counts: Counter[Task] = Counter()
@@ -235,11 +202,21 @@ def _questioner_part(
         for s in bad_samples
         if s.case is not None
     ]
-    return good, truncate_to_multiple(bad, config.world_size)
+    return good, truncate_to_multiple(bad, dp_size)
 
 
-def build_final_batch(acc: StepAccumulator, config: BatchConfig, rng: random.Random) -> TrainBatch:
-    """Assemble the step's batch (spec 1.6). Raises BatchNotReadyError if too few groups are pooled."""
+def build_final_batch(
+    acc: StepAccumulator, config: SpellConfig, rng: random.Random, *, dp_size: int
+) -> TrainBatch:
+    """Assemble the step's batch (spec 1.6). Raises BatchNotReadyError if too few groups are pooled.
+
+    `dp_size`: the bad-case and verifier parts are cut to a multiple of it (the reference's
+    data-parallel world size; see the module docstring for the value the loop passes).
+    """
+    if dp_size < 1:
+        raise ValueError(
+            f"build_final_batch dp_size={dp_size}: must be >= 1 (the data-parallel size)"
+        )
     if not acc.is_ready(config):
         raise BatchNotReadyError(
             f"build_final_batch needs spell.train_batch_size={config.train_batch_size} groups, "
@@ -262,7 +239,7 @@ def build_final_batch(acc: StepAccumulator, config: BatchConfig, rng: random.Ran
     responder = [t for g in groups for t in g.trajectories]
     questioner: list[Trajectory] = []
     if config.update_questioner:
-        good, bad = _questioner_part(acc, groups, config, rng)
+        good, bad = _questioner_part(acc, groups, config, rng, dp_size)
         questioner = good + bad
     verifier: list[Trajectory] = []
     if config.update_verifier:
@@ -273,9 +250,7 @@ def build_final_batch(acc: StepAccumulator, config: BatchConfig, rng: random.Ran
             config.verifier_n,
             rng,
         )
-        verifier = truncate_to_multiple(
-            [t for g in chosen for t in g.trajectories], config.world_size
-        )
+        verifier = truncate_to_multiple([t for g in chosen for t in g.trajectories], dp_size)
     return TrainBatch(
         responder=tuple(responder), questioner=tuple(questioner), verifier=tuple(verifier)
     )

@@ -1,9 +1,14 @@
-"""Config loading: types, overrides, unknown keys, validation messages; layout checks (issue 2 item 2)."""
+"""Config loading: types, overrides, unknown keys, validation messages; layout checks; the tree."""
 
+import ast
+import io
 import json
+import tokenize
+from pathlib import Path
 
 import pytest
 
+import megatron_spell
 from megatron_spell.config import Config, dump_config, load_config, parse_override
 from megatron_spell.layout import ModelShape, estimate_memory_gib, validate_layout, validate_lengths
 
@@ -64,6 +69,15 @@ def test_override_accepts_comma_list_and_int_for_float():
         ("parallel.sequence_parallel=true", "needs tensor_model_parallel_size > 1"),
         ("spell.responder_n=1", "GRPO needs >= 2 samples"),
         ("data.tasks={web: [doc_qa]}", "tasks must be among"),
+        (
+            "spell.tasks=[doc_mc]",
+            "unknown config key 'spell.tasks'; it is now 'spell.verifier_tasks'",
+        ),
+        ("spell.verifier_tasks=[doc_qa]", "spell.verifier_tasks='doc_qa': must be among"),
+        ("logging.log_interval=5", "unknown config key 'logging.log_interval'"),
+        ("train.kl_coef=0.1", "train.kl_coef=0.1: a KL penalty needs a reference model"),
+        ("train.loss=gspo", "train.loss='gspo': must be one of ['grpo']"),
+        ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization=0.0: must be in"),
     ],
 )
 def test_bad_values_name_field_and_fix(override, message):
@@ -190,3 +204,128 @@ def test_memory_estimate_shrinks_with_parallelism(tmp_path):
     m8 = estimate_memory_gib(c8, moe, validate_layout(c8.parallel, moe, 8))
     assert m8["weights"] < m1["weights"] / 6
     assert m1["weights"] == pytest.approx(moe.num_params() * 2 / 1024**3, rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------
+# Structure of the config tree: every field documented, no dataclass elsewhere restating a section
+
+_PACKAGE = Path(megatron_spell.__file__).parent
+_CONFIG_SOURCE = _PACKAGE / "config.py"
+
+
+def _section_classes(tree: ast.Module) -> list[ast.ClassDef]:
+    return [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config")]
+
+
+def _annotated_fields(cls: ast.ClassDef) -> dict[str, str]:
+    """{field name: annotation source} of a class body's annotated assignments."""
+    return {
+        n.target.id: ast.unparse(n.annotation)
+        for n in cls.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
+
+
+def undocumented_fields(source: str) -> list[str]:
+    """Fields of config.py's sections without a doc (a comment line right above, or a docstring).
+
+    A comment trailing the field does not count (ruff format moves it into the value's parentheses).
+    """
+    lines = source.splitlines()
+    comments = {
+        tok.start[0]: tok.start[1]
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    missing = []
+    for cls in _section_classes(ast.parse(source)):
+        body = cls.body
+        for i, node in enumerate(body):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above = node.lineno - 1
+            own_line_comment = above in comments and not lines[above - 1][: comments[above]].strip()
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            docstring = (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            )
+            trailing = any(line in comments for line in range(node.lineno, node.end_lineno + 1))
+            if not (own_line_comment or docstring) or trailing:
+                missing.append(f"{cls.name}.{node.target.id} (line {node.lineno})")
+    return missing
+
+
+def test_every_config_field_has_a_doc():
+    assert undocumented_fields(_CONFIG_SOURCE.read_text()) == []
+
+
+def test_doc_check_catches_a_missing_or_trailing_doc():
+    source = (
+        "class XConfig:\n"
+        "    # documented\n"
+        "    a: int = 1\n"
+        "    b: int = 2\n"
+        "    c: str = (\n"
+        '        ""  # mangled by the formatter\n'
+        "    )\n"
+        "    d: int = 3\n"
+        '    """documented too"""\n'
+    )
+    assert undocumented_fields(source) == ["XConfig.b (line 4)", "XConfig.c (line 5)"]
+
+
+def test_config_source_fits_the_formatter_width():
+    long = [
+        i for i, line in enumerate(_CONFIG_SOURCE.read_text().splitlines(), 1) if len(line) > 100
+    ]
+    assert long == []
+
+
+# Dataclasses that may share fields with a config section, and why.
+MIRROR_EXCEPTIONS = {
+    # `megatron-spell eval` has no run config: its protocol settings are its own flags (spec 8.1)
+    "megatron_spell/eval/protocol.py:EvalSettings",
+}
+
+
+def config_mirrors(package: Path) -> list[str]:
+    """Classes outside config.py sharing >= 2 fields (same name and annotation) with one section."""
+    sections = {
+        cls.name: _annotated_fields(cls)
+        for cls in _section_classes(ast.parse((package / "config.py").read_text()))
+    }
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path == package / "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            fields = _annotated_fields(node)
+            for section, section_fields in sections.items():
+                shared = sorted(n for n, t in fields.items() if section_fields.get(n) == t)
+                if len(shared) >= 2:
+                    where = f"{path.relative_to(package.parent).as_posix()}:{node.name}"
+                    found.append(f"{where} restates {section} {shared}")
+    return found
+
+
+def test_no_class_outside_config_restates_a_section():
+    found = config_mirrors(_PACKAGE)
+    assert [m for m in found if m.split(" ")[0] not in MIRROR_EXCEPTIONS] == []
+    stale = MIRROR_EXCEPTIONS - {m.split(" ")[0] for m in found}
+    assert not stale, f"no longer restate a section, remove from MIRROR_EXCEPTIONS: {stale}"
+
+
+def test_mirror_check_catches_a_restated_section(tmp_path):
+    (tmp_path / "config.py").write_text(_CONFIG_SOURCE.read_text())
+    (tmp_path / "engine.py").write_text(
+        "from dataclasses import dataclass\n\n"
+        "@dataclass\nclass Knobs:\n    lr: float = 1.0\n    grad_clip: float = 1.0\n"
+        "    name: str = ''\n"
+    )
+    assert config_mirrors(tmp_path) == [
+        f"{tmp_path.name}/engine.py:Knobs restates TrainConfig ['grad_clip', 'lr']"
+    ]

@@ -183,12 +183,12 @@ def test_structured_roles_call_once_per_task_with_their_constraints():
         inputs,
         one_rank(gen, structured=("questioner", "responder")),
         chat,
-        SpellConfig(responder_n=2, verifier_n=2, tasks=("doc_general_qa",)),
+        SpellConfig(responder_n=2, verifier_n=2, verifier_tasks=("doc_general_qa",)),
         uid_prefix="x",
         max_response_tokens=8,
     )
     tasks = list(Task)  # general QA, MC, docmath
-    # one call per task, also docmath_qa without prompts here and not in spell.tasks (lockstep ranks)
+    # one call per task, also docmath_qa: no prompts here, not in spell.verifier_tasks (lockstep)
     assert gen.calls[:3] == [(1, 1), (2, 1), (0, 1)]
     assert gen.schemas[:3] == [output_constraint("questioner", t) for t in tasks]
     # the grounding pre-filter and the responder are responder calls: constrained per task too

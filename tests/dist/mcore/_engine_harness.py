@@ -59,28 +59,37 @@ def make_engine(
     dist_opt: bool = False,
     temperature: float = 0.7,
 ):
+    from megatron_spell.config import TrainConfig
     from megatron_spell.mcore.attention import PackedCPAttention
     from megatron_spell.mcore.model import build_model, load_hf_config
-    from megatron_spell.mcore.optimizer import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_spell.mcore.optimizer import build_optimizer, wrap_ddp
     from megatron_spell.mcore.parallel import init_parallel
-    from megatron_spell.mcore.train_step import EngineConfig, PolicyEngine
+    from megatron_spell.mcore.train_step import PolicyEngine
 
     hf = load_hf_config(hf_dir)
     ctx = init_parallel(par)
     models = build_model(hf, ctx, core_attention=PackedCPAttention)
     _load(models, ckpt)
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=dist_opt)
-    ocfg = OptimConfig(
-        lr=lr, adam_eps=adam_eps, grad_clip=grad_clip, use_distributed_optimizer=dist_opt
-    )
-    opt = build_optimizer(ddp, ocfg, ctx)
-    ecfg = EngineConfig(
-        temperature=temperature,
+    train = TrainConfig(
+        lr=lr,
+        adam_eps=adam_eps,
+        grad_clip=grad_clip,
+        use_distributed_optimizer=dist_opt,
         logprob_chunk_size=8,
         max_tokens_per_microbatch=budget,
-        vocab_size=hf.vocab_size,
     )
-    return PolicyEngine(ddp, ctx, ecfg, optimizer=opt), ctx
+    opt = build_optimizer(ddp, train, ctx)
+    engine = PolicyEngine(
+        ddp,
+        ctx,
+        train,
+        temperature=temperature,
+        vocab_size=hf.vocab_size,
+        pad_token_id=0,
+        optimizer=opt,
+    )
+    return engine, ctx
 
 
 def _load(chunks: list, ckpt: str) -> None:

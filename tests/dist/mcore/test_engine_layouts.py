@@ -80,7 +80,8 @@ def _step_and_gather(hf_dir, ckpt, par, **kw):
 def _reference_worker(rank, world, dense, moe):
     from transformers import AutoModelForCausalLM
 
-    from megatron_spell.mcore.loss import PolicyLossConfig, policy_loss
+    from megatron_spell.config import TrainConfig
+    from megatron_spell.mcore.loss import policy_loss
     from megatron_spell.mcore.parallel import destroy_parallel
 
     out = {"dense": _step_and_gather(*dense, layout()), "moe": _step_and_gather(*moe, layout())}
@@ -109,7 +110,7 @@ def _reference_worker(rank, world, dense, moe):
         cat([torch.tensor(s.old_logprobs) for s in batch]),
         cat([torch.full((len(s.response_ids),), s.advantage) for s in batch]),
         torch.full((n,), 1.0 / n),
-        PolicyLossConfig(),
+        TrainConfig(),
     )
     metrics = engine.train_step(batch)
     out["loss_vs_hf"] = abs(metrics["train/loss"] - float(hf_loss))

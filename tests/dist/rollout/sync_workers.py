@@ -172,15 +172,16 @@ def sync_and_generate(
     from megatron_spell.chat import render_user_turn
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
-    from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
+    from megatron_spell.config import RolloutConfig
+    from megatron_spell.rollout.engine import RolloutEngine
     from tests.e2e.rollout import hf_ref
 
     ctx, hf_config, chunks = _build(hf_dir, ckpt_dir, **parallel)
-    settings = EngineSettings(
+    settings = RolloutConfig(
         temperature=TEMPERATURE, top_p=1.0, max_prompt_length=128, max_response_length=16,
-        kv_cache_gib=0.25, seed=0, tensor_parallel_size=rollout_tp,
+        kv_cache_gib=0.25, seed=0, tensor_parallel_size=rollout_tp, max_num_batched_tokens=None,
     )  # fmt: skip
-    engine = RolloutEngine(hf_dir, settings)
+    engine = RolloutEngine(hf_dir, settings, dtype="float32")
     doc = "The quick brown fox jumps over the lazy dog. " * 2
     # vLLM data-parallel replicas get their own prompts; a vLLM TP group must get the same ones
     dp_rank = rank // rollout_tp

@@ -16,29 +16,37 @@ from tests.dist.rollout.sync_workers import MAX_TOKENS, TEMPERATURE
 
 
 def _policy(hf_dir: str, ckpt_dir: str, parallel: dict):
-    from megatron_spell.config import ParallelConfig
+    from megatron_spell.config import ParallelConfig, TrainConfig
     from megatron_spell.mcore.attention import PackedCPAttention
     from megatron_spell.mcore.checkpoint import load_checkpoint
     from megatron_spell.mcore.model import build_model, load_hf_config
-    from megatron_spell.mcore.optimizer import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_spell.mcore.optimizer import build_optimizer, wrap_ddp
     from megatron_spell.mcore.parallel import init_parallel
-    from megatron_spell.mcore.train_step import EngineConfig, PolicyEngine
+    from megatron_spell.mcore.train_step import PolicyEngine
 
     ctx = init_parallel(ParallelConfig(**parallel))
     hf = load_hf_config(hf_dir)
     models = build_model(hf, ctx, core_attention=PackedCPAttention)
     load_checkpoint(models, ckpt_dir)
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=False)
-    opt = build_optimizer(
-        ddp, OptimConfig(lr=3e-3, adam_eps=1e-3, use_distributed_optimizer=False), ctx
-    )
-    cfg = EngineConfig(
-        temperature=TEMPERATURE,
+    train = TrainConfig(
+        lr=3e-3,
+        adam_eps=1e-3,
+        use_distributed_optimizer=False,
         logprob_chunk_size=8,
         max_tokens_per_microbatch=512,
-        vocab_size=hf.vocab_size,
     )
-    return ctx, hf, models, PolicyEngine(ddp, ctx, cfg, optimizer=opt)
+    opt = build_optimizer(ddp, train, ctx)
+    engine = PolicyEngine(
+        ddp,
+        ctx,
+        train,
+        temperature=TEMPERATURE,
+        vocab_size=hf.vocab_size,
+        pad_token_id=0,
+        optimizer=opt,
+    )
+    return ctx, hf, models, engine
 
 
 def _samples(engine, prompts, rank: int):
@@ -62,16 +70,17 @@ def train_step_sync(
     from megatron_spell.chat import render_user_turn
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
-    from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
+    from megatron_spell.config import RolloutConfig
+    from megatron_spell.rollout.engine import RolloutEngine
     from tests.e2e.rollout import hf_ref
     from tests.helpers.logprobs import logprob_mismatch
 
     ctx, hf_config, models, policy = _policy(hf_dir, ckpt_dir, parallel)
-    settings = EngineSettings(
+    settings = RolloutConfig(
         temperature=TEMPERATURE, top_p=1.0, max_prompt_length=128, max_response_length=16,
-        kv_cache_gib=0.25, seed=0,
+        kv_cache_gib=0.25, seed=0, max_num_batched_tokens=None,
     )  # fmt: skip
-    engine = RolloutEngine(hf_dir, settings)
+    engine = RolloutEngine(hf_dir, settings, dtype="float32")
     q = ("Who jumps?", "What is lazy?") if rank == 0 else ("Where is it?", "Why?")
     prompts = [render_user_turn(engine.tokenizer, "The quick brown fox. " + x) for x in q]
     results = []

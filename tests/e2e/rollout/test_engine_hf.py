@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from megatron_spell.chat import render_user_turn
-from megatron_spell.rollout.engine import EngineSettings, RolloutEngine
+from megatron_spell.config import RolloutConfig
+from megatron_spell.rollout.engine import RolloutEngine
 from megatron_spell.spell.schemas import VERIFIER_PATTERN
 from megatron_spell.types import OutputConstraint
 from tests.e2e.rollout import hf_ref
@@ -68,6 +69,18 @@ def _check_against_hf(engine: RolloutEngine, hf_dir, old_hf=None) -> None:
         assert stale.max_abs > 1e-2, stale
 
 
+def _small_engine(src) -> RolloutEngine:
+    """Short lengths; plain sampling of the policy (temperature 1, no top-p)."""
+    settings = RolloutConfig(
+        temperature=1.0,
+        top_p=1.0,
+        max_prompt_length=16,
+        max_response_length=12,
+        max_num_batched_tokens=None,
+    )
+    return RolloutEngine(src, settings, dtype="float32")
+
+
 @pytest.mark.parametrize(
     "family,tied",
     [
@@ -78,11 +91,11 @@ def _check_against_hf(engine: RolloutEngine, hf_dir, old_hf=None) -> None:
 )
 def test_generate_and_update_matches_hf(tmp_path, family, tied):
     src = make_tiny_hf_model(tmp_path / "base", family, tied=tied, seed=3)
-    settings = EngineSettings(
+    settings = RolloutConfig(
         temperature=TEMPERATURE, top_p=1.0, max_prompt_length=400, max_response_length=16,
-        kv_cache_gib=0.25, seed=1,
+        kv_cache_gib=0.25, seed=1, max_num_batched_tokens=None,
     )  # fmt: skip
-    engine = RolloutEngine(src, settings)
+    engine = RolloutEngine(src, settings, dtype="float32")
     _check_against_hf(engine, src)
 
     base = hf_ref.read_hf_tensors(src)
@@ -100,7 +113,7 @@ def test_generate_and_update_matches_hf(tmp_path, family, tied):
 
 def test_overlong_prompts_are_excluded_not_fatal(tmp_path):
     src = make_tiny_hf_model(tmp_path / "m", "llama", seed=0)
-    engine = RolloutEngine(src, EngineSettings(max_prompt_length=16, max_response_length=12))
+    engine = _small_engine(src)
     short, long = list(range(10, 20)), list(range(10, 40))
     out = engine.generate([short, long, short], 2, max_tokens=4)
     assert [len(x) for x in out] == [2, 0, 2]
@@ -112,7 +125,7 @@ def test_overlong_prompts_are_excluded_not_fatal(tmp_path):
 
 def test_json_schema_constrains_output(tmp_path):
     src = make_tiny_hf_model(tmp_path / "m", "llama", seed=0)
-    engine = RolloutEngine(src, EngineSettings(max_prompt_length=16, max_response_length=12))
+    engine = _small_engine(src)
     schema = {"type": "object", "properties": {"a": {"enum": ["yes", "no"]}}, "required": ["a"]}
     [comps] = engine.generate(
         [list(range(10, 20))], 3, max_tokens=12, constraint=OutputConstraint(json_schema=schema)
@@ -128,7 +141,7 @@ def test_json_schema_constrains_output(tmp_path):
 def test_regex_constrains_output(tmp_path):
     """The verifier's decision format (spell/schemas.py) as a regex: a random tiny model can only write it."""
     src = make_tiny_hf_model(tmp_path / "m", "llama", seed=0)
-    engine = RolloutEngine(src, EngineSettings(max_prompt_length=16, max_response_length=12))
+    engine = _small_engine(src)
     [comps] = engine.generate(
         [list(range(10, 20))], 4, max_tokens=12, constraint=OutputConstraint(regex=VERIFIER_PATTERN)
     )

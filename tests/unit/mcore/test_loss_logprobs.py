@@ -10,8 +10,16 @@ import sys
 import pytest
 import torch
 
+from megatron_spell.config import TrainConfig
 from megatron_spell.mcore.logprobs import chunked_logprobs, reference_logprobs
-from megatron_spell.mcore.loss import PolicyLossConfig, low_var_kl, policy_loss, token_weights
+from megatron_spell.mcore.loss import low_var_kl, policy_loss, token_weights
+
+
+def _with_kl(cfg: TrainConfig, kl_coef: float) -> TrainConfig:
+    """`cfg` with a KL coefficient the config refuses today (no reference model is kept): the loss
+    keeps the term for when one is added, and this checks its math."""
+    object.__setattr__(cfg, "kl_coef", kl_coef)
+    return cfg
 
 
 def _spec_token_loss(lp, old, a, cfg):
@@ -29,7 +37,7 @@ def test_policy_loss_matches_spec_formula():
     lp = -torch.rand(n, generator=g) * 3
     old = lp + torch.randn(n, generator=g) * 1.5  # wide ratios: both clips and the dual clip fire
     adv = torch.randn(n, generator=g) * 2
-    cfg = PolicyLossConfig()
+    cfg = TrainConfig()
     w = torch.full((n,), 1.0 / n)
     loss, m = policy_loss(lp, old, adv, w, cfg)
     ref = (
@@ -46,8 +54,8 @@ def test_kl_and_entropy_terms():
     ref = torch.tensor([-1.5, -1.0, -0.5])
     ent = torch.tensor([1.0, 2.0, 3.0])
     w = torch.full((3,), 1 / 3)
-    cfg = PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01)
-    base, _ = policy_loss(lp, lp, torch.ones(3), w, PolicyLossConfig())
+    cfg = _with_kl(TrainConfig(entropy_coef=0.01), 0.1)
+    base, _ = policy_loss(lp, lp, torch.ones(3), w, TrainConfig())
     loss, m = policy_loss(lp, lp, torch.ones(3), w, cfg, entropy=ent, ref_logprobs=ref)
     k3 = [(math.exp(r - x) - (r - x) - 1) for x, r in zip(lp.tolist(), ref.tolist())]
     expect = base.item() + 0.1 * sum(k3) / 3 - 0.01 * 2.0
@@ -68,7 +76,7 @@ def test_token_weights_modes():
     )
     assert sw.tolist() == pytest.approx([0.25, 0.25, 0, 0.5])
     with pytest.raises(ValueError, match="loss_agg_mode"):
-        PolicyLossConfig(loss_agg_mode="micro_mean")
+        TrainConfig(loss_agg_mode="micro_mean")
 
 
 @pytest.mark.parametrize("temperature,chunk", [(1.0, 7), (0.7, 16), (0.7, 1000)])
@@ -201,17 +209,37 @@ def test_padded_vocab_rows_are_excluded():
 
 
 def test_kl_types_and_config_mapping():
-    from megatron_spell.config import RolloutConfig, TrainConfig
     from megatron_spell.mcore.loss import kl_penalty
-    from megatron_spell.mcore.optimizer import optim_config_from
-    from megatron_spell.mcore.train_step import engine_config_from
 
     lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     assert kl_penalty(lp, ref, "kl").tolist() == pytest.approx([0.5, -1.0])
     assert kl_penalty(lp, ref, "mse").tolist() == pytest.approx([0.125, 0.5])
-    train, rollout = TrainConfig(kl_loss_type="mse", loss_agg_mode="seq_mean"), RolloutConfig()
-    ecfg = engine_config_from(train, rollout, vocab_size=100)
-    assert ecfg.temperature == rollout.temperature and ecfg.loss.kl_loss_type == "mse"
-    assert ecfg.loss.loss_agg_mode == "seq_mean"
-    ocfg = optim_config_from(train)
-    assert (ocfg.lr, ocfg.grad_clip, ocfg.lr_decay_style) == (train.lr, train.grad_clip, "constant")
+    with pytest.raises(ValueError, match="train.kl_coef=0.1: a KL penalty needs a reference model"):
+        TrainConfig(kl_coef=0.1)
+
+
+def test_loss_table_matches_the_config_choices():
+    """`train.loss` selects from POLICY_LOSSES: every name the config accepts has a function."""
+    import typing
+
+    from megatron_spell.mcore.loss import POLICY_LOSSES, grpo_loss
+
+    choices = typing.get_args(typing.get_type_hints(TrainConfig)["loss"])
+    assert set(choices) == set(POLICY_LOSSES) and POLICY_LOSSES["grpo"] is grpo_loss
+    with pytest.raises(ValueError, match="train.loss='gspo': must be one of"):
+        TrainConfig(loss="gspo")
+
+
+def test_loss_dispatches_by_name(monkeypatch):
+    """A new entry in the table is used when the config names it (a stand-in loss here)."""
+    from megatron_spell.mcore import loss as loss_module
+
+    def double_pg(logprobs, old_logprobs, advantages, weights, cfg):
+        return 2.0 * -advantages * (logprobs - old_logprobs).exp(), {}
+
+    monkeypatch.setitem(loss_module.POLICY_LOSSES, "grpo", double_pg)
+    lp, adv, w = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.5])
+    loss, metrics = policy_loss(lp, lp, adv, w, TrainConfig())
+    assert loss.item() == pytest.approx(0.0) and metrics == {}
+    loss, _ = policy_loss(lp, lp, torch.ones(2), w, TrainConfig())
+    assert loss.item() == pytest.approx(-2.0)

@@ -55,13 +55,14 @@ def test_flatten_buckets_and_tied_head():
 def test_engine_settings_validation_and_moe_detection(tmp_path):
     import json
 
-    from megatron_spell.rollout.engine import EngineSettings, _is_moe
+    from megatron_spell.config import RolloutConfig
+    from megatron_spell.rollout.engine import _is_moe
 
-    assert EngineSettings(max_prompt_length=10, max_response_length=6).max_model_len == 16
+    assert RolloutConfig(max_prompt_length=10, max_response_length=6).max_model_len == 16
     with pytest.raises(ValueError, match="logprobs_mode"):
-        EngineSettings(logprobs_mode="raw_logits")
+        RolloutConfig(logprobs_mode="raw_logits")
     with pytest.raises(ValueError, match="max_prompt_length"):
-        EngineSettings(max_prompt_length=0)
+        RolloutConfig(max_prompt_length=0)
     (tmp_path / "config.json").write_text(json.dumps({"num_experts": 4}))
     assert _is_moe(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 4}))

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
+from megatron_spell.config import SpellConfig
 from megatron_spell.spell.batching import (
-    BatchConfig,
     BatchNotReadyError,
     StepAccumulator,
     build_final_batch,
@@ -58,14 +58,14 @@ def test_filter_groups():
 def test_reference_sizes_1024_128_128_128():
     """Golden: 128 groups x 8, 128 good + <=128 bad questioner, 16 verifier groups x 8 = 1408."""
     rng = random.Random(0)
-    config = BatchConfig(world_size=8)
+    config = SpellConfig()
     acc = StepAccumulator()
     rounds = 0
     while not acc.is_ready(config):
         make_round(acc, rounds, 120, rng)
         rounds += 1
         acc.check_progress(config)
-    batch = build_final_batch(acc, config, rng)
+    batch = build_final_batch(acc, config, rng, dp_size=8)
     assert len(batch.responder) == 1024
     good = [t for t in batch.questioner if t.case is None]
     bad = [t for t in batch.questioner if t.case is not None]
@@ -129,9 +129,7 @@ def test_world_size_truncation():
     """Section 9 item 11: bad and verifier parts are cut to a multiple of the data-parallel size."""
     assert truncate_to_multiple(list(range(13)), 4) == list(range(12))
     rng = random.Random(0)
-    config = BatchConfig(
-        train_batch_size=4, responder_n=2, verifier_n=2, verifier_update_ratio=0.5, world_size=3
-    )
+    config = SpellConfig(train_batch_size=4, responder_n=2, verifier_n=2, verifier_update_ratio=0.5)
     acc = StepAccumulator()
     acc.add_round(
         [questioner_sample(f"q{i}", Task.DOC_MC) for i in range(4)]
@@ -139,7 +137,7 @@ def test_world_size_truncation():
         [responder_group(f"q{i}", Task.DOC_MC, [1, 0]) for i in range(4)],
         [verifier_group(f"v{i}", Task.DOC_MC, [1, 0]) for i in range(5)],
     )
-    batch = build_final_batch(acc, config, rng)
+    batch = build_final_batch(acc, config, rng, dp_size=3)
     assert len(batch.responder) == 8
     assert len([t for t in batch.questioner if t.case]) == 3  # 4 bad cut to a multiple of 3
     assert len(batch.verifier) == 3  # 2 groups x 2 = 4 cut to 3
@@ -147,7 +145,7 @@ def test_world_size_truncation():
 
 def test_section9_empty_rounds_do_not_crash_and_error_names_knobs():
     """Item 14: a round where no questioner output parses is empty; after max rounds a clear error."""
-    config = BatchConfig(max_num_gen_batches=3)
+    config = SpellConfig(max_num_gen_batches=3)
     acc = StepAccumulator()
     for _ in range(2):
         assert acc.add_round(None, None, None) == []
@@ -165,28 +163,80 @@ def test_section9_empty_rounds_do_not_crash_and_error_names_knobs():
     ):
         assert knob in message
     with pytest.raises(BatchNotReadyError):
-        build_final_batch(acc, config, random.Random(0))
+        build_final_batch(acc, config, random.Random(0), dp_size=1)
 
 
 def test_update_flags_and_reset():
     rng = random.Random(0)
-    config = BatchConfig(train_batch_size=2, update_questioner=False, update_verifier=False)
+    config = SpellConfig(train_batch_size=2, update_questioner=False, update_verifier=False)
     acc = StepAccumulator()
     acc.add_round([], [responder_group(f"g{i}", Task.DOC_MC, [1, 0]) for i in range(3)], [])
-    batch = build_final_batch(acc, config, rng)
+    batch = build_final_batch(acc, config, rng, dp_size=1)
     assert len(batch.responder) == 4 and batch.questioner == () and batch.verifier == ()
     acc.reset()
     assert acc.num_groups == 0 and acc.num_rounds == 0
 
 
-def test_config_validation_and_from_spell_config():
+def test_validation_lives_in_spell_config():
     with pytest.raises(ValueError, match="questioner_bad_case_ratio"):
-        BatchConfig(questioner_bad_case_ratio=-1)
-    with pytest.raises(ValueError, match="mapping"):
-        BatchConfig(questioner_reward="linear")
-    with pytest.raises(ValueError, match="world_size"):
-        BatchConfig(world_size=0)
-    from megatron_spell.config import SpellConfig
+        SpellConfig(questioner_bad_case_ratio=-1)
+    with pytest.raises(ValueError, match="questioner_reward='linear': must be one of"):
+        SpellConfig(questioner_reward="linear")
+    with pytest.raises(ValueError, match="verifier_update_ratio"):
+        SpellConfig(verifier_update_ratio=1.5)
+    acc = StepAccumulator()
+    acc.add_round([], [responder_group("g", Task.DOC_MC, [1, 0])], [])
+    with pytest.raises(ValueError, match="dp_size=0"):
+        build_final_batch(acc, SpellConfig(train_batch_size=1), random.Random(0), dp_size=0)
 
-    cfg = BatchConfig.from_spell_config(SpellConfig(), world_size=8)
-    assert (cfg.train_batch_size, cfg.responder_n, cfg.verifier_n, cfg.world_size) == (128, 8, 8, 8)
+
+def test_dp_size_one_keeps_every_trajectory_and_the_update_takes_any_count():
+    """Why the loop passes dp_size=1 (section 9 item 11): nothing needs cutting.
+
+    The reference cuts the bad-case and verifier parts to a multiple of its DP size so that verl
+    can split the batch into equal shares. Here the batch keeps its odd counts, and the Megatron
+    update's packing puts every trajectory on exactly one of 4 DP ranks, with loss weights summing to
+    1 over the global batch: no rank is short of work and no trajectory is weighted twice.
+    """
+    from megatron_spell.config import TrainConfig
+    from megatron_spell.mcore.loss import token_weights
+    from megatron_spell.mcore.packing import TrainSample, pack_batch
+
+    config = SpellConfig(train_batch_size=3, responder_n=2, verifier_n=2, verifier_update_ratio=1.0)
+    acc = StepAccumulator()
+    acc.add_round(
+        [questioner_sample(f"q{i}", Task.DOC_MC) for i in range(3)]
+        + [questioner_sample(f"b{i}", Task.DOC_MC, CaseType.BAD_FORMAT) for i in range(3)],
+        [responder_group(f"q{i}", Task.DOC_MC, [1, 0]) for i in range(3)],
+        [verifier_group(f"v{i}", Task.DOC_MC, [1, 0]) for i in range(3)],
+    )
+    cut = build_final_batch(acc, config, random.Random(0), dp_size=4)
+    assert (len(cut.responder), len(cut.questioner), len(cut.verifier)) == (6, 3, 4)
+    batch = build_final_batch(acc, config, random.Random(0), dp_size=1)
+    assert (len(batch.responder), len(batch.questioner), len(batch.verifier)) == (6, 6, 6)
+    samples = [
+        TrainSample(
+            prompt_ids=list(t.prompt_ids),
+            response_ids=list(t.completion.token_ids),
+            advantage=1.0,
+            role=t.role.value,
+        )
+        for t in batch.trajectories
+    ]
+    dp = 4
+    seen, total = [], 0.0
+    for rank in range(dp):
+        packed = pack_batch(samples, max_tokens_per_microbatch=64, dp_size=dp, dp_rank=rank)
+        assert any(mb.sample_ids for mb in packed.micro_batches)
+        for mb in packed.micro_batches:
+            seen += mb.sample_ids
+            w = token_weights(
+                mb.loss_mask,
+                mb.seq_num_loss_tokens,
+                mode=TrainConfig().loss_agg_mode,
+                global_num_loss_tokens=packed.global_num_loss_tokens,
+                global_num_sequences=packed.global_num_sequences,
+            )
+            total += float(w.sum())
+    assert sorted(seen) == list(range(len(samples)))
+    assert total == pytest.approx(1.0)
