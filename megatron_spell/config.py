@@ -100,7 +100,7 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = None
     # Megatron sequence parallelism (activations split over the TP ranks; needs TP > 1)
     sequence_parallel: bool = False
-    # declared world size for --plan/--dry-run (train requires the launcher's to match); None: launcher
+    # declared world size for --plan/--dry-run (train checks the launcher agrees); None: launcher
     world_size: int | None = None
 
     def __post_init__(self) -> None:
