@@ -29,6 +29,15 @@ def hf_get(hf_config: Any, key: str, default: Any = None) -> Any:
     return getattr(hf_config, key, default)
 
 
+def hf_first(hf_config: Any, keys: tuple[str, ...], default: Any = None) -> Any:
+    """The first of `keys` that an HF config sets (a setting saved under another name, see MoEFields)."""
+    for key in keys:
+        value = hf_get(hf_config, key)
+        if value is not None:
+            return value
+    return default
+
+
 # --- converter tables -----------------------------------------------------------------------------
 
 
@@ -117,7 +126,8 @@ LLAMA_LIKE_RULES = GLOBAL_RULES + ATTENTION_RULES + DENSE_MLP_RULES + MOE_MLP_RU
 class MoEFields:
     """Where a family's HF config keeps its mixture-of-experts settings (HF attribute names)."""
 
-    num_experts: str = "num_experts"
+    # the first name set wins: transformers 5 saves Qwen3-MoE's num_experts as num_local_experts
+    num_experts: tuple[str, ...] = ("num_experts", "num_local_experts")
     topk: str = "num_experts_per_tok"
     ffn_hidden_size: str = "moe_intermediate_size"
     # True: top-k probabilities renormalised to sum to 1 (absent = True)
@@ -192,7 +202,7 @@ class ModelFamily:
         """Routed experts per MoE layer; 0 for a dense family or config."""
         if self.moe is None:
             return 0
-        return int(hf_get(hf_config, self.moe.num_experts) or 0)
+        return int(hf_first(hf_config, self.moe.num_experts) or 0)
 
     def moe_topk(self, hf_config: Any) -> int:
         return 0 if self.moe is None else int(hf_get(hf_config, self.moe.topk) or 0)
@@ -312,5 +322,5 @@ def is_moe_config(hf_config: Any) -> bool:
     family = find_family(hf_config)
     if family is not None:
         return family.is_moe(hf_config)
-    fields = {f.moe.num_experts for f in FAMILIES.values() if f.moe is not None}
+    fields = {n for f in FAMILIES.values() if f.moe is not None for n in f.moe.num_experts}
     return any(hf_get(hf_config, name) for name in fields)
