@@ -297,8 +297,12 @@ def find_family(hf_config: Any) -> ModelFamily | None:
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
 
-def family_of(hf_config: Any) -> ModelFamily:
-    """The family of a supported HF config; ValueError naming what is unsupported and the choices."""
+def family_of(hf_config: Any, *, check_flags: bool = True) -> ModelFamily:
+    """The family of a supported HF config; ValueError naming what is unsupported and the choices.
+
+    check_flags=False: the architecture only (the rejected flags are then checked where the model is
+    built, converted or planned).
+    """
     family = find_family(hf_config)
     if family is None:
         archs = list(hf_get(hf_config, "architectures") or []) or None
@@ -309,7 +313,8 @@ def family_of(hf_config: Any) -> ModelFamily:
             f"unsupported architecture {archs} (model_type {hf_get(hf_config, 'model_type')!r}); "
             f"supported: {supported}"
         )
-    family.check(hf_config)
+    if check_flags:
+        family.check(hf_config)
     return family
 
 

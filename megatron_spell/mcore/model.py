@@ -77,7 +77,7 @@ def load_hf_config(hf_dir: str | Path) -> Any:
             f"HF model directory {str(path)!r} has no config.json; pass a model directory"
         )
     cfg = AutoConfig.from_pretrained(path)
-    family_of(cfg)  # fail early on unsupported architectures and flags
+    family_of(cfg, check_flags=False)  # fail early on unsupported architectures
     return cfg
 
 
