@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_spell.config import Config, ParallelConfig
+from megatron_spell.families import family_of, tied_embeddings
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        """The shape of a parsed config.json; ValueError if no registered family supports it."""
+        family = family_of(cfg)
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
@@ -50,10 +53,10 @@ class ModelShape:
             ffn_hidden_size=int(cfg.get("intermediate_size", 0)),
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 0)),
-            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
-            moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or 0),
-            moe_topk=int(cfg.get("num_experts_per_tok") or 0),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            num_experts=family.num_experts(cfg),
+            moe_ffn_hidden_size=family.moe_ffn_hidden_size(cfg),
+            moe_topk=family.moe_topk(cfg),
+            tie_word_embeddings=tied_embeddings(cfg),
         )
 
     @classmethod

@@ -36,18 +36,15 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_spell.config import ParallelConfig
+from megatron_spell.families import FAMILIES, ModelFamily, family_of, tied_embeddings
 from megatron_spell.mcore.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
-# architectures entry -> model_type; the families this builder (and the converter) support.
+# architectures entry -> family name at import time (megatron_spell/families.py is the registry).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
+    a: f.name for f in FAMILIES.values() for a in f.architectures
 }
-SUPPORTED_MODEL_TYPES = tuple(SUPPORTED_ARCHITECTURES.values())
 _VOCAB_DIVISIBLE_BY = 128  # Megatron's make_vocab_size_divisible_by default
 _LLAMA3_MEGATRON_DEFAULTS = {
     "low_freq_factor": 1.0,
@@ -93,23 +90,8 @@ def load_hf_config(hf_dir: str | Path) -> Any:
             f"HF model directory {str(path)!r} has no config.json; pass a model directory"
         )
     cfg = AutoConfig.from_pretrained(path)
-    model_family(cfg)  # fail early on unsupported architectures
+    family_of(cfg, check_flags=False)  # fail early on unsupported architectures
     return cfg
-
-
-def model_family(hf_config: Any) -> str:
-    """Return the model_type of a supported HF config, else ValueError listing the supported ones."""
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    model_type = getattr(hf_config, "model_type", None)
-    for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
-            return SUPPORTED_ARCHITECTURES[arch]
-    if not archs and model_type in SUPPORTED_MODEL_TYPES:
-        return str(model_type)
-    raise ValueError(
-        f"unsupported architecture {archs or None} (model_type {model_type!r}); supported: "
-        f"{', '.join(f'{a} ({t})' for a, t in SUPPORTED_ARCHITECTURES.items())}"
-    )
 
 
 def padded_vocab_size(hf_config: Any, tp: int) -> int:
@@ -185,44 +167,27 @@ def rope_settings(hf_config: Any) -> dict[str, Any]:
 # --- TransformerConfig -------------------------------------------------------------------------------
 
 
-def _attention_fields(hf: Any, family: str) -> dict[str, Any]:
+def _attention_fields(hf: Any, family: ModelFamily) -> dict[str, Any]:
     heads = int(hf.num_attention_heads)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    attention_bias = bool(getattr(hf, "attention_bias", False))
-    if family != "qwen2" and attention_bias:
-        raise ValueError(
-            f"{family}: attention_bias=True (bias on q/k/v and o_proj) is not supported; "
-            "Megatron's add_qkv_bias covers q/k/v only"
-        )
-    if getattr(hf, "use_sliding_window", False):
-        raise ValueError(f"{family}: use_sliding_window=True is not supported; set it to false")
     return {
         "num_attention_heads": heads,
         "num_query_groups": int(getattr(hf, "num_key_value_heads", None) or heads),
         "kv_channels": int(head_dim),
-        "add_qkv_bias": family == "qwen2",  # Qwen2 always has q/k/v biases (no o_proj bias)
-        "qk_layernorm": family in ("qwen3", "qwen3_moe"),
+        "add_qkv_bias": family.qkv_bias,
+        "qk_layernorm": family.qk_norm,
         "attention_dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0),
     }
 
 
-def _moe_layer_pattern(hf: Any) -> list[int]:
-    """1 for MoE layers, 0 for dense ones (HF Qwen3-MoE's decoder_sparse_step / mlp_only_layers)."""
-    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
-    dense = set(getattr(hf, "mlp_only_layers", None) or [])
-    return [int(i not in dense and (i + 1) % step == 0) for i in range(int(hf.num_hidden_layers))]
-
-
-def _moe_fields(hf: Any) -> dict[str, Any]:
-    if getattr(hf, "shared_expert_intermediate_size", 0):
-        raise ValueError("MoE shared experts (Qwen2-MoE style) are not supported")
-    pattern = _moe_layer_pattern(hf)
+def _moe_fields(hf: Any, family: ModelFamily) -> dict[str, Any]:
+    pattern = family.moe_layer_pattern(hf)
     return {
-        "num_moe_experts": int(hf.num_experts),
-        "moe_router_topk": int(hf.num_experts_per_tok),
-        "moe_ffn_hidden_size": int(hf.moe_intermediate_size),
+        "num_moe_experts": family.num_experts(hf),
+        "moe_router_topk": family.moe_topk(hf),
+        "moe_ffn_hidden_size": family.moe_ffn_hidden_size(hf),
         # norm_topk_prob: softmax over the top-k logits == renormalised top-k of the full softmax.
-        "moe_router_pre_softmax": not bool(getattr(hf, "norm_topk_prob", True)),
+        "moe_router_pre_softmax": not family.norm_topk_prob(hf),
         "moe_router_score_function": "softmax",
         "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": "none",  # RL: no auxiliary loss by default
@@ -267,12 +232,7 @@ def transformer_config_from_hf(
     moe_aux_loss_coeff=1e-3); an unknown field name is a ValueError.
     """
     hf = hf_config
-    family = model_family(hf)
-    act = getattr(hf, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{family}: hidden_act={act!r} is not supported (SwiGLU with silu only)")
-    if family == "llama" and getattr(hf, "mlp_bias", False):
-        raise ValueError("llama: mlp_bias=True is not supported; Megatron biases are all-or-none")
+    family = family_of(hf)  # also rejects the HF flags the family cannot express
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
     fields: dict[str, Any] = {
@@ -300,8 +260,8 @@ def transformer_config_from_hf(
         **_attention_fields(hf, family),
         **_parallel_fields(parallel, dtype),
     }
-    if family == "qwen3_moe":
-        fields.update(_moe_fields(hf))
+    if family.is_moe(hf):
+        fields.update(_moe_fields(hf, family))
     valid = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
@@ -384,7 +344,7 @@ def build_model(
     )
     rope = {k: v for k, v in rope_settings(hf_config).items() if k != "yarn"}
     vocab = padded_vocab_size(hf_config, ctx.tp)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_embeddings(hf_config)
     chunks = []
     for stage in range(ctx.vpp):
         vp_stage = stage if ctx.vpp > 1 else None
@@ -408,7 +368,7 @@ def build_model(
     logger.info(
         "built %d GPTModel chunk(s): %s, %d layers, tied=%s, vocab=%d",
         len(chunks),
-        model_family(hf_config),
+        family_of(hf_config).name,
         config.num_layers,
         tied,
         vocab,

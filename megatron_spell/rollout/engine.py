@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_spell.config import RolloutConfig
+from megatron_spell.families import is_moe_config
 from megatron_spell.preflight import check_rollout_world
 from megatron_spell.types import Completion, OutputConstraint
 
@@ -64,10 +65,7 @@ def _dist_world() -> tuple[int, int]:
 
 def _is_moe(model_dir: str) -> bool:
     """Whether the HF config in `model_dir` describes a mixture-of-experts model."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return bool(
-        cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
-    )
+    return is_moe_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def _llm_kwargs(

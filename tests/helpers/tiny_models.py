@@ -199,3 +199,76 @@ def make_tiny_hf_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# --- any registered model family ------------------------------------------------------------------
+
+TINY_MOE = {"num_experts": 4, "topk": 2, "ffn_hidden_size": 64, "norm_topk_prob": True}
+
+
+def tiny_family_config_kwargs(family: Any, *, tied: bool = False) -> dict[str, Any]:
+    """HF config kwargs of a tiny model of a registered `ModelFamily` (megatron_spell/families.py).
+
+    Built from the registry record alone: the shared tiny sizes, every rejected flag at its supported
+    value, and (for an MoE family) 4 experts, top-2, in every layer, under the family's own field names.
+    """
+    kw = _base_config(make_tiny_tokenizer(), tied)
+    kw.update({flag.name: flag.supported for flag in family.rejected})
+    if family.moe is not None:
+        kw.update({family.moe.num_experts[0]: TINY_MOE["num_experts"]})
+        kw.update({getattr(family.moe, k): v for k, v in TINY_MOE.items() if k != "num_experts"})
+        kw.update({family.moe.sparse_step: 1, family.moe.dense_layers: []})
+    return kw
+
+
+def make_tiny_family_model(
+    out_dir: str | Path,
+    family: Any,
+    *,
+    model_type: str | None = None,
+    tied: bool = False,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random-initialised fp32 HF model + tokenizer of a registered `ModelFamily`.
+
+    model_type: the transformers model type that builds it (default: the family's first); config.json
+    names the family's first architecture, so a renamed family keeps its own name there.
+    """
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_tokenizer()
+    kw = {**tiny_family_config_kwargs(family, tied=tied), **config_overrides}
+    config = AutoConfig.for_model(model_type or family.model_types[0], **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb_small_params(model, seed)
+    model.eval()
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = config.eos_token_id
+        model.generation_config.pad_token_id = config.pad_token_id
+        model.generation_config.bos_token_id = config.bos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    path = out / "config.json"
+    saved = json.loads(path.read_text())
+    saved["architectures"] = [family.architectures[0]]
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    return out
+
+
+def renamed_family(base: Any) -> Any:
+    """A throwaway copy of registered family `base` under a new name and architecture (not registered)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        base,
+        name=f"renamed_{base.name}",
+        architectures=(f"Renamed{base.architectures[0]}",),
+        model_types=(f"renamed_{base.model_types[0]}",),
+    )
