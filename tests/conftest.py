@@ -1,11 +1,19 @@
-"""Test-suite wide settings: CPU-only, quiet, deterministic, GPU tests skipped without CUDA."""
+"""Test-suite wide settings: CPU-only, quiet, deterministic, GPU tests skipped without CUDA.
+
+The GPUs stay visible for the GPU tier (`-m gpu`, MEGATRON_SPELL_GPU_TESTS=1, or CUDA_VISIBLE_DEVICES
+set by the caller): tests/helpers/gpu_env.py.
+"""
 
 import os
+import sys
+
+from tests.helpers.gpu_env import hide_gpus
 
 import pytest
 
 # Before torch/vllm import anywhere: CPU only, in-process vLLM engine, bounded KV cache (platform.md).
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if hide_gpus(os.environ, sys.argv):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

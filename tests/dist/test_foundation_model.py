@@ -140,7 +140,6 @@ def test_rope_matches_transformers(tmp_path: Path, case: str) -> None:
     if case == "yarn":
         y = {k.removeprefix("yarn_"): v for k, v in rope["yarn"].items()}
         y["scaling_factor"] = y.pop("rotary_scaling_factor")
-        y["correction_range_round_to_int"] = y.pop("correction_range_round_to_int")
         emb, mscale = YarnRotaryEmbedding(**common, **y).get_emb(seq)
     else:
         emb = RotaryEmbedding(

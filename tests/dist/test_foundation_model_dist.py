@@ -173,10 +173,18 @@ def _pp2_rank(rank: int, world_size: int, hf_dir: str) -> dict:
     if ctx.is_last_pp_stage:
         result["loss"] = losses[0]["loss"].item()
         assert abs(result["loss"] - ref_loss) <= 1e-4 * abs(ref_loss) + 1e-4
-    # Tied embedding grads are completed by finalize_model_grads' embedding all-reduce: skip them.
-    result["checked"] = _check_grads(
-        ref, model, ctx, names, skip=("word_embeddings", "output_layer")
-    )
+    # Tied embedding: each stage holds a copy with its partial grad (lookup on the first stage, output
+    # projection on the last); their sum over Megatron's embedding group (what finalize_model_grads
+    # all-reduces in training) is the reference grad.
+    from megatron.core import parallel_state as ps
+
+    tied = model.shared_embedding_or_output_weight()
+    [tied_name] = [n for n, p in model.named_parameters() if p is tied]
+    assert tied_name == ("embedding.word_embeddings.weight" if rank == 0 else "output_layer.weight")
+    assert names[tied_name] == "embedding.word_embeddings.weight"
+    assert torch.distributed.get_world_size(ps.get_embedding_group()) == 2
+    torch.distributed.all_reduce(tied.grad, group=ps.get_embedding_group())
+    result["checked"] = _check_grads(ref, model, ctx, names, skip=())
     destroy_parallel()
     torch.distributed.barrier()
     return result

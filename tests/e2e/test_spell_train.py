@@ -223,8 +223,8 @@ def test_resume_is_exact(policy, tmp_path):
     _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2))  # resumes at step 1
     a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):
         keys = {k for k in ra if not k.startswith("timing/") and not k.startswith("sync/")}
         diff = {k: (ra[k], rb.get(k)) for k in keys if ra[k] != rb.get(k)}
         assert not diff, diff

@@ -84,7 +84,21 @@ def make_run(tmp_path, *overrides, docs=DOCS):
     )
 
 
-def test_step_builds_batch_updates_and_syncs(tmp_path):
+class _Clock:
+    """A fake `time` module whose perf_counter advances one second per call: a timer span is 1 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_step_builds_batch_updates_and_syncs(tmp_path, monkeypatch):
+    import megatron_spell.metrics
+
+    monkeypatch.setattr(megatron_spell.metrics, "time", _Clock())
     run = make_run(tmp_path)
     out = spell_step(run)
     (batch,) = run.policy.batches
@@ -93,7 +107,10 @@ def test_step_builds_batch_updates_and_syncs(tmp_path):
     assert len([t for t in batch.questioner if t.case is None]) == 2
     assert len(run.engine.engine.loaded) == 1  # one weight sync after the update
     assert out["train/loss"] == 0.5 and out["batch/num_responder"] == 8
-    assert out["timing/generate_s"] >= 0 and out["timing/train_s"] >= 0
+    # one generate and one score span per gen round, one train and one sync span per step
+    rounds = out["batch/num_gen_rounds"]
+    assert rounds >= 1 and out["timing/generate_s"] == out["timing/score_s"] == rounds
+    assert out["timing/train_s"] == out["timing/sync_s"] == 1.0
     # questions with 0 < success < 1 were remembered for their rows
     assert out["data/history_size"] >= 1
     assert run.step == 1

@@ -8,7 +8,21 @@ from megatron_spell.metrics import MetricsLogger, read_jsonl
 from megatron_spell.report import write_report
 
 
-def test_logger_writes_jsonl_tensorboard_and_report(tmp_path):
+class _Clock:
+    """A fake `time` module whose perf_counter advances 0.25 s per call: a timer span is 0.25 s."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.25
+        return self.now
+
+
+def test_logger_writes_jsonl_tensorboard_and_report(tmp_path, monkeypatch):
+    import megatron_spell.metrics
+
+    monkeypatch.setattr(megatron_spell.metrics, "time", _Clock())
     logger = MetricsLogger(tmp_path)
     for step in range(1, 4):
         logger.add({"loss": 1.0 / step, "grad_norm": 0.5}, prefix="train")
@@ -19,7 +33,7 @@ def test_logger_writes_jsonl_tensorboard_and_report(tmp_path):
             pass
         out = logger.flush(step)
         assert out["train/loss"] == pytest.approx(1.0 / step)
-        assert out["timing/generate_s"] >= 0.0
+        assert out["timing/generate_s"] == 0.5  # two spans accumulate within a step
     logger.close()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]

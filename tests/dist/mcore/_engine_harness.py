@@ -61,6 +61,7 @@ def make_engine(
 ):
     from megatron_spell.config import TrainConfig
     from megatron_spell.mcore.attention import PackedCPAttention
+    from megatron_spell.mcore.checkpoint import load_checkpoint
     from megatron_spell.mcore.model import build_model, load_hf_config
     from megatron_spell.mcore.optimizer import build_optimizer, wrap_ddp
     from megatron_spell.mcore.parallel import init_parallel
@@ -69,7 +70,7 @@ def make_engine(
     hf = load_hf_config(hf_dir)
     ctx = init_parallel(par)
     models = build_model(hf, ctx, core_attention=PackedCPAttention)
-    _load(models, ckpt)
+    load_checkpoint(models, ckpt, ctx)
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=dist_opt)
     train = TrainConfig(
         lr=lr,
@@ -90,29 +91,6 @@ def make_engine(
         optimizer=opt,
     )
     return engine, ctx
-
-
-def _load(chunks: list, ckpt: str) -> None:
-    """Like checkpoint.load_checkpoint, but tolerates checkpoint-only keys.
-
-    Workaround: load_checkpoint raises on Megatron's "missing" keys, which are keys present in the
-    checkpoint but not requested; MoE checkpoints carry a TE-spec alias of the pre-MLP norm that the local
-    spec never requests, so it fails for every MoE model. Keys the model requests but the checkpoint
-    lacks still fail here.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from megatron_spell.mcore.checkpoint import resolve_release_dir
-
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
-    loaded, _ckpt_only, requested_missing = dist_checkpointing.load(
-        sharded, str(resolve_release_dir(ckpt)), strict=StrictHandling.RETURN_ALL
-    )
-    assert not requested_missing, sorted(requested_missing)[:5]
-    for k, chunk in zip(keys, chunks):
-        chunk.load_state_dict(loaded[k], strict=True)
 
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")

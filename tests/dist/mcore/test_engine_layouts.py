@@ -4,7 +4,8 @@ A tiny Qwen3 (4 layers, GQA, q/k norms) and a tiny Qwen3-MoE are converted once 
 every layout starts from the same weights. The single-process run is the reference; it is itself checked
 against Hugging Face transformers (log-probs at the rollout temperature and the PPO loss recomputed from HF
 log-probs), against per-sequence micro-batches (packed == unpacked), and for the direction of one update.
-Layouts run grouped per spawned job (process start-up dominates on 2 cores).
+Layouts run grouped per spawned job (process start-up dominates on 2 cores). A 4-layer tied Qwen3 at
+PP=2 and PP=2 x VPP=2 checks both copies of the tied embedding.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     dense = make_tiny_hf_model(root / "qwen3", "qwen3", num_hidden_layers=4)
     moe = make_tiny_hf_model(root / "moe", "qwen3_moe")
+    tied = make_tiny_hf_model(root / "tied", "qwen3", tied=True, num_hidden_layers=4)
     return {
         "dense": (str(dense), str(_convert(dense, root / "qwen3_ckpt"))),
         "moe": (str(moe), str(_convert(moe, root / "moe_ckpt"))),
+        "tied": (str(tied), str(_convert(tied, root / "tied_ckpt"))),
     }
 
 
@@ -115,14 +118,16 @@ def _reference_worker(rank, world, dense, moe):
     metrics = engine.train_step(batch)
     out["loss_vs_hf"] = abs(metrics["train/loss"] - float(hf_loss))
     # on-policy update (old = current log-probs, as in SPELL): direction of the change per sample
-    engine, ctx = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
+    # adam_eps 1e-3 (as in the layout runs): a first Adam step at a tiny eps is ~lr * sign(grad), so the
+    # weights would only compare the gradients' signs
+    engine, ctx = make_engine(*dense, layout(), budget=256, lr=1e-3)
     on_policy = [dataclasses.replace(s, old_logprobs=lp.tolist()) for s, lp in zip(batch, lps)]
     m_recompute = engine.train_step(on_policy)
     after = engine.compute_logprobs(batch)
     p_recompute = full_tensors(engine.models, ctx, "data")
     # the same step without the recompute pass: identical loss, gradients and weights; the mismatch
     # metric compares the training pass's log-probs with the given ("rollout") ones
-    fast, fast_ctx = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
+    fast, fast_ctx = make_engine(*dense, layout(), budget=256, lr=1e-3)
     m_fast = fast.train_step(batch, on_policy=True)
     p_fast = full_tensors(fast.models, fast_ctx, "data")
     diffs = [(lp - torch.tensor(s.old_logprobs)).abs() for s, lp in zip(batch, lps)]
@@ -164,6 +169,16 @@ TWO_RANK_LAYOUTS = {
     "pp2_onpolicy": ("dense_onpolicy", dict(pipeline_model_parallel_size=2), {"on_policy": True}),
     "cp2_onpolicy": ("dense_onpolicy", dict(context_parallel_size=2), {"on_policy": True}),
 }
+# Tied embeddings: the first stage's word_embeddings and the last stage's output_layer are two copies of
+# one weight, kept equal by Megatron's embedding-group gradient all-reduce.
+TIED_LAYOUTS = {
+    "pp2_tied": ("tied", dict(pipeline_model_parallel_size=2), {}),
+    "pp2_vpp2_tied": (
+        "tied",
+        dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+        {},
+    ),
+}
 FOUR_RANK_LAYOUTS = {
     "tp2_cp2": ("dense", dict(tensor_model_parallel_size=2, context_parallel_size=2), {}),
     "tp2_cp2_sp_distopt": (
@@ -181,6 +196,10 @@ def _layouts_worker(rank, world, paths, layouts):
         if rank == 0:
             out[name] = res
     return out
+
+
+def _tied_reference_worker(rank, world, tied):
+    return {"tied": _step_and_gather(*tied, layout())}
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -213,6 +232,14 @@ def test_packed_equals_unpacked(reference):
     assert max(max_abs_diffs(a["grads"], b["grads"]).values()) < TOL
 
 
+def _with_tied_copy(ref: dict, got: dict) -> dict:
+    """The reference's tensors, plus the last stage's copy of a tied embedding where `got` has one (the
+    single-process model holds the tied weight once, as the embedding)."""
+    if "output_layer.weight" in got and "output_layer.weight" not in ref:
+        return {**ref, "output_layer.weight": ref["embedding.word_embeddings.weight"]}
+    return ref
+
+
 def _check(reference, results, layouts):
     for name, (model, _par, _kw) in layouts.items():
         ref, got = reference[model], results[name]
@@ -226,10 +253,10 @@ def _check(reference, results, layouts):
             name
         )
         if got["grads"] is not None:
-            diffs = max_abs_diffs(ref["grads"], got["grads"])
+            diffs = max_abs_diffs(_with_tied_copy(ref["grads"], got["grads"]), got["grads"])
             worst = max(diffs, key=diffs.get)
             assert diffs[worst] < TOL, (name, worst, diffs[worst])
-        diffs = max_abs_diffs(ref["params"], got["params"])
+        diffs = max_abs_diffs(_with_tied_copy(ref["params"], got["params"]), got["params"])
         worst = max(diffs, key=diffs.get)
         assert diffs[worst] < TOL, (name, "params after step", worst, diffs[worst])
 
@@ -242,3 +269,20 @@ def test_two_rank_layouts_match_reference(models, reference):
 def test_four_rank_layouts_match_reference(models, reference):
     results = run_distributed(_layouts_worker, 4, models, FOUR_RANK_LAYOUTS, timeout=900)[0]
     _check(reference, results, FOUR_RANK_LAYOUTS)
+
+
+@pytest.fixture(scope="module")
+def tied_reference(models):
+    return run_distributed(_tied_reference_worker, 1, models["tied"], timeout=300)[0]
+
+
+def test_tied_embeddings_under_pp_match_reference(models, tied_reference):
+    """Both copies of the tied embedding (first stage's word_embeddings, last stage's output_layer) get
+    the full gradient and equal the single-process embedding after the step."""
+    assert "output_layer.weight" not in tied_reference["tied"]["params"]
+    results = run_distributed(_layouts_worker, 2, models, TIED_LAYOUTS, timeout=600)[0]
+    for name in TIED_LAYOUTS:
+        for kind in ("grads", "params"):
+            have = results[name][kind]
+            assert {"embedding.word_embeddings.weight", "output_layer.weight"} <= set(have), name
+    _check(tied_reference, results, TIED_LAYOUTS)

@@ -17,43 +17,26 @@ TEMPERATURE = 0.7
 MAX_TOKENS = 8
 
 
-def _shard(full: torch.Tensor, kind: str, rank: int, size: int) -> torch.Tensor:
-    """This rank's TP shard of a full Megatron tensor (the inverse of the export's gather)."""
-    if kind == "replicated" or size == 1:
-        return full
-    if kind == "row":
-        return full.chunk(size, dim=1)[rank]
-    if kind == "gated_column":
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]], dim=0)
-    return full.chunk(size, dim=0)[rank]
-
-
 @torch.no_grad()
 def _load_from_hf(chunks, ctx, hf_config, hf_dir: str) -> None:
-    """Fill the sharded model straight from the HF tensors via the converter's stream (no checkpoint):
-    used where the dist-checkpoint loader cannot load the layout (MoE at TP=2, see the test module)."""
+    """Fill a single-rank model (TP=PP=EP=1) straight from the HF tensors via the converter's stream:
+    for a model without a converted checkpoint (SmolLM2). At that layout every parameter name is the
+    full Megatron name, so no sharding or renaming is involved."""
     from megatron_spell.convert import hf_to_megatron_state_dict
     from megatron_spell.convert.hf_io import iter_hf_tensors
-    from megatron_spell.mcore import export as X
     from megatron_spell.mcore.model import padded_vocab_size
 
+    assert ctx.tp == ctx.pp == ctx.ep == 1, "via_hf is for single-rank models; load a checkpoint"
     padded = padded_vocab_size(hf_config, ctx.tp)
     full = dict(
         hf_to_megatron_state_dict(iter_hf_tensors(hf_dir), hf_config, padded_vocab_size=padded)
     )
-    gated = bool(chunks[0].config.gated_linear_unit)
-    num_local = X._num_local_experts(hf_config, ctx)
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            expert = not getattr(p, "allreduce", True)
-            names = X._global_names(name, chunk, ctx, num_local)
-            key = names[ctx.ep_rank] if expert else names[0]
-            if key == "output_layer.weight" and key not in full:  # tied: the embedding
-                key = "embedding.word_embeddings.weight"
-            group = ctx.etp_group if expert else ctx.tp_group
-            kind = X._tp_kind(name, p, gated)
-            p.copy_(_shard(full[key], kind, dist.get_rank(group), dist.get_world_size(group)))
+    [chunk] = chunks
+    for name, p in chunk.named_parameters():
+        key = name
+        if key == "output_layer.weight" and key not in full:  # tied: the embedding
+            key = "embedding.word_embeddings.weight"
+        p.copy_(full[key])
 
 
 def _build(hf_dir: str, ckpt_dir: str, via_hf: bool = False, **parallel: int):

@@ -1,10 +1,8 @@
 """Megatron -> vLLM weight sync on CPU (gloo): export correctness at TP/PP/EP = 2 and end-to-end parity.
 
 * Export at TP=2, PP=2 and EP=2 (Qwen3-MoE, Qwen3 tied) returns exactly the HF tensors the checkpoint was
-  converted from (round trip HF -> Megatron dist checkpoint -> sharded model -> streamed export).
-  MoE at TP=2 is filled from the converter's HF stream instead of the dist checkpoint: at the time of writing
-  `mcore.checkpoint.load_checkpoint` cannot load a Qwen3-MoE checkpoint at TP=2 (missing
-  `decoder.layers.pre_mlp_layernorm.weight`), reported to the converter owner.
+  converted from (round trip HF -> Megatron dist checkpoint -> `load_checkpoint` into the sharded model ->
+  streamed export): the loader and the exporter shard independently, so a misclassified parameter shows.
 * After deliberate weight changes (two updates) of a Megatron model at TP=1 (Llama, Qwen3 tied, Qwen3-MoE)
   and at TP=2 on 2 ranks (Llama; a vLLM engine on each rank under external_launcher), vLLM's greedy output
   equals transformers' on the exported weights and vLLM's sampled-token logprobs equal Megatron's recomputed
@@ -49,7 +47,7 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 @pytest.mark.parametrize(
     "family,tied,parallel",
     [
-        ("qwen3_moe", False, {"tensor_model_parallel_size": 2, "via_hf": True}),
+        ("qwen3_moe", False, {"tensor_model_parallel_size": 2}),
         ("qwen3_moe", False, {"pipeline_model_parallel_size": 2}),
         ("qwen3_moe", False, {"expert_model_parallel_size": 2}),
         ("qwen3", True, {"pipeline_model_parallel_size": 2}),
@@ -106,8 +104,9 @@ def test_sync_moe_ep2_rollout_tp2(models, tmp_path):
     ids=["tp1", "pp2"],
 )
 def test_optimizer_step_then_sync(models, tmp_path, parallel):
-    """A real GRPO optimizer step (training engine) -> export -> vLLM, twice; vLLM's logprobs equal the
-    training engine's forward-only recomputation within 1e-4, greedy equals HF on the exported weights."""
+    """A real GRPO optimizer step (training engine) -> export -> vLLM, twice; the step was taken (not
+    skipped, the batch's log-probs moved by > 1e-2), vLLM's logprobs equal the training engine's
+    forward-only recomputation within 1e-4, greedy equals HF on the exported weights."""
     from tests.dist.rollout import train_workers
 
     hf_dir, ckpt = models["llama"]
@@ -116,3 +115,6 @@ def test_optimizer_step_then_sync(models, tmp_path, parallel):
         train_workers.train_step_sync, world, str(hf_dir), str(ckpt), str(tmp_path), parallel
     )
     assert all(len(r) == 2 and all(x["max_abs"] < 1e-4 for x in r) for r in out)
+    steps = [x for r in out for x in r]
+    assert all(x["skipped"] == 0.0 for x in steps), steps
+    assert all(x["moved"] > 1e-2 for x in steps), steps

@@ -86,7 +86,12 @@ def train_step_sync(
     results = []
     for step in (1, 2):
         samples, _ = _samples(engine, prompts, rank)
+        before = policy.compute_logprobs(samples)
         metrics = policy.train_step(samples)  # one real optimizer step
+        moved = max(
+            float((a - b).abs().max())
+            for a, b in zip(before, policy.compute_logprobs(samples), strict=True)
+        )
         received: dict[str, torch.Tensor] = {}
 
         def stream(received=received):
@@ -104,6 +109,8 @@ def train_step_sync(
         recomputed = [t.tolist() for t in policy.compute_logprobs(after)]
         diff = logprob_mismatch(vllm_lps, recomputed)
         assert diff.max_abs < 1e-4, diff
-        results.append({"max_abs": diff.max_abs, "loss": metrics.get("loss", float("nan"))})
+        results.append(
+            {"max_abs": diff.max_abs, "skipped": metrics["train/skipped"], "moved": moved}
+        )
     destroy_parallel()
     return results

@@ -95,23 +95,23 @@ def test_hf_megatron_hf_roundtrip_is_bit_exact(tiny_dirs, which):
 
 
 def test_moe_fused_hf_layout_reads_like_per_expert(tiny_dirs):
+    """transformers' in-memory fused experts (`mlp.experts.gate_up_proj` / `down_proj`) convert to the
+    same Megatron tensors as the per-expert tensors it writes to disk."""
+    from transformers import AutoModelForCausalLM
+
     cfg = AutoConfig.from_pretrained(tiny_dirs["qwen3_moe"])
     hf = dict(iter_hf_tensors(tiny_dirs["qwen3_moe"]))
     assert "model.layers.0.mlp.experts.0.gate_proj.weight" in hf  # what transformers writes
-    fused = {}
-    for i in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{i}.mlp.experts."
-        e_range = range(cfg.num_experts)
-        gu, dn = T.fuse_experts(
-            [hf.pop(f"{pre}{e}.gate_proj.weight") for e in e_range],
-            [hf.pop(f"{pre}{e}.up_proj.weight") for e in e_range],
-            [hf.pop(f"{pre}{e}.down_proj.weight") for e in e_range],
-        )
-        fused[pre + "gate_up_proj"], fused[pre + "down_proj"] = gu, dn
-    a = dict(
-        hf_to_megatron_state_dict(iter(dict(iter_hf_tensors(tiny_dirs["qwen3_moe"])).items()), cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen3_moe"], dtype=torch.float32)
+    fused = {k: v for k, v in model.state_dict().items() if k.endswith(("_up_proj", "down_proj"))}
+    assert sorted(fused) == sorted(
+        f"model.layers.{i}.mlp.experts.{n}"
+        for i in range(cfg.num_hidden_layers)
+        for n in ("gate_up_proj", "down_proj")
     )
-    b = dict(hf_to_megatron_state_dict(iter({**hf, **fused}.items()), cfg))
+    rest = {k: v for k, v in hf.items() if ".mlp.experts." not in k}
+    a = dict(hf_to_megatron_state_dict(iter(hf.items()), cfg))
+    b = dict(hf_to_megatron_state_dict(iter({**rest, **fused}.items()), cfg))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

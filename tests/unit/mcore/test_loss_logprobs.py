@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -114,56 +111,6 @@ def test_chunked_logprobs_gradcheck():
     assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-3, atol=1e-3, rtol=1e-3)
 
 
-_PEAK_SCRIPT = """
-import resource, sys, torch
-from megatron_spell.mcore.logprobs import chunked_logprobs
-torch.set_num_threads(1)
-n, v, h, chunk = int(sys.argv[1]), 4096, 64, int(sys.argv[2])
-hidden = torch.randn(n, h, requires_grad=True)
-weight = torch.randn(v, h, requires_grad=True)
-labels = torch.randint(0, v, (n,))
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-w = chunked_logprobs(hidden[:chunk], weight, labels[:chunk], temperature=0.7, chunk_size=chunk)
-(w[0].sum() + w[1].sum()).backward()  # warm up (thread pools, kernels) before measuring
-hidden.grad = weight.grad = None
-before = rss()
-lp, ent = chunked_logprobs(hidden, weight, labels, temperature=0.7, chunk_size=chunk)
-(lp.sum() + ent.sum()).backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(max(peak - before, 0))
-"""
-
-
-def _extra_peak_bytes(n: int, chunk: int = 256) -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(n), str(chunk)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "MALLOC_ARENA_MAX": "1"},
-    )
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.slow  # three fresh interpreter processes
-def test_chunked_logprob_peak_memory_bounded():
-    """8x the tokens, same chunk: the logprob pass's extra peak RSS does not grow 8x.
-
-    Measured in fresh processes (peak RSS during forward+backward minus RSS before). Full fp32 logits of the
-    long case alone would be 8192 x 4096 x 4 B = 128 MiB.
-    """
-    small, big = _extra_peak_bytes(1024), _extra_peak_bytes(8192)
-    unchunked = _extra_peak_bytes(8192, chunk=8192)  # the same pass as one chunk: full logits
-    assert big < 2.5 * small, (small, big, unchunked)  # 8x the tokens, far from 8x the memory
-    # RSS carries a few hundred MB of allocator/thread-pool noise (seen: small 488 MB, big 462 MB,
-    # unchunked 672 MB in CI), so the strict "no full [n, V] tensor" check is the deterministic
-    # test_chunked_logprob_largest_tensor_does_not_grow_with_length; here only the growth bound.
-    assert unchunked > 8192 * 4096 * 4  # sanity: the measurement sees a full fp32 [n, V] tensor
-
-
 def _largest_tensor_bytes(n: int, chunk: int, vocab: int = 4096, hidden: int = 64) -> int:
     """Bytes of the largest tensor any op creates during the logprob forward + backward (deterministic)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -189,7 +136,10 @@ def _largest_tensor_bytes(n: int, chunk: int, vocab: int = 4096, hidden: int = 6
 
 
 def test_chunked_logprob_largest_tensor_does_not_grow_with_length():
-    """No [tokens, vocab] tensor for the whole sequence: 8x the tokens, same largest tensor."""
+    """No [tokens, vocab] tensor for the whole sequence: 8x the tokens, same largest tensor.
+
+    The memory bound of the chunked pass, measured deterministically (peak RSS carries hundreds of MB of
+    allocator noise, more than a full-logits regression adds at test sizes)."""
     small, big = _largest_tensor_bytes(1024, 256), _largest_tensor_bytes(8192, 256)
     full = _largest_tensor_bytes(8192, 8192)  # one chunk: the full fp32 logits exist
     assert full >= 8192 * 4096 * 4

@@ -3,6 +3,7 @@
 import json
 import re
 
+import jsonschema
 import pytest
 
 from megatron_spell.spell import scorers, verifier
@@ -31,6 +32,7 @@ def test_schema_objects_parse(task):
     schema = questioner_schema(task)
     obj = VALID[task]
     assert set(schema["required"]) == set(obj)
+    jsonschema.validate(obj, schema)
     # the engine's constrained output is the bare object (no fence): the parser must accept it
     parsed = parse_questioner(task, json.dumps(obj, indent=2))
     assert isinstance(parsed, ParsedQA), parsed
