@@ -7,9 +7,9 @@ set by the caller): tests/helpers/gpu_env.py.
 import os
 import sys
 
-from tests.helpers.gpu_env import hide_gpus
-
 import pytest
+
+from tests.helpers.gpu_env import hide_gpus
 
 # Before torch/vllm import anywhere: CPU only, in-process vLLM engine, bounded KV cache (platform.md).
 if hide_gpus(os.environ, sys.argv):
