@@ -1,4 +1,5 @@
-"""Chat-template rendering to token ids, shared by training and evaluation (spec 2.2, 8.1).
+"""Chat-template rendering to token ids, shared by training and evaluation (docs/spell-algorithm.md
+§2.2, §8.1).
 
 Every SPELL prompt is one user turn rendered with the tokenizer's chat template and the assistant
 generation prompt (`add_generation_prompt=True`), straight to token ids (`tokenize=True`): the

@@ -6,9 +6,9 @@ A save goes to `step_XXXX.tmp/` first; only after every rank has finished does r
 it into place, so a kill during a save leaves the previous checkpoint the latest loadable one. The last
 `keep_last` complete checkpoints are kept.
 
-The RL state is everything besides weights (spec section 9 item 15: the reference checkpoints neither the history
-memory nor the sampler position; we do): step, the Python/NumPy/torch RNG states, the domain sampler cursor, the
-history memory, and the curriculum stage.
+The RL state is everything besides weights (docs/spell-algorithm.md D12: the reference checkpoints
+neither the history memory nor the sampler position; we do): step, the Python/NumPy/torch RNG
+states, the domain sampler cursor, the history memory, and the curriculum stage.
 """
 
 from __future__ import annotations

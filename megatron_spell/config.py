@@ -142,7 +142,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Corpus, task split, domain sampling and the history memory (spec sections 2, 4)."""
+    """Corpus, task split, domain sampling and the history memory (docs/spell-algorithm.md §2, §4)."""
 
     # parquet / JSONL / JSON files or directories
     paths: tuple[str, ...] = ()
@@ -162,7 +162,7 @@ class DataConfig:
     gen_batch_size: int = 480
     # seed of the task split, the domain sampler and the document draws
     seed: int = 42
-    # keep a history memory of earlier questions per document set (spec 4.1)
+    # keep a history memory of earlier questions per document set (docs/spell-algorithm.md §4.1)
     use_history: bool = True
     # questions remembered per document set
     history_size: int = 3
@@ -196,7 +196,7 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SpellConfig:
-    """The self-play algorithm: batch sizes, rewards, filters (spec sections 1, 3)."""
+    """The self-play algorithm: batch sizes, rewards, filters (docs/spell-algorithm.md §1, §3)."""
 
     # distinct responder question groups per update
     train_batch_size: int = 128
@@ -265,7 +265,7 @@ class SpellConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-    """vLLM generation, shared by the three roles (spec section 6)."""
+    """vLLM generation, shared by the three roles (docs/spell-algorithm.md §6)."""
 
     # sampling temperature; the train step takes log-probs of softmax(logits / temperature) too
     temperature: float = 0.7
@@ -294,9 +294,9 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512
     # vLLM engine seed (plus the rollout data-parallel rank)
     seed: int = 0
-    # roles whose outputs are constrained to the spec's formats (vLLM structured outputs). A
-    # deviation for small models that cannot follow the formats yet (see spell/schemas.py); empty,
-    # as in the reference, by default
+    # roles whose outputs are constrained to the formats of docs/spell-algorithm.md §2.3 (vLLM
+    # structured outputs). A deviation for small models that cannot follow the formats yet (see
+    # spell/schemas.py); empty, as in the reference, by default
     structured_outputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -330,13 +330,13 @@ class RolloutConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Policy update: optimizer, policy loss, micro-batching (spec section 5)."""
+    """Policy update: optimizer, policy loss, micro-batching (docs/spell-algorithm.md §5)."""
 
     # peak learning rate (constant by default, as the reference)
     lr: float = 2e-6
     # PPO old log-probs: False takes them from the training pass itself (the batch is on-policy:
-    # one optimizer step per batch, spec 1.7), True recomputes them in a forward-only pass first
-    # (as the reference does)
+    # one optimizer step per batch, docs/spell-algorithm.md §1.7), True recomputes them in a
+    # forward-only pass first (as the reference does)
     recompute_old_logprobs: bool = False
     # learning rate at the end of a cosine schedule
     min_lr: float = 0.0
@@ -362,7 +362,8 @@ class TrainConfig:
     clip_ratio_high: float = 0.2
     # dual-clip bound for negative advantages (loss <= -A * clip_ratio_c); must be > 1
     clip_ratio_c: float = 3.0
-    # KL penalty to a reference model; must be 0 (no reference model is kept, spec 9 item 13)
+    # KL penalty to a reference model; must be 0 (no reference model is kept,
+    # docs/spell-algorithm.md D10)
     kl_coef: float = 0.0
     # KL estimator of that penalty: k3 "low_var_kl", k1 "kl", k2 "mse"
     kl_loss_type: Literal["low_var_kl", "kl", "mse"] = "low_var_kl"

@@ -1,4 +1,5 @@
-"""One generation round of SPELL (spec section 1.1, the body of the `repeat:` loop; sections 1.2-1.5, 3.2-3.4).
+"""One generation round of SPELL (docs/spell-algorithm.md §1.1, the body of the `repeat:` loop;
+§1.2-§1.5, §3.2-§3.4).
 
 A round is five named steps, each returning a frozen record that the next one reads:
 
@@ -14,13 +15,13 @@ tests and with the colocated vLLM engine in training. The generator is role leve
 engine (one per task for a constrained role, a dummy on an empty lockstep rank) is decided in one place,
 `rollout/lockstep.py`.
 
-Decisions (spec section 9):
-* Item 9: silent drops (unclosed think, invalid docmath number, overlong answer, overlong questioner prompt,
+Decisions (§9):
+* D6: silent drops (unclosed think, invalid docmath number, overlong answer, overlong questioner prompt,
   overlong responder prompt) are counted in `metrics` (`questioner/dropped_frac`, which includes the
   overlong questioner prompts that are also counted on their own as `questioner/overlong_dropped`, and
   `responder/overlong_dropped`), never trained on.
-* Item 8: the pre-filter for doc_mc keeps the reference rule (one no-context sample, score >= threshold);
-  `spell.filter_questioner_prompts=false` turns it off.
+* §9 item 8: the pre-filter for doc_mc keeps the reference rule (one no-context sample, score >=
+  threshold); `spell.filter_questioner_prompts=false` turns it off.
 * Responses whose prediction does not parse are not judged (the reference's rule); their reward is the rule
   score (0).
 * Metrics carry their reduction (`metrics.Sum`, `metrics.Mean`), so rounds of several rollout groups and of
@@ -147,7 +148,7 @@ def ask(
     uid_prefix: str,
     max_tokens: int,
 ) -> Questions:
-    """The questioner writes one question per input; parse it (spec 1.2, 3.2)."""
+    """The questioner writes one question per input; parse it (docs/spell-algorithm.md §1.2, §3.2)."""
     prompt_ids = [
         chat.render(
             prompts.questioner_prompt(
@@ -204,7 +205,8 @@ def ask(
 def ground(
     questions: Questions, *, generator: RoleGenerator, chat: ChatRenderer, spell: SpellConfig
 ) -> GroundedQuestions:
-    """Answer each question without documents (n=1); a rule score >= threshold is bad_ground (spec 1.4)."""
+    """Answer each question without documents (n=1); a rule score >= threshold is bad_ground
+    (docs/spell-algorithm.md §1.4)."""
     parsed = questions.parsed
     ids = [
         chat.render(prompts.responder_prompt(q.parsed.task, prompts.NO_CONTEXT, q.parsed.question))
@@ -235,7 +237,8 @@ def respond(
     spell: SpellConfig,
     max_tokens: int,
 ) -> Responses:
-    """The responder answers each kept question n times over all its documents; rule scores (spec 3.1)."""
+    """The responder answers each kept question n times over all its documents; rule scores
+    (docs/spell-algorithm.md §3.1)."""
     questions = grounded.kept
     ids = [
         chat.render(
@@ -251,9 +254,7 @@ def respond(
     )
     groups, overlong = [], set()
     for q, pid, outs in zip(questions, ids, outputs, strict=True):
-        if (
-            not outs
-        ):  # responder prompt over the limit: dropped without reward or penalty (spec 1.2)
+        if not outs:  # responder prompt over the limit: dropped without reward or penalty (§1.2)
             overlong.add(q.uid)
             continue
         task = q.parsed.task
@@ -280,7 +281,8 @@ def judge(
     spell: SpellConfig,
     max_tokens: int,
 ) -> Judgements:
-    """Judge every parsable response n times; majority votes; verifier training candidates (spec 3.3)."""
+    """Judge every parsable response n times; majority votes; verifier training candidates
+    (docs/spell-algorithm.md §3.3)."""
     jobs: list[tuple[ResponseGroup, int, list[int]]] = []  # (group, response index, prompt ids)
     for g in responses.groups:
         if g.question.parsed.task.value not in spell.verifier_tasks:

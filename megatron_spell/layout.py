@@ -1,4 +1,5 @@
-"""Parallel-layout and sequence-length checks that run before any heavy work (architecture.md, "Rules").
+"""Parallel-layout and sequence-length checks that run before any heavy work (docs/architecture.md,
+"Rules").
 
 `ModelShape` is read from the Hugging Face `config.json` alone (no torch, no weights), so
 `train --plan` can validate a 30B layout on a laptop (megatron_spell/preflight.py runs these

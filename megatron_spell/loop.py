@@ -1,13 +1,14 @@
-"""One SPELL step as straight-line code (spec section 1.1): the file to read next to the paper.
+"""One SPELL step as straight-line code (docs/spell-algorithm.md §1.1): the file to read next to the
+paper.
 
     repeat (one gen round):
-        questioner prompts  <- domain sampler + history memory + document curriculum      (spec 4)
+        questioner prompts  <- domain sampler + history memory + document curriculum      (§4)
         round               <- questioner -> grounding filter -> responder x n -> verifier x n
                                -> Eq. 6 rewards                                          (gen_round)
-        history memory      <- questions whose success passes the gate                   (spec 4.1)
-        accumulate; dynamic-sampling filter                                              (spec 1.5)
+        history memory      <- questions whose success passes the gate                   (§4.1)
+        accumulate; dynamic-sampling filter                                              (§1.5)
     until enough responder groups (or an error after spell.max_num_gen_batches rounds)
-    final batch -> advantages (Eq. 8-9) -> one policy update on all roles (Megatron)     (spec 1.6-1.7, 5)
+    final batch -> advantages (Eq. 8-9) -> one policy update on all roles (Megatron)     (§1.6-§1.7, §5)
     weights -> vLLM; metrics; checkpoint
 
 The model, the engine and the collectives are injected (`train.py` builds them), so this file imports neither
@@ -15,7 +16,7 @@ Megatron nor vLLM. Every rank runs the same code (SPMD): each rollout group gene
 questioner prompts, the round results are gathered everywhere, and from then on every rank holds the same
 accumulator, memory and batch, and trains its data-parallel share of it.
 
-Deviation (spec section 9 item 14): with `spell.on_batch_shortfall="train_available"` a step that still lacks
+Deviation (D11): with `spell.on_batch_shortfall="train_available"` a step that still lacks
 groups after `spell.max_num_gen_batches` rounds trains on what it has (logged as `batch/shortfall`) instead of
 aborting the run; the default "error" keeps the reference's behaviour with a message that names the knobs.
 """
@@ -221,7 +222,8 @@ def questioner_inputs(run: Run) -> list[QuestionerInput]:
 
 
 def remember(history: HistoryMemory, round_: RoundResult) -> int:
-    """Store the round's questions that pass the memory gate (spec 4.1); returns how many were stored."""
+    """Store the round's questions that pass the memory gate (docs/spell-algorithm.md §4.1); returns
+    how many were stored."""
     return sum(
         history.record(c.task, c.question_id, c.entry, c.success_rate, data_source=c.data_source)
         for c in round_.history
@@ -229,7 +231,8 @@ def remember(history: HistoryMemory, round_: RoundResult) -> int:
 
 
 def final_batch(run: Run, acc: StepAccumulator) -> TrainBatch:
-    """Spec 1.6 batch (or, on an allowed shortfall, the groups there are) with Eq. 8-9 advantages."""
+    """docs/spell-algorithm.md §1.6 batch (or, on an allowed shortfall, the groups there are) with
+    Eq. 8-9 advantages."""
     spell = run.config.spell
     if not acc.is_ready(spell):
         spell = replace(spell, train_batch_size=max(acc.num_groups, 1))

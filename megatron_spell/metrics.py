@@ -1,4 +1,5 @@
-"""One door for scalars: console line, TensorBoard and JSONL; timing spans per phase (style.md, "logging").
+"""One door for scalars: console line, TensorBoard and JSONL; timing spans per phase (docs/style.md,
+"logging").
 
 Keys are `section/name` (`questioner/bad_format_frac`, `timing/generate_s`). Only the rank that owns the logger
 (rank 0) writes; the others get a logger whose sinks are disabled but whose timers still work, so the loop code

@@ -76,7 +76,7 @@ class GroundedQuestions:
     """The grounding pre-filter: the questions kept, and those answered without the documents."""
 
     kept: tuple[Question, ...]
-    # uids of the bad_ground questions (spec 1.4)
+    # uids of the bad_ground questions (docs/spell-algorithm.md §1.4)
     bad_ground: frozenset[str]
     metrics: Mapping[str, Metric]
     seconds: float
@@ -98,7 +98,8 @@ class Responses:
     """The responder step: one group per answered question."""
 
     groups: tuple[ResponseGroup, ...]
-    # uids of the questions whose responder prompt was over the length limit (dropped, spec 1.2)
+    # uids of the questions whose responder prompt was over the length limit (dropped,
+    # docs/spell-algorithm.md §1.2)
     overlong: frozenset[str]
     metrics: Mapping[str, Metric]
     seconds: float

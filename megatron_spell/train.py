@@ -1,8 +1,9 @@
 """`megatron-spell train`: config -> distributed -> build -> resume -> steps -> checkpoints -> report.
 
-Every rank of a `torchrun`/`srun` job runs this (SPMD, architecture.md); a plain `python -m megatron_spell
-train` is one rank. Each rank holds its Megatron shard and a colocated vLLM engine (rollout data-parallel
-groups of `rollout.tensor_parallel_size` ranks); the loop itself is `loop.spell_step`.
+Every rank of a `torchrun`/`srun` job runs this (SPMD, docs/architecture.md); a plain `python -m
+megatron_spell train` is one rank. Each rank holds its Megatron shard and a colocated vLLM engine
+(rollout data-parallel groups of `rollout.tensor_parallel_size` ranks); the loop itself is
+`loop.spell_step`.
 
 Preemption: SIGTERM (Slurm sends it before killing a job) sets a flag; the current step finishes, a checkpoint
 is written and the process exits with `REQUEUE_EXIT_CODE`. Under torchrun, the agent forwards SIGTERM to its

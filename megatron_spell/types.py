@@ -1,7 +1,7 @@
-"""Typed records passed between the phases of one SPELL step (architecture.md, "Layout").
+"""Typed records passed between the phases of one SPELL step (docs/architecture.md, "Layout").
 
 Every phase boundary of `loop.py` hands over one of these frozen records instead of dicts. Enums name the
-roles, tasks and questioner cases of spell-algorithm.md sections 1-3.
+roles, tasks and questioner cases of docs/spell-algorithm.md §1-§3.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 
 class Role(str, enum.Enum):
-    """The three roles one policy plays (spec section 1.2)."""
+    """The three roles one policy plays (docs/spell-algorithm.md §1.2)."""
 
     QUESTIONER = "questioner"
     RESPONDER = "responder"
@@ -19,7 +19,7 @@ class Role(str, enum.Enum):
 
 
 class Task(str, enum.Enum):
-    """The three SPELL task types (spec section 2)."""
+    """The three SPELL task types (docs/spell-algorithm.md §2)."""
 
     DOC_GENERAL_QA = "doc_general_qa"
     DOC_MC = "doc_mc"
@@ -57,7 +57,7 @@ class Completion:
 
 
 class CaseType(str, enum.Enum):  # noqa: UP042 (same form as Role and Task)
-    """Why a questioner sample is not a "good" case (spec sections 1.3-1.5, 3.5).
+    """Why a questioner sample is not a "good" case (docs/spell-algorithm.md §1.3-§1.5, §3.5).
 
     `BAD_FORMAT` (-1), `BAD_GROUND` (-0.5) and `ZERO_VARIANCE` (0) are penalised bad cases that can be
     sampled into the questioner part of the batch; `DROPPED` is a skip without penalty (unclosed think,
@@ -74,7 +74,8 @@ class CaseType(str, enum.Enum):  # noqa: UP042 (same form as Role and Task)
 
 @dataclass(frozen=True)
 class DocSet:
-    """One corpus row: a set of documents ("paragraphs") with its source and id (spec section 7.2)."""
+    """One corpus row: a set of documents ("paragraphs") with its source and id
+    (docs/spell-algorithm.md §7.2)."""
 
     data_source: str
     question_id: str
@@ -83,7 +84,8 @@ class DocSet:
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One remembered successful question of a (task, data_source, question_id) (spec section 4.1).
+    """One remembered successful question of a (task, data_source, question_id)
+    (docs/spell-algorithm.md §4.1).
 
     `evidence` are the document indices the questioner saw; `question` is the responder-facing question text
     (for doc_mc the full block with choices) and `answer` the bare reference answer.
@@ -169,7 +171,8 @@ class QuestionerSample:
 
 @dataclass(frozen=True)
 class TrainBatch:
-    """The final batch of one step (spec section 1.6): responder, questioner (good then bad), verifier parts."""
+    """The final batch of one step (docs/spell-algorithm.md §1.6): responder, questioner (good then
+    bad), verifier parts."""
 
     responder: tuple[Trajectory, ...]
     questioner: tuple[Trajectory, ...]

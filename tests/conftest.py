@@ -11,7 +11,8 @@ import pytest
 
 from tests.helpers.gpu_env import hide_gpus
 
-# Before torch/vllm import anywhere: CPU only, in-process vLLM engine, bounded KV cache (platform.md).
+# Before torch/vllm import anywhere: CPU only, in-process vLLM engine, bounded KV cache
+# (docs/platform.md).
 if hide_gpus(os.environ, sys.argv):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

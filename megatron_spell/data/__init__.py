@@ -1,4 +1,5 @@
-"""Corpus loading, task split and domain sampling, history memory and the document curriculum (spec 4, 7).
+"""Corpus loading, task split and domain sampling, history memory and the document curriculum
+(docs/spell-algorithm.md §4, §7).
 
 Imports none of megatron, vllm or torch.distributed (enforced by tests/unit/test_layering.py).
 """

@@ -1,4 +1,4 @@
-"""Corpus loading: document sets from parquet, JSONL or JSON files (spec section 7.2).
+"""Corpus loading: document sets from parquet, JSONL or JSON files (docs/spell-algorithm.md §7.2).
 
 Each row needs `data_source` (str; the text before its first "_" selects the task split and `n_docs`),
 `question_id` (str or int; the history-memory key) and `paragraphs` (a list of document strings). Other

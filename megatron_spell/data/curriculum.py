@@ -1,5 +1,5 @@
 """Which documents the questioner sees: the memory-driven growth plus an optional explicit schedule
-(spec sections 1.2, 4.1 and 4.2).
+(docs/spell-algorithm.md §1.2, §4.1 and §4.2).
 
 Memory-driven growth (the reference's only curriculum): without history a row's questioner sees `n` documents
 drawn uniformly without replacement (`n` drawn from `n_docs[<source prefix>]`, [5] in the reference, [3] when
@@ -23,7 +23,9 @@ from megatron_spell.data.corpus import source_prefix
 from megatron_spell.data.history import evidence_union
 from megatron_spell.types import HistoryEntry
 
-FALLBACK_N_DOCS = (3,)  # DS 307, 332: used when no list is configured for a source
+# `SPELL/verl/verl/utils/dataset/spell_dataset.py:307,332`: used when no list is configured for a
+# source
+FALLBACK_N_DOCS = (3,)
 
 
 def draw_num_new_docs(

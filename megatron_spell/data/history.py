@@ -1,11 +1,12 @@
-"""History memory of successful questions per (task, data_source, question_id) (spec section 4.1).
+"""History memory of successful questions per (task, data_source, question_id)
+(docs/spell-algorithm.md §4.1).
 
 Each key holds a bounded deque (`size`, 3 in the reference) of `HistoryEntry(evidence, question,
 answer)`. `record` appends a new question when its responder success rate (mean combined reward)
 passes the gate; `entries` returns what the next questioner prompt for that row shows as examples
 and whose evidence union it re-uses (see data/curriculum.py).
 
-Deliberate decisions (spec section 9 items 2 and 15):
+Deliberate decisions (D2 and D12):
 
 * The key includes the row's data source. The reference keys by `f"{task}_{question_id}"` only (it
   mixes two corpora), so two rows of different sources that feed the same task and share an id
@@ -21,7 +22,7 @@ Deliberate decisions (spec section 9 items 2 and 15):
 * De-duplication works: a question whose normalised text (case-folded, whitespace collapsed) is
   already in the key's deque is not appended again (the reference compared the wrong tuple slots and
   appended duplicates).
-* Item 15: the memory is serialisable (`state_dict` / `load_state_dict`, plain JSON types) so a
+* D12: the memory is serialisable (`state_dict` / `load_state_dict`, plain JSON types) so a
   resume keeps it; the reference loses it. A state written before the data source was part of the
   key (its `entries` a mapping `"{task}_{question_id}" -> entries`) loads under data_source None,
   with a warning.

@@ -1,4 +1,5 @@
-"""Task split of the corpus and the seeded, resumable domain sampler (spec sections 2 and 4.3).
+"""Task split of the corpus and the seeded, resumable domain sampler (docs/spell-algorithm.md §2 and
+§4.3).
 
 * `assign_tasks`: rows are grouped by their source prefix (text before the first "_" of `data_source`); the rows
   of a prefix that feeds several tasks are shuffled with the given RNG and split into disjoint, near-equal
@@ -11,7 +12,7 @@
 
 Deliberate decisions:
 
-* Spec 9 item 15: `state_dict()` / `load_state_dict()` capture the RNG state, every task's order and cursor and
+* D12: `state_dict()` / `load_state_dict()` capture the RNG state, every task's order and cursor and
   the round counter as plain JSON-able data, so a resumed run continues the sequence instead of replaying it.
 * A task that needs more rows in one round than it has takes them from successive reshuffled passes (the
   reference would repeat the rebuild forever or fail); this only happens with tiny corpora.
@@ -56,7 +57,8 @@ def assign_tasks(
 
 
 def round_counts(weights: Mapping[Task, float], total: int) -> dict[Task, int]:
-    """Per-task counts of one round: `int(total * w)` plus the remainder round-robin by weight (DS 431-451)."""
+    """Per-task counts of one round: `int(total * w)` plus the remainder round-robin by weight
+    (`SPELL/verl/verl/utils/dataset/spell_dataset.py:431-451`)."""
     positive = {t: float(w) for t, w in weights.items() if w > 0}
     if not positive:
         raise ValueError("data.domain_weights: at least one task with rows needs a positive weight")

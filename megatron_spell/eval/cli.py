@@ -5,8 +5,8 @@
 
 Loads the files (`eval.formats`), starts the rollout engine (`rollout.engine.RolloutEngine`: vLLM, CPU or GPU,
 `--tensor-parallel-size` passed through; under torchrun the world is split into tensor-parallel replicas that
-share the questions), runs the protocol (`eval.protocol`, spec 8.1-8.2) and writes
-predictions, metrics, the markdown table and the pass@k plot (`eval.report`) to `--out`.
+share the questions), runs the protocol (`eval.protocol`, docs/spell-algorithm.md §8.1-§8.2) and
+writes predictions, metrics, the markdown table and the pass@k plot (`eval.report`) to `--out`.
 All user errors are ValueErrors raised before the engine starts.
 """
 

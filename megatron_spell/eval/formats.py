@@ -1,4 +1,5 @@
-"""Evaluation input formats: load benchmark files into typed `EvalExample` records (spec section 8.1).
+"""Evaluation input formats: load benchmark files into typed `EvalExample` records
+(docs/spell-algorithm.md §8.1).
 
 Supported formats (detected from the fields of the first record, or forced with `format=`):
 
@@ -18,9 +19,9 @@ Supported formats (detected from the fields of the first record, or forced with 
 
 Files may be a JSON array, a JSON object holding a list under `data`, or JSONL (one object per line).
 
-Context rendering follows the reference's generate.py (spec 8.1): DocMath paragraphs and corpus paragraphs are
-joined by a newline; Frames items are title, newline, text, joined by a newline; LongBench contexts are used
-as given. The official HotpotQA dev file is not in the
+Context rendering follows the reference's `SPELL/eval/generate.py` (§8.1): DocMath paragraphs and
+corpus paragraphs are joined by a newline; Frames items are title, newline, text, joined by a
+newline; LongBench contexts are used as given. The official HotpotQA dev file is not in the
 reference (it uses LongBench-E's hotpotqa); its paragraphs are rendered like the reference's Frames items
 (title, newline, the sentences concatenated), joined by a newline.
 
@@ -29,9 +30,9 @@ Deliberate deviations:
   takes the best, as LongBench's own metric does. The reference uses `answers[0]` only.
 * Multiple-choice questions (LongBench-v2, corpus rows with `options`) use the same block as training
   (`spell.tasks.mc.mc_question_block`: intro line, question, `Choices:`, unindented `(A)`-`(D)` lines); the
-  reference's eval block indents its choice lines, unlike its training block (spec 9 item 17).
+  reference's eval block indents its choice lines, unlike its training block (§9 item 17).
 * A corpus row's task comes from an explicit `task` field (or `--task`) when present, otherwise from
-  `data_source` with the training scorer dispatch (`spell.tasks.for_data_source`, spec 3.1: doc_mc /
+  `data_source` with the training scorer dispatch (`spell.tasks.for_data_source`, §3.1: doc_mc /
   longbench_v2 -> doc_mc; general_qa / frames / musique / longbench / hotpot / 2wiki -> doc_general_qa;
   docmath -> docmath_qa). A name that routes nowhere is an error naming the record, not a silent default.
   The gold answer is rendered by the task record (`TaskSpec.gold_text`).

@@ -1,7 +1,8 @@
-"""Optional LLM judge for evaluation (spec section 8.2, verify.py): is the gold answer in the prediction?
+"""Optional LLM judge for evaluation (docs/spell-algorithm.md §8.2, `SPELL/eval/verify.py`): is the
+gold answer in the prediction?
 
 The judge is never required; the rule score alone is a complete evaluation. When enabled, the per-sample final
-score is max(rule, judge) (spec 8.2). Two back ends produce the judge's text:
+score is max(rule, judge) (§8.2). Two back ends produce the judge's text:
 * `EngineJudge`: the same rollout engine that generated the answers (greedy, one sample);
 * `OpenAIJudge`: any OpenAI-compatible `/chat/completions` endpoint, called with `urllib` from a thread pool,
   with retries. A request that still fails scores 0 and is counted, it does not stop the evaluation.
@@ -9,7 +10,7 @@ score is max(rule, judge) (spec 8.2). Two back ends produce the judge's text:
 The judge prompt is written in our own words (it asks whether the key facts of the reference answer are present
 in the candidate, accepting paraphrases and a 0.15 % numeric tolerance, and to end with [[YES]] or [[NO]]).
 
-Decision parsing (deliberate deviation, spec section 9 items 3 and 17): the reference scores 1 iff the text after
+Decision parsing (deliberate deviation, D3 and §9 item 17): the reference scores 1 iff the text after
 `</think>` contains the substring `YES` and not `NO`, so a word such as "NOT" or "NONE" flips a YES. We take the
 **last** `[[YES]]`/`[[NO]]` marker (any case, inner spaces allowed) after the last `</think>`; without a marker,
 the last standalone upper-case word `YES` or `NO`; otherwise NO.

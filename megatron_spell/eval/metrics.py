@@ -1,4 +1,5 @@
-"""Evaluation metrics: mean@n and the unbiased pass@k, per benchmark and overall (spec section 8.3).
+"""Evaluation metrics: mean@n and the unbiased pass@k, per benchmark and overall
+(docs/spell-algorithm.md §8.3).
 
 * `mean@n` of one question is the mean of its n per-sample final scores (the paper's "pass@1").
 * `pass@k` is the **unbiased combinatorial estimator** 1 - C(n-c, k) / C(n, k) for a question with c correct
@@ -9,14 +10,14 @@
   replacement, sum_j s_(j) C(j-1, k-1) / C(n, k) over the ascending-sorted scores; for 0/1 scores it equals
   `pass_at_k` exactly (tested), so the report uses it for every question.
 * A benchmark's value is the mean over its questions. Two overall values are reported and labelled:
-  `overall (macro)` = the unweighted mean over benchmarks (the reference code's "overall", spec 8.3) and
+  `overall (macro)` = the unweighted mean over benchmarks (the reference code's "overall", §8.3) and
   `overall (micro)` = the mean over all questions pooled.
-* The paper's own columns (spec 8.1) are added when their benchmarks are present: `LB-MQA (paper)` = the mean
+* The paper's own columns (§8.1) are added when their benchmarks are present: `LB-MQA (paper)` = the mean
   of 2wikimqa, hotpotqa and musique, and `Avg (paper)` = the mean of docmath, frames, LB-MQA and
   longbench-v2 (the headline "Avg." of the paper's table).
 
-Deliberate deviation: the reference's pass@k is a seeded bootstrap with replacement ("best@k", spec 8.3), whose
-expectation is about 1 - (1 - p)^k and which is biased low; we use the unbiased estimator the issue asks for.
+Deliberate deviation: the reference's pass@k is a seeded bootstrap with replacement ("best@k", §8.3), whose
+expectation is about 1 - (1 - p)^k and which is biased low; we use the unbiased estimator.
 Questions with fewer than k samples have no pass@k (k is limited to the smallest n in the group).
 """
 
@@ -110,7 +111,8 @@ def _mean_of_groups(name: str, rows: Sequence[GroupMetrics]) -> GroupMetrics:
 
 
 def paper_rows(rows: Sequence[GroupMetrics]) -> list[GroupMetrics]:
-    """The paper's derived columns (spec 8.1), from whichever of their benchmarks are present.
+    """The paper's derived columns (docs/spell-algorithm.md §8.1), from whichever of their
+    benchmarks are present.
 
     `LB_MQA` = mean of 2wikimqa, hotpotqa, musique; `PAPER_AVG` = mean of docmath, frames, LB-MQA and
     longbench-v2. Both are unweighted means over the present benchmarks; absent ones are left out (say so

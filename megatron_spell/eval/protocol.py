@@ -1,12 +1,13 @@
-"""The SPELL evaluation protocol (spec sections 8.1-8.2): prompt, truncate, sample n, score.
+"""The SPELL evaluation protocol (docs/spell-algorithm.md §8.1-§8.2): prompt, truncate, sample n,
+score.
 
 Per question:
-1. the responder prompt of the question's task (`spell.prompts.responder_prompt`, spec 2.2) as one
+1. the responder prompt of the question's task (`spell.prompts.responder_prompt`, §2.2) as one
    user turn, rendered to token ids with the tokenizer's chat template
    (`add_generation_prompt=True`) by the renderer training uses (`megatron_spell.chat`), so the
    prompt is token-identical to the training prompt;
 2. if longer than `max_input_tokens` = L, the middle is cut: the first L // 2 and the last
-   L - L // 2 tokens are kept (spec 8.1);
+   L - L // 2 tokens are kept (§8.1);
 3. n samples at temperature 0.7, top_p 0.95 (defaults; top_k off) from the rollout engine, in
    batches of questions with a tqdm progress bar;
 4. the rule score of every sample (`spell.scorers.score`: sub-EM strict for QA, letter match for MC,
@@ -14,13 +15,13 @@ Per question:
 5. optionally the LLM judge (`eval.judge`) on QA/DocMath samples whose rule score is below 1 (or all
    with `judge_all`), never on multiple choice (as the reference); final score = max(rule, judge).
 
-Deliberate deviations (spec sections 8.1 and 9 item 17):
+Deliberate deviations (§8.1 and §9 item 17):
 * The truncated prompt is sent as token ids, not decoded to text and re-tokenised as in the
   reference, so the model sees exactly L tokens (decode/encode round trips can change the count).
 * The reference's QA rule score reads a missing key and is always 0; we use the scorers'
   sub_em_strict.
-* No per-request seed (it breaks the CPU engine, platform.md, and may make the n samples identical);
-  the engine is seeded once.
+* No per-request seed (it breaks the CPU engine, docs/platform.md, and may make the n samples
+  identical); the engine is seeded once.
 * A tokenizer without a chat template gets the plain user message (logged once;
   `chat.render_user_turn` with `allow_plain`); the reference would fail.
 """
@@ -59,7 +60,7 @@ class Generator(Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class EvalSettings:
-    """Sampling and scoring settings of one evaluation run (defaults: spec 8.1)."""
+    """Sampling and scoring settings of one evaluation run (defaults: docs/spell-algorithm.md §8.1)."""
 
     n: int = 8
     max_input_tokens: int = 16384

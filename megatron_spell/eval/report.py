@@ -1,6 +1,6 @@
 """Evaluation outputs: per-example predictions JSONL, metrics JSON, a markdown table and a pass@k PNG.
 
-Layout of the output directory (spec section 8.3 for the numbers):
+Layout of the output directory (docs/spell-algorithm.md §8.3 for the numbers):
 * `predictions.jsonl`: one line per question with its samples, rule/judge/final scores, mean@n and pass@k;
 * `metrics.json`: the aggregated rows (fractions) and the run settings;
 * `results.md`: the table, values in percent with two decimals (rows: benchmarks, then the two overall means);

@@ -1,9 +1,9 @@
 """Core attention for Megatron's local layer spec with THD packing and exact context parallelism.
 
-Megatron-Core's local `DotProductAttention` rejects packed sequences and context parallelism (platform.md,
-"Traps"); only Transformer Engine supports them. `PackedCPAttention` is a drop-in core-attention module
-(same constructor and `forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
-packed_seq_params)` signature) that supports both, causal only:
+Megatron-Core's local `DotProductAttention` rejects packed sequences and context parallelism
+(docs/platform.md, "Traps"); only Transformer Engine supports them. `PackedCPAttention` is a drop-in
+core-attention module (same constructor and `forward(query, key, value, attention_mask,
+attn_mask_type, attention_bias, packed_seq_params)` signature) that supports both, causal only:
 
 - THD (`packed_seq_params.qkv_format == "thd"`): q/k/v are [t, heads, dim]; every sequence of the pack
   (boundaries from `cu_seqlens_q_padded`, else `cu_seqlens_q`) attends causally to itself only. Sequences are

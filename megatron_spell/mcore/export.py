@@ -1,13 +1,14 @@
-"""Weight export: stream HF-named full tensors out of this rank's Megatron shards (architecture.md data flow,
-"export weights (PP/TP/EP gather, HF names) -> rollout.load_weights").
+"""Weight export: stream HF-named full tensors out of this rank's Megatron shards
+(docs/architecture.md data flow, "export weights (PP/TP/EP gather, HF names) ->
+rollout.load_weights").
 
 `export_hf_weights(model_chunks, ctx, hf_config, bucket_mb=...)` yields buckets (lists of `(hf_name, tensor)`,
 at most `bucket_mb` each unless a single tensor is larger) on EVERY rank, in the same order everywhere, so that
 every rank can feed its colocated vLLM engine (each engine needs full tensors; vLLM slices its own rollout-TP
 shard). Every rank must consume the whole stream: it drives collectives.
 
-Per parameter, in pipeline-stage order (order of Megatron's own layer-wise export, cf. anchors.md section 4,
-Megatron-Bridge):
+Per parameter, in pipeline-stage order (order of Megatron's own layer-wise export, cf.
+`NVIDIA-NeMo/Megatron-Bridge:docs/bridge-tech-details.md` L160-183):
 1. TP gather on the stage that owns it, per the param's own attributes: `partition_dim` 0 (column parallel:
    linear_qkv - whose shards are whole query groups, so concatenation gives Megatron's interleaved layout -,
    embeddings, output layer), 1 (row parallel: linear_proj, linear_fc2), gated linear_fc1 (each rank holds

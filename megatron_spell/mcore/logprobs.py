@@ -1,8 +1,10 @@
-"""Chunked, vocab-parallel token log-probabilities and entropy at the rollout temperature (spec section 5).
+"""Chunked, vocab-parallel token log-probabilities and entropy at the rollout temperature
+(docs/spell-algorithm.md §5).
 
 The policy's log-probs (old, new, reference) are computed on logits divided by the rollout temperature
-(dp_actor 161, 236). Full-vocabulary fp32 logits over a long packed sequence do not fit in memory (100K tokens
-x Qwen3's 151,936 vocab = 56.6 GiB; anchors.md section 3 item 6), so:
+(`SPELL/verl/verl/workers/actor/dp_actor.py:161,236`). Full-vocabulary fp32 logits over a long
+packed sequence do not fit in memory (100K tokens x Qwen3's 151,936 vocab = 56.6 GiB;
+THUDM/slime#2253), so:
 
 - only the positions that predict response tokens are projected at all (the caller selects them);
 - the projection, softmax statistics and their backward run in chunks of `chunk_size` tokens inside one

@@ -12,7 +12,7 @@ vanilla mode):
 
 The KL term is kept for a reference model; today the config requires `train.kl_coef = 0`.
 
-Aggregation (deliberate deviation, spec section 9 item 12): the reference takes a token mean inside each
+Aggregation (deliberate deviation, D9): the reference takes a token mean inside each
 micro-batch and weights micro-batches by `len(micro) / normalised_mini_batch_size`, which is neither a token
 mean nor a sequence mean of the global batch and depends on how dynamic batching happened to cut the batch
 (total weight ~1.3). Here every token carries a weight fixed by the *global* batch before packing:

@@ -1,11 +1,11 @@
 """Build Megatron-Core GPT models from Hugging Face configs (Llama, Qwen2/2.5, Qwen3, Qwen3-MoE).
 
-Implements item 4 of issue 2 (model builder). `transformer_config_from_hf` maps an HF config onto a
+`transformer_config_from_hf` maps an HF config onto a
 `TransformerConfig`; `build_model` builds one `GPTModel` chunk per virtual pipeline stage with the
 Transformer Engine layer spec when TE imports and the local spec otherwise; `layer_spec` is the hook through
 which the training engine swaps in its own core attention (packed THD sequences, context parallelism).
 
-Mapping decisions (see the report in issue 2 for the full per-family table):
+Mapping decisions:
 - Qwen3-MoE `norm_topk_prob=True` (renormalised top-k softmax) is Megatron's `moe_router_pre_softmax=False`
   (softmax over the top-k logits, the same numbers); `norm_topk_prob=False` is `pre_softmax=True`.
 - For RL the MoE auxiliary loss is off by default (`moe_router_load_balancing_type="none"`,

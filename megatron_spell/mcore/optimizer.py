@@ -1,4 +1,5 @@
-"""Megatron DDP wrapping, the (distributed) Adam optimizer and the LR schedule (spec section 5).
+"""Megatron DDP wrapping, the (distributed) Adam optimizer and the LR schedule
+(docs/spell-algorithm.md §5).
 
 - `wrap_ddp`: Megatron's DistributedDataParallel around every model chunk, with
   `calculate_per_token_loss=True` so that DDP *sums* gradients over DP x CP (the loss is already divided by

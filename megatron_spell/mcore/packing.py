@@ -1,6 +1,6 @@
 """THD packing of trajectories into token-budgeted micro-batches, DP balancing and the CP split.
 
-Implements the data side of the unified update (spell-algorithm.md sections 1.7 and 5, "Dynamic
+Implements the data side of the unified update (docs/spell-algorithm.md §1.7 and §5, "Dynamic
 micro-batching"): the final batch of all three roles is
 
 1. partitioned across data-parallel ranks, balanced by padded token count (longest-first onto the least

@@ -1,4 +1,5 @@
-"""The Megatron side of a SPELL run behind the loop's `Policy` interface (spec sections 1.7 and 5).
+"""The Megatron side of a SPELL run behind the loop's `Policy` interface (docs/spell-algorithm.md
+§1.7 and §5).
 
 `MegatronPolicy` builds the model chunks for this rank's layout from the HF config, loads the converted
 Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the LR schedule, and offers:
@@ -12,7 +13,7 @@ Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the 
 * `save(dir)` / `load(dir)`: model, optimizer and scheduler in one Megatron distributed checkpoint, loadable
   at the same layout (optimizer state resharding follows Megatron's `dp_reshardable` format).
 
-Decision (spec section 9 item 13): the reference computes reference log-probs with `kl_loss_coef = 0`, wasted
+Decision (D10): the reference computes reference log-probs with `kl_loss_coef = 0`, wasted
 compute. We keep no reference model; the config rejects `train.kl_coef != 0` until a reference copy is
 added.
 """
@@ -92,9 +93,10 @@ class MegatronPolicy:
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on the batch; reports the train/infer log-prob mismatch with vLLM's.
 
-        The batch is on-policy (one step per batch, spec 1.7), so by default the old log-probs are the
-        current ones taken inside the training pass; `train.recompute_old_logprobs=true` recomputes them in a
-        forward-only pass first, as the reference does (same values, one more forward pass).
+        The batch is on-policy (one step per batch, docs/spell-algorithm.md §1.7), so by default the
+        old log-probs are the current ones taken inside the training pass;
+        `train.recompute_old_logprobs=true` recomputes them in a forward-only pass first, as the
+        reference does (same values, one more forward pass).
         """
         trajs = list(batch.trajectories)
         if self.config.train.recompute_old_logprobs:

@@ -1,4 +1,5 @@
-"""One GRPO/PPO update and forward-only log-probs on Megatron-Core (spec sections 1.7 and 5).
+"""One GRPO/PPO update and forward-only log-probs on Megatron-Core (docs/spell-algorithm.md §1.7 and
+§5).
 
 `PolicyEngine.train_step(samples)` performs exactly one optimizer step on the whole batch (ppo_epochs=1,
 one mini-batch, as the reference):

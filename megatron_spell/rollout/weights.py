@@ -1,5 +1,5 @@
-"""Weight receiver: load HF-named tensors into the colocated vLLM engine in place (architecture.md data flow,
-"export weights -> rollout.load_weights -> reset prefix cache").
+"""Weight receiver: load HF-named tensors into the colocated vLLM engine in place
+(docs/architecture.md data flow, "export weights -> rollout.load_weights -> reset prefix cache").
 
 The producer (`megatron_spell.mcore.export.export_hf_weights`) streams `(hf_name, full_tensor)` pairs in
 size-bounded buckets; this module flattens them into ONE call of the worker's
@@ -7,7 +7,7 @@ size-bounded buckets; this module flattens them into ONE call of the worker's
 of its tensors arrived, so the whole model is never held twice). Splitting one update into several
 `reload_weights` calls would process layers whose tensors straddle two calls with partial weights.
 
-Traps handled (platform.md, "vLLM on CPU"):
+Traps handled (docs/platform.md, "vLLM on CPU"):
 * `model.load_weights()` fails on CPU (GEMM repacking replaced the parameters): `worker.reload_weights` is used,
   on CPU and GPU alike (on GPU it is the in-process path vLLM's own runner uses; the IPC/NCCL weight-transfer
   engines exist for engines in another process, which a colocated engine is not).

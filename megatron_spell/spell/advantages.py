@@ -1,4 +1,5 @@
-"""Role-aware GRPO advantages, Eq. 8 and Eq. 9 (spec section 3.6), one scalar per trajectory.
+"""Role-aware GRPO advantages, Eq. 8 and Eq. 9 (docs/spell-algorithm.md §3.6), one scalar per
+trajectory.
 
 * Responder and verifier (Eq. 8): z-score within the group of the same uid,
   `A = (r - mean_g) / (std_g + eps)`.
@@ -8,7 +9,7 @@
 
 `std` is the unbiased (N-1) standard deviation, as `torch.std`; eps = 1e-6.
 
-Deliberate decision (spec section 9 item 10): a group or task with a single sample has no unbiased std (NaN in
+Deliberate decision (D7): a group or task with a single sample has no unbiased std (NaN in
 the reference's questioner branch). We use the rule verl already applies to a responder group of size 1: mean 0
 and std 1, so the advantage is the raw reward. A lone bad case still gets its negative signal and nothing is NaN.
 The token-level broadcast (advantage x response mask) is the loss's job.

@@ -1,4 +1,5 @@
-"""Accumulation over generation rounds and assembly of the final training batch (spec sections 1.5-1.6).
+"""Accumulation over generation rounds and assembly of the final training batch
+(docs/spell-algorithm.md §1.5-§1.6).
 
 One step = one optimizer update, built from one or more gen rounds:
 
@@ -14,17 +15,17 @@ One step = one optimizer update, built from one or more gen rounds:
   `dp_size`. Reference sizes: 1024 + 128 + <=128 + 128. The sizes come from the run's `spell` section
   (`config.SpellConfig`), which also validates them.
 
-Deliberate decisions (spec section 9):
+Deliberate decisions (§9):
 
-* Item 14: a round in which no questioner output parses is an empty round, not a crash (`add_round` accepts
+* D11: a round in which no questioner output parses is an empty round, not a crash (`add_round` accepts
   empty or None parts). Running out of rounds raises `BatchNotReadyError` (a RuntimeError) whose message
   names the knobs to change and the case counts of the step, instead of a bare ValueError.
-* Item 11: `dp_size` is an explicit argument. The reference cuts to a multiple of its data-parallel world
+* D8: `dp_size` is an explicit argument. The reference cuts to a multiple of its data-parallel world
   size (`n_gpus / ulysses_sp`) because verl's dispatch splits the batch into equal shares. The loop passes
   1: the Megatron update balances any number of sequences over its DP ranks (`mcore/packing.pack_batch`)
   and normalises the loss by global token counts, so no trajectory has to be dropped.
-* Item 16: `questioner_bad_case_ratio` is "bad cases per good case": 0 disables bad cases, 1 allows as many
-  bad as good (the reference script comment "set to 1 to ablate" is wrong).
+* §9 item 16: `questioner_bad_case_ratio` is "bad cases per good case": 0 disables bad cases, 1
+  allows as many bad as good (the reference script comment "set to 1 to ablate" is wrong).
 * Bad-case carry-over visits tasks by descending good count (ties by task name, for determinism) and then the
   tasks that only have bad cases, so a shortfall can still be filled from them.
 """
@@ -80,7 +81,8 @@ def filter_groups(
 
 
 class StepAccumulator:
-    """Everything pooled over the gen rounds of one step; `reset` after each update (RST 430-455)."""
+    """Everything pooled over the gen rounds of one step; `reset` after each update
+    (`SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:430-455`)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -104,7 +106,8 @@ class StepAccumulator:
     ) -> list[ResponderGroup]:
         """Pool one gen round; applies `filter_groups` and marks zero-variance questions. Returns kept groups.
 
-        Empty or None parts are allowed (a round in which nothing parsed, spec 9 item 14).
+        Empty or None parts are allowed (a round in which nothing parsed, docs/spell-algorithm.md
+        D11).
         """
         self.num_rounds += 1
         kept, zero_variance = filter_groups(responder_groups or ())
@@ -146,7 +149,8 @@ def sample_bad_cases(
     ratio: float,
     rng: random.Random,
 ) -> list[T]:
-    """Per task, `int(ratio * good) + carry` bad cases uniformly without replacement (RST 558-638)."""
+    """Per task, `int(ratio * good) + carry` bad cases uniformly without replacement
+    (`SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:558-638`)."""
     order = sorted(good_counts, key=lambda t: (-good_counts[t], t.value))
     order += sorted((t for t in bad_pools if t not in good_counts), key=lambda t: t.value)
     chosen: list[T] = []
@@ -208,7 +212,8 @@ def _questioner_part(
 def build_final_batch(
     acc: StepAccumulator, config: SpellConfig, rng: random.Random, *, dp_size: int
 ) -> TrainBatch:
-    """Assemble the step's batch (spec 1.6). Raises BatchNotReadyError if too few groups are pooled.
+    """Assemble the step's batch (docs/spell-algorithm.md §1.6). Raises BatchNotReadyError if too
+    few groups are pooled.
 
     `dp_size`: the bad-case and verifier parts are cut to a multiple of it (the reference's
     data-parallel world size; see the module docstring for the value the loop passes).

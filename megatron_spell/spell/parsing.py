@@ -1,20 +1,21 @@
-"""Questioner output parsing and the grounding pre-filter decision (spec sections 1.3 and 1.4).
+"""Questioner output parsing and the grounding pre-filter decision (docs/spell-algorithm.md §1.3 and
+§1.4).
 
 Pipeline for one questioner completion: `strip_thinking` -> `extract_json` -> the task's field rules
 (`TaskSpec.parse_questioner` in spell/tasks/) -> `ParsedQA` or `Rejected(case)`. Nothing here raises
 on model text: arbitrary, huge or adversarial strings are classified, never evaluated.
 
-Deliberate decisions (spec section 9; the per-task field-rule decisions are in the task modules):
+Deliberate decisions (§9; the per-task field-rule decisions are in the task modules):
 
-* Item 7, trailing commas: our questioner prompts show valid JSON (no trailing comma), and
+* D5, trailing commas: our questioner prompts show valid JSON (no trailing comma), and
   `extract_json` additionally retries a candidate with trailing commas before `}` / `]` removed, so
   the one common slip in model-written JSON does not cost a bad_format penalty.
-* Item 9, silent drops: every silent skip (unclosed think, invalid docmath number, boolean docmath
+* D6, silent drops: every silent skip (unclosed think, invalid docmath number, boolean docmath
   answer, overlong answer) is returned as `Rejected(CaseType.DROPPED, reason)` so the caller can
   count it; it is never penalised.
-* Item 8, doc_mc random guesses: `is_bad_ground` takes any number of no-context scores and compares
-  their MEAN with the threshold. With one sample and 0.1 it is the reference rule; a caller can pass
-  several samples (and a threshold above the 25 % guess rate) to stop rewarding chance.
+* §9 item 8, doc_mc random guesses: `is_bad_ground` takes any number of no-context scores and
+  compares their MEAN with the threshold. With one sample and 0.1 it is the reference rule; a caller
+  can pass several samples (and a threshold above the 25 % guess rate) to stop rewarding chance.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _loads_object(candidate: str) -> dict[str, Any] | None:
 
 
 def extract_json(text: str) -> dict[str, Any]:
-    """The last fenced json block that parses as an object, else the whole string, else `{}` (DS 62-95).
+    """The last fenced json block that parses as an object, else the whole string, else `{}`
+    (`SPELL/verl/verl/utils/dataset/spell_dataset.py:62-95`).
 
     Control characters below 0x20 other than newline, carriage return and tab are removed first.
     """
@@ -85,7 +87,8 @@ def parse_questioner(
     count_tokens: Callable[[str], int] | None = None,
     max_answer_tokens: int = 40,
 ) -> ParsedQA | Rejected:
-    """Parse one questioner completion into a `ParsedQA` or a `Rejected` with its case (spec 1.3).
+    """Parse one questioner completion into a `ParsedQA` or a `Rejected` with its case
+    (docs/spell-algorithm.md §1.3).
 
     `count_tokens` measures the doc_general_qa answer; pass the policy tokenizer's length function. The default
     counts whitespace-separated words, which is only a stand-in for tests.
@@ -105,7 +108,8 @@ def parse_questioner(
 
 
 def is_bad_ground(no_context_scores: Sequence[float], threshold: float = 0.1) -> bool:
-    """Grounding pre-filter (spec 1.4): True when the question is answerable without its documents.
+    """Grounding pre-filter (docs/spell-algorithm.md §1.4): True when the question is answerable
+    without its documents.
 
     The mean rule score of the no-context answers is compared with `threshold` (>= means bad_ground). One
     sample and 0.1 reproduce the reference. An empty sequence (no no-context answer) is not bad_ground.

@@ -1,20 +1,21 @@
-"""Prompts of the three roles (spec sections 2.1, 2.2 and 2.4), written in our own words.
+"""Prompts of the three roles (docs/spell-algorithm.md §2.1, §2.2 and §2.4), written in our own
+words.
 
 The per-task texts (questioner rules, JSON example, escalation types, responder template) live in
 the task records (spell/tasks/); this module assembles them and holds the shared questioner frame
 and the verifier template. Each function returns one plain user message; the caller renders it with
-the tokenizer's chat template (`add_generation_prompt=True`). The structure follows the spec: a
+the tokenizer's chat template (`add_generation_prompt=True`). The structure follows §2: a
 persona and design principles, a fenced json block with the required fields, the documents inside
 `<text>...</text>` at the end of the questioner prompt, the "Previous Examples" section of the
 with-history variants, the answer forms the scorers parse ("The correct answer is X", "Therefore,
 the answer is X") and the verifier's final `[[YES]]` / `[[NO]]` decision.
 
-Deliberate decisions (spec section 9):
+Deliberate decisions (§9):
 
-* Item 1: the reference's doc_mc template keeps a literal `<correct_answer>` placeholder that is
+* D1: the reference's doc_mc template keeps a literal `<correct_answer>` placeholder that is
   never filled; `questioner_prompt(..., answer_letter=X)` names the letter instead
   (spell/tasks/mc.py).
-* Item 7: the JSON examples are valid JSON (no trailing comma).
+* D5: the JSON examples are valid JSON (no trailing comma).
 * Unknown task names raise ValueError instead of silently falling back to the docmath template.
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from megatron_spell.spell import tasks
 from megatron_spell.types import HistoryEntry, Task
 
-NO_CONTEXT = "Empty"  # documents placeholder of the grounding pre-filter pass (spec 1.4)
+NO_CONTEXT = "Empty"  # documents placeholder of the grounding pre-filter pass (§1.4)
 
 _PERSONA = (
     "You are a document-analysis specialist who writes test items for a benchmark of long-document "
@@ -54,8 +55,9 @@ def questioner_prompt(
 ) -> str:
     """The questioner's user message for `task` over `documents` (already chosen and ordered).
 
-    With a non-empty `history` (entries or (question, answer) pairs, spec 4.1) the with-history variant is
-    used: it lists the earlier questions as examples and asks for a new, clearly harder one.
+    With a non-empty `history` (entries or (question, answer) pairs, docs/spell-algorithm.md §4.1)
+    the with-history variant is used: it lists the earlier questions as examples and asks for a new,
+    clearly harder one.
     """
     spec = tasks.get(task)
     context = "\n".join(documents)
@@ -75,7 +77,8 @@ def questioner_prompt(
 def responder_prompt(task: Task | str, documents: str, question: str) -> str:
     """The responder's user message: all documents (joined by the caller) and the question.
 
-    Pass `NO_CONTEXT` as `documents` for the grounding pre-filter pass (spec 1.4).
+    Pass `NO_CONTEXT` as `documents` for the grounding pre-filter pass (docs/spell-algorithm.md
+    §1.4).
     """
     return tasks.get(task).responder_template.format(documents=documents, question=question)
 

@@ -1,8 +1,9 @@
-"""Responder reward (Eq. 6, spec 3.3), questioner reward (Eq. 7, spec 3.5) and the bad-case values.
+"""Responder reward (Eq. 6, docs/spell-algorithm.md §3.3), questioner reward (Eq. 7, §3.5) and the
+bad-case values.
 
 * `responder_reward(rule, majority, combine="max")`: when the verifier majority is valid (0 or 1) the rule
   score and the majority are combined (max by default as in the reference; mean, min, sum available); an invalid
-  or missing majority leaves the rule score. Section 9 item 5: max lets the verifier only upgrade rewards (a
+  or missing majority leaves the rule score. §9 item 5: max lets the verifier only upgrade rewards (a
   false-positive risk); we keep it as the default for parity and expose the alternatives.
 * `questioner_reward(x, mapping)`: x is the mean combined responder reward of the question's group. Values
   x <= 0 are returned unchanged, x == 1 gives 0, otherwise gaussian exp(-(x-0.5)^2 / (2 sigma^2)) with

@@ -1,4 +1,5 @@
-"""Structured-output constraints per role and task (spec sections 2.1-2.4, the answer formats).
+"""Structured-output constraints per role and task (docs/spell-algorithm.md §2.1-§2.4, the answer
+formats).
 
 Used only for the roles named in `rollout.structured_outputs` (off by default, as in the reference):
 the rollout engine then constrains that role's sampling with vLLM structured outputs. A deliberate
@@ -8,9 +9,9 @@ trained.
 
 * questioner: the task's JSON object (`TaskSpec.questioner_schema`, spell/tasks/), written directly,
   without the reasoning and the fenced block, so the bad_format case cannot occur;
-* responder (and the grounding pre-filter, which is a responder call): the spec 2.2 answer sentence
+* responder (and the grounding pre-filter, which is a responder call): the §2.2 answer sentence
   alone, with no reasoning before it (`TaskSpec.responder_pattern`), which the task's scorer parses;
-* verifier: the spec 2.4 decision alone, `[[YES]]` or `[[NO]]` (`VERIFIER_PATTERN`).
+* verifier: the §2.4 decision alone, `[[YES]]` or `[[NO]]` (`VERIFIER_PATTERN`).
 
 The sampled tokens then come from the constrained (masked) distribution, while the policy gradient
 uses the unconstrained policy's log-probabilities, so the update is slightly off-policy; the
@@ -50,8 +51,9 @@ class _PerTask(Mapping):
 
 # the questioner's JSON object per task (`TaskSpec.questioner_schema`)
 SCHEMAS: Mapping[Task | str, Mapping[str, Any]] = _PerTask("questioner_schema")
-# one answer sentence in the spec 2.2 form per task (`TaskSpec.responder_pattern`); the task's
-# `parse_prediction` accepts every sentence the pattern matches
+# one answer sentence in the docs/spell-algorithm.md §2.2 form per task
+# (`TaskSpec.responder_pattern`); the task's `parse_prediction` accepts every sentence the pattern
+# matches
 RESPONDER_PATTERNS: Mapping[Task | str, str] = _PerTask("responder_pattern")
 
 

@@ -1,4 +1,5 @@
-"""Rule-based scorers for the SPELL tasks (spec section 3.1), with a safe numeric parser.
+"""Rule-based scorers for the SPELL tasks (docs/spell-algorithm.md §3.1), with a safe numeric
+parser.
 
 Public entry point: `score(task, prediction, reference) -> float`, where `prediction` is the model's
 full response text and `reference` the bare reference answer (a reference wrapped as "The correct
@@ -21,7 +22,7 @@ the answer-parsing primitives the task records are built from:
   `[0-9.,]+`. Both sides are normalised by `parse_number` and compared by `compare_two_numbers` with
   the reference's 0.15 % tolerance and x100/x1000/x1e6/x1e9 scale rule.
 
-Deliberate deviations (spec section 9 item 6, and one in the doc_mc patterns):
+Deliberate deviations (D4, and one in the doc_mc patterns):
 
 * doc_mc: a bare letter must end a word (`\\b`). The reference reads the first letter of any word
   after "answer is", so "The correct answer is Based on ..." or "... is Both" score as B; we give
@@ -97,7 +98,8 @@ _ARITH_CHARS_RE = re.compile(r"^[0-9eE.+\-*/() ]+$")
 
 
 def scorer_task(data_source: str) -> Task | str:
-    """The task a data-source name dispatches to (spec 3.1; the routing rule is in spell/tasks/).
+    """The task a data-source name dispatches to (docs/spell-algorithm.md §3.1; the routing rule is
+    in spell/tasks/).
 
     Names with doc_mc / longbench_v2 / longbench-v2 -> doc_mc; general_qa / frames / musique / longbench /
     hotpot / 2wiki -> doc_general_qa; docmath -> docmath_qa. Raises ValueError for a name that matches none.
@@ -106,7 +108,10 @@ def scorer_task(data_source: str) -> Task | str:
 
 
 def extract_solution(text: str, fallback_chars: int, *, boxed_trigger: bool = False) -> str:
-    """The part of a response that may hold the answer (docqa 204-226, long 50-74, docmath 159-183)."""
+    """The part of a response that may hold the answer
+    (`SPELL/verl/verl/utils/reward_score/docqa.py:204-226`,
+    `SPELL/verl/verl/utils/reward_score/long.py:50-74`,
+    `SPELL/verl/verl/utils/reward_score/docmath.py:159-183`)."""
     if "<think>" in text and "</think>" not in text:
         return "Empty"
     if "</think>" in text or "answer is" in text or (boxed_trigger and "\\boxed{" in text):
@@ -128,7 +133,8 @@ def parse_general_answer(text: str) -> str | None:
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop ASCII punctuation and the articles a/an/the, collapse whitespace (docqa 105-120)."""
+    """Lower-case, drop ASCII punctuation and the articles a/an/the, collapse whitespace
+    (`SPELL/verl/verl/utils/reward_score/docqa.py:105-120`)."""
     text = text.lower().translate(_PUNCT_TABLE)
     return " ".join(_ARTICLES_RE.sub(" ", text).split())
 
@@ -164,7 +170,8 @@ def _f1(p: str, g: str) -> float:
 
 
 def parse_mc_answer(text: str) -> str | None:
-    """Letter A-D of an MC response: the first pattern that matches anywhere, its last match (long 76-114)."""
+    """Letter A-D of an MC response: the first pattern that matches anywhere, its last match
+    (`SPELL/verl/verl/utils/reward_score/long.py:76-114`)."""
     if not isinstance(text, str):
         return None
     text = text.replace("*", "")
@@ -177,7 +184,8 @@ def parse_mc_answer(text: str) -> str | None:
 
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`; None when that box is never closed (docmath 8-35)."""
+    """Content of the last `\\boxed{...}`; None when that box is never closed
+    (`SPELL/verl/verl/utils/reward_score/docmath.py:8-35`)."""
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -289,7 +297,9 @@ def format_number(value: Any) -> str:
 
 
 def compare_two_numbers(prediction: float, reference: float) -> bool:
-    """Reference tolerance and scale rules (docmath 233-256), with signs required to agree (module doc)."""
+    """Reference tolerance and scale rules
+    (`SPELL/verl/verl/utils/reward_score/docmath.py:233-256`), with signs required to agree (module
+    doc)."""
     p, g = float(prediction), float(reference)
     if not (math.isfinite(p) and math.isfinite(g)):
         return False

@@ -1,18 +1,19 @@
-"""Verifier votes, majority, per-judgement reward and training-candidate selection (spec 3.2 and 3.4).
+"""Verifier votes, majority, per-judgement reward and training-candidate selection
+(docs/spell-algorithm.md §3.2 and §3.4).
 
 Votes: 1 = the answers are equivalent ([[YES]]), 0 = not equivalent ([[NO]]), -1 = invalid;
 `NOT_JUDGED` (-100) marks a responder trajectory that had no parsable prediction or reference.
 
-Deliberate decisions (spec section 9):
+Deliberate decisions (§9):
 
-* Item 3, vote parsing. The reference tests case-sensitive substrings, so any capitalised word
+* D3, vote parsing. The reference tests case-sensitive substrings, so any capitalised word
   containing "NO" ("NOT", "NONE", "NOTE") flips or invalidates a YES. We read the decision
   word-aware: the LAST bracketed decision token `[[YES]]` / `[[NO]]` (case-insensitive, spaces
   inside the brackets allowed) is the vote, because the prompt asks for the decision at the end.
   Without a bracketed token we fall back to whole upper-case words `YES` / `NO` (word boundaries, so
   NOT/NONE/NOTE/YESTERDAY do not count): exactly one kind present gives that vote, both or none give
   -1. An unclosed `<think>` gives -1.
-* Item 3, ties. The majority is the mode over {1, 0, -1}. The reference breaks a tie for the top
+* D3, ties. The majority is the mode over {1, 0, -1}. The reference breaks a tie for the top
   count by the first value seen (`Counter.most_common`), which depends on the order the judgements
   were sampled in. We break it independently of order: a tie between YES and NO is -1 ("no
   majority"), so a split verifier never upgrades a reward (Eq. 6); such a group has an agreement of
@@ -21,8 +22,8 @@ Deliberate decisions (spec section 9):
   -1, -1, 0, 0]` has majority 1 with agreement 3/5 = 0.6, a verifier training candidate when the
   rule score is 1 and an upgrade when it is 0, which is what the reference gives when a YES comes
   first.
-* Item 4: `label_type="maj_cons"` (default, reference) keeps only groups whose majority equals the
-  rule score; `label_type="maj"` drops that condition.
+* §9 item 4: `label_type="maj_cons"` (default, reference) keeps only groups whose majority equals
+  the rule score; `label_type="maj"` drops that condition.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def is_training_candidate(
     lower_bound: float = 0.51,
     upper_bound: float = 0.99,
 ) -> bool:
-    """Whether a verifier group is kept as training data (spec 3.4): valid majority, agreement within
-    [lower_bound, upper_bound], and with maj_cons the majority equal to the rule score."""
+    """Whether a verifier group is kept as training data (docs/spell-algorithm.md §3.4): valid
+    majority, agreement within [lower_bound, upper_bound], and with maj_cons the majority equal to
+    the rule score."""
     if label_type not in LABEL_TYPES:
         raise ValueError(f"label_type={label_type!r}: expected one of {LABEL_TYPES}")
     if not 0.0 <= lower_bound <= upper_bound <= 1.0:

@@ -1,4 +1,4 @@
-"""SPELL end to end on 2 CPU ranks through the real vLLM engine and Megatron (issue 6).
+"""SPELL end to end on 2 CPU ranks through the real vLLM engine and Megatron.
 
 The policy is the tiny Llama of `tests.helpers.spell_policy`, taught to emit parseable SPELL text, so every
 phase runs for real: questions parse, the grounding filter rejects some, responder groups have reward variance,

@@ -1,4 +1,4 @@
-"""Atomic checkpoint directories, rotation, RL state round trip, RNG capture (issue 6)."""
+"""Atomic checkpoint directories, rotation, RL state round trip, RNG capture."""
 
 import random
 

@@ -285,7 +285,8 @@ def test_config_source_fits_the_formatter_width():
 
 # Dataclasses that may share fields with a config section, and why.
 MIRROR_EXCEPTIONS = {
-    # `megatron-spell eval` has no run config: its protocol settings are its own flags (spec 8.1)
+    # `megatron-spell eval` has no run config: its protocol settings are its own flags
+    # (docs/spell-algorithm.md §8.1)
     "megatron_spell/eval/protocol.py:EvalSettings",
 }
 

@@ -1,4 +1,5 @@
-"""One generation round with a scripted generator: cases, rewards, verifier candidates, history (spec 1.1-1.5)."""
+"""One generation round with a scripted generator: cases, rewards, verifier candidates, history
+(docs/spell-algorithm.md §1.1-§1.5)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Package layering (architecture.md): checked on the import statements with `ast`.
+"""Package layering (docs/architecture.md): checked on the import statements with `ast`.
 
 * spell/ and data/ import none of megatron, vllm, torch.distributed (pure algorithm and data code);
 * only mcore/ and convert/ import megatron;

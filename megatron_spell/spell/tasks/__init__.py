@@ -1,18 +1,18 @@
 """The task registry: one `TaskSpec` record per SPELL task, shared by training and evaluation.
 
-A task (spec section 2) is everything the roles need to know about one kind of question: the
-questioner's rules and JSON example, the responder's template, the three parsers (questioner output,
-response, reference), the rule scorer, the structured-output schema and responder pattern, and which
-data-source names route to it. `spell/parsing.py`, `scorers.py`, `schemas.py`, `prompts.py` and
-`eval/formats.py` look a task up here instead of branching on its name, so a new task is one module
-that calls `register`.
+A task (docs/spell-algorithm.md §2) is everything the roles need to know about one kind of question:
+the questioner's rules and JSON example, the responder's template, the three parsers (questioner
+output, response, reference), the rule scorer, the structured-output schema and responder pattern,
+and which data-source names route to it. `spell/parsing.py`, `scorers.py`, `schemas.py`,
+`prompts.py` and `eval/formats.py` look a task up here instead of branching on its name, so a new
+task is one module that calls `register`.
 
 Built-in tasks (`general_qa.py`, `mc.py`, `docmath.py`, each exporting `SPEC`) are keyed by their
 `types.Task` member; a task registered elsewhere may be keyed by a plain name. The built-ins are
 loaded on the first lookup, so the modules whose primitives they use (scorers) can import this
 package without an import cycle, and they always come first in the registry.
 
-Data-source routing (`for_data_source`) is the training scorer dispatch of spec 3.1
+Data-source routing (`for_data_source`) is the training scorer dispatch of §3.1
 (`SPELL/verl/verl/utils/reward_score/__init__.py:83-93`): the registered tasks are asked in
 registration order (doc_mc, doc_general_qa, docmath_qa, then any later ones) and the first whose
 keywords occur in the name (ignoring case) wins; a name that no task accepts is an error, never a
@@ -43,13 +43,16 @@ class TaskSpec:
     """The fenced JSON example that closes the questioner's instructions."""
 
     escalation: str
-    """Ways to make a question harder, shown by the with-history questioner prompt (spec 2.1)."""
+    """Ways to make a question harder, shown by the with-history questioner prompt
+    (docs/spell-algorithm.md §2.1)."""
 
     responder_template: str
-    """The responder's user message, with `{documents}` and `{question}` fields (spec 2.2)."""
+    """The responder's user message, with `{documents}` and `{question}` fields
+    (docs/spell-algorithm.md §2.2)."""
 
     parse_questioner: Callable[[dict[str, Any], Callable[[str], int], int], ParsedQA | Rejected]
-    """Field rules of spec 1.3 step 4: (JSON object, count_tokens, max_answer_tokens) -> result."""
+    """Field rules of docs/spell-algorithm.md §1.3 step 4: (JSON object, count_tokens,
+    max_answer_tokens) -> result."""
 
     parse_prediction: Callable[[str], str | None]
     """The parsed answer of a full response (what the verifier sees), or None."""
@@ -67,10 +70,12 @@ class TaskSpec:
     """JSON schema of the questioner's answer object under structured outputs (spell/schemas.py)."""
 
     responder_pattern: str
-    """Regex of the spec 2.2 answer sentence under structured outputs; `parse_prediction` accepts it."""
+    """Regex of the docs/spell-algorithm.md §2.2 answer sentence under structured outputs;
+    `parse_prediction` accepts it."""
 
     source_keywords: tuple[str, ...]
-    """A data-source name containing one of these (case-insensitively) routes here (spec 3.1)."""
+    """A data-source name containing one of these (case-insensitively) routes here
+    (docs/spell-algorithm.md §3.1)."""
 
     @property
     def name(self) -> str:

@@ -1,12 +1,13 @@
-"""The `docmath_qa` task: a multi-step numerical question over text and tables (spec 2, 3.1.3).
+"""The `docmath_qa` task: a multi-step numerical question over text and tables
+(docs/spell-algorithm.md §2, §3.1.3).
 
-Questioner field rules (spec 1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:855-886`): a
+Questioner field rules (§1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:855-886`): a
 non-empty string `question` and an `answer` that is a string or a number, else bad_format (-1). An
 answer phrased "... answer is N" or `\\boxed{N}` is re-parsed with the response parser; the result
 must be a single non-zero number (`scorers.parse_number`), else the sample is DROPPED (no penalty),
 as the reference's parser result 0. The stored ground truth is `scorers.format_number` of the value.
 
-Deliberate decision (spec section 9 item 6), boolean answers: "True"/"yes" strings and JSON `true`
+Deliberate decision (D4), boolean answers: "True"/"yes" strings and JSON `true`
 parse in the reference (`isinstance(True, int)`; `normalize` maps the words to booleans) into a
 question with ground truth "True", which only a response that boxes a boolean (or 1) can match, so
 in practice it ends as zero_variance (0) after eight responder rollouts. Here every boolean answer,
@@ -62,7 +63,8 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
-# one answer sentence in the spec 2.2 form, matched by the reference's `the answer is (-?[0-9.,]+)`
+# one answer sentence in the docs/spell-algorithm.md §2.2 form, matched by the reference's `the
+# answer is (-?[0-9.,]+)`
 RESPONDER_PATTERN = r"Therefore, the answer is -?[0-9]{1,12}(\.[0-9]{1,6})?"
 
 _ANSWER_PHRASE_RE = re.compile(r"answer is|\\boxed\{", re.IGNORECASE)

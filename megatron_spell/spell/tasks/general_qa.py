@@ -1,11 +1,11 @@
-"""The `doc_general_qa` task: a multi-hop factual question with a short free-text answer (spec 2,
-3.1.1).
+"""The `doc_general_qa` task: a multi-hop factual question with a short free-text answer
+(docs/spell-algorithm.md §2, §3.1.1).
 
-Questioner field rules (spec 1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:933-964`): a
+Questioner field rules (§1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:933-964`): a
 non-empty string `question` and a non-empty `answer`; an answer phrased "... answer is X" is
 unwrapped.
 
-Deliberate decisions (spec section 9 item 7):
+Deliberate decisions (D5):
 
 * Numeric answers: the reference penalises a JSON number as bad_format (-1). A number is a perfectly
   good factual answer ("1969"), so we accept int/float answers and store their text; booleans, lists
@@ -40,7 +40,8 @@ JSON_EXAMPLE = """```json
 {"question": "<the question>", "answer": "<the short answer>"}
 ```"""
 
-# shared with doc_mc (spec 2.1: the general and MC templates offer the same escalation types)
+# shared with doc_mc (docs/spell-algorithm.md §2.1: the general and MC templates offer the same
+# escalation types)
 ESCALATION = """Ways to make it harder: compute a quantity from facts in several sources; compare or rank
 items across documents; link a condition or a cause in one document to an effect in another; combine different
 kinds of data (dates, amounts, names, tables)."""
@@ -64,7 +65,8 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
-# one answer sentence in the spec 2.2 form; `parse_prediction` takes what follows "answer is"
+# one answer sentence in the docs/spell-algorithm.md §2.2 form; `parse_prediction` takes what
+# follows "answer is"
 RESPONDER_PATTERN = r"The correct answer is [^\n]{1,100}"
 
 
@@ -78,7 +80,7 @@ def parse_questioner(
             CaseType.BAD_FORMAT, "doc_general_qa: 'question' must be a non-empty string"
         )
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = json.dumps(answer)  # section 9 item 7: a numeric answer is accepted as text
+        answer = json.dumps(answer)  # D5: a numeric answer is accepted as text
     if not isinstance(answer, str) or not answer.strip():
         return Rejected(CaseType.BAD_FORMAT, "doc_general_qa: 'answer' must be a non-empty string")
     text = answer.strip()

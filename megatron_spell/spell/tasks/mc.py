@@ -1,6 +1,7 @@
-"""The `doc_mc` task: a four-option multiple-choice question answered by its letter (spec 2, 3.1.2).
+"""The `doc_mc` task: a four-option multiple-choice question answered by its letter
+(docs/spell-algorithm.md §2, §3.1.2).
 
-Questioner field rules (spec 1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:888-931`): a
+Questioner field rules (§1.3, `SPELL/verl/verl/trainer/ppo/ray_spell_trainer.py:888-931`): a
 string `question`, a string `answer` and `options`, an object with keys A-D; otherwise bad_format.
 The answer is re-parsed with the response parser (`scorers.parse_mc_answer`, so "The answer is (B)"
 gives B) and must then be exactly one of A, B, C, D, as in the reference: "(A)", "A." or " A" are
@@ -9,7 +10,7 @@ bad_format (-1).
 The responder sees `mc_question_block`: an intro line, the question, a `Choices:` line and
 `(A)`-`(D)` lines.
 
-Deliberate decision (spec section 9 item 1): the reference's doc_mc template keeps a literal
+Deliberate decision (D1): the reference's doc_mc template keeps a literal
 `<correct_answer>` placeholder that is never filled. `questioner_prompt(..., answer_letter=X)` names
 the letter the correct option must take, so a caller that draws X uniformly with its RNG balances
 the answer letters; without it the prompt simply asks to vary the position.
@@ -67,7 +68,8 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
-# one answer sentence in the spec 2.2 form, matched by the reference's `correct answer is ([A-D])`
+# one answer sentence in the docs/spell-algorithm.md §2.2 form, matched by the reference's `correct
+# answer is ([A-D])`
 RESPONDER_PATTERN = r"The correct answer is [ABCD]"
 
 

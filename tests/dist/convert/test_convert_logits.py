@@ -1,4 +1,4 @@
-"""Converted checkpoints give transformers' logits at every layout (issue 2, "What must hold").
+"""Converted checkpoints give transformers' logits at every layout.
 
 For tiny random Llama, Qwen2, Qwen3 (untied and tied) and Qwen3-MoE models: HF -> Megatron dist checkpoint
 with the CLI tool, then the Megatron model built by `build_model` and loaded with `load_checkpoint` at

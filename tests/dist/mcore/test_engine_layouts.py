@@ -1,4 +1,4 @@
-"""Training engine on gloo: loss and every gradient are invariant across parallel layouts (issue 4).
+"""Training engine on gloo: loss and every gradient are invariant across parallel layouts.
 
 A tiny Qwen3 (4 layers, GQA, q/k norms) and a tiny Qwen3-MoE are converted once to Megatron checkpoints, so
 every layout starts from the same weights. The single-process run is the reference; it is itself checked
@@ -135,7 +135,9 @@ def _reference_worker(rank, world, dense, moe):
         "loss": abs(m_recompute["train/loss"] - m_fast["train/loss"]),
         "grad_norm": abs(m_recompute["train/grad_norm"] - m_fast["train/grad_norm"]),
         "params": max(float((p_recompute[k] - p_fast[k]).abs().max()) for k in p_fast),
-        "mismatch_mean": abs(m_fast["train/logprob_mismatch_mean"] - float(torch.cat(diffs).mean())),
+        "mismatch_mean": abs(
+            m_fast["train/logprob_mismatch_mean"] - float(torch.cat(diffs).mean())
+        ),
         "mismatch_max": abs(m_fast["train/logprob_mismatch_max"] - float(torch.cat(diffs).max())),
         "no_mismatch_without_flag": "train/logprob_mismatch_mean" not in m_recompute,
     }

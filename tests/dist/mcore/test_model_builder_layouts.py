@@ -278,7 +278,7 @@ def _vpp_rank(rank: int, world_size: int, hf_dir: str) -> list[tuple]:
         (c.pre_process, c.post_process, [layer.layer_number for layer in c.decoder.layers])
         for c in chunks
     ]
-    assert all(not c.config.batch_p2p_comm for c in chunks)  # gloo + VPP trap (platform.md)
+    assert all(not c.config.batch_p2p_comm for c in chunks)  # gloo + VPP trap (docs/platform.md)
     destroy_parallel()
     return info
 

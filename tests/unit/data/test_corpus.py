@@ -1,4 +1,5 @@
-"""Corpus loading through `datasets` (spec 7.2): formats, directories, schema errors, empty documents."""
+"""Corpus loading through `datasets` (docs/spell-algorithm.md §7.2): formats, directories, schema
+errors, empty documents."""
 
 import functools
 import json

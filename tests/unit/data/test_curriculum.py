@@ -1,4 +1,5 @@
-"""Questioner document selection (spec 1.2, 4.1, 4.2) and the optional explicit schedule."""
+"""Questioner document selection (docs/spell-algorithm.md §1.2, §4.1, §4.2) and the optional
+explicit schedule."""
 
 import random
 

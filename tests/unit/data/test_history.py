@@ -1,4 +1,4 @@
-"""History memory (spec 4.1) and the section 9 item 2 / item 15 decisions."""
+"""History memory (docs/spell-algorithm.md §4.1) and the D2 / D12 decisions."""
 
 import json
 

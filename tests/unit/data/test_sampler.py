@@ -1,4 +1,5 @@
-"""Task split and the domain sampler (spec 2, 4.3): counts, reshuffle, seeding, resume (section 9 item 15)."""
+"""Task split and the domain sampler (docs/spell-algorithm.md §2, §4.3): counts, reshuffle, seeding,
+resume (D12)."""
 
 import json
 import random

@@ -91,7 +91,7 @@ SCRIPT = {
         "Therefore, the answer is 75.",
         "Therefore, the answer is 75.05",  # within 0.15 %
         "Therefore, the answer is -75",  # sign differs
-        "\\boxed{7,500}%",  # scale x100 rule of spec 3.1.3
+        "\\boxed{7,500}%",  # scale x100 rule of docs/spell-algorithm.md §3.1.3
     ],
 }
 

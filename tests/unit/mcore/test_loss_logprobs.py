@@ -1,4 +1,5 @@
-"""Policy loss against a literal transcription of the spec formula; chunked log-probs against log_softmax."""
+"""Policy loss against a literal transcription of the docs/spell-algorithm.md §5 formula; chunked
+log-probs against log_softmax."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _with_kl(cfg: TrainConfig, kl_coef: float) -> TrainConfig:
 
 
 def _spec_token_loss(lp, old, a, cfg):
-    """Scalar transcription of spell-algorithm.md section 5."""
+    """Scalar transcription of docs/spell-algorithm.md §5."""
     rho = math.exp(max(-20.0, min(20.0, lp - old)))
     loss = max(-a * rho, -a * min(max(rho, 1 - cfg.clip_ratio_low), 1 + cfg.clip_ratio_high))
     if a < 0:

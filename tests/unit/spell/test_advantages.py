@@ -1,4 +1,5 @@
-"""Eq. 8-9 on hand-made batches, checked against numpy (unbiased std, eps 1e-6); section 9 item 10."""
+"""Eq. 8-9 on hand-made batches, checked against numpy (unbiased std, eps 1e-6);
+docs/spell-algorithm.md D7."""
 
 import math
 
@@ -67,7 +68,8 @@ def test_roles_are_grouped_their_own_way():
 
 
 def test_section9_single_sample_task_is_not_nan():
-    """Decision (item 10): one questioner sample of a task -> mean 0, std 1, so A = reward (no NaN)."""
+    """Decision (docs/spell-algorithm.md D7): one questioner sample of a task -> mean 0, std 1, so A
+    = reward (no NaN)."""
     batch = [
         traj(Role.QUESTIONER, Task.DOC_MC, "a", -1.0, case=CaseType.BAD_FORMAT),
         traj(Role.QUESTIONER, Task.DOCMATH_QA, "b", 0.7548),

@@ -1,4 +1,5 @@
-"""Accumulation, dynamic sampling, bad-case and verifier sampling, final batch sizes (spec 1.5-1.6)."""
+"""Accumulation, dynamic sampling, bad-case and verifier sampling, final batch sizes
+(docs/spell-algorithm.md §1.5-§1.6)."""
 
 import random
 
@@ -90,7 +91,8 @@ def test_reference_sizes_1024_128_128_128():
 
 
 def test_bad_case_carry_over():
-    """Spec 1.6 carry-over; section 9 item 16: ratio 0 disables bad cases, 1 = as many bad as good."""
+    """docs/spell-algorithm.md §1.6 carry-over; §9 item 16: ratio 0 disables bad cases, 1 = as many
+    bad as good."""
     rng = random.Random(1)
     good = {Task.DOC_MC: 10, Task.DOCMATH_QA: 5}
     pools = {
@@ -107,7 +109,7 @@ def test_bad_case_carry_over():
         {Task.DOC_MC: 4}, {Task.DOC_MC: ["a"], Task.DOC_GENERAL_QA: list("xyz")}, 1.0, rng
     )
     assert len(chosen) == 4
-    assert sample_bad_cases(good, pools, 0.0, rng) == []  # section 9 item 16: 0 disables bad cases
+    assert sample_bad_cases(good, pools, 0.0, rng) == []  # §9 item 16: 0 disables bad cases
     assert len(sample_bad_cases(good, pools, 0.5, rng)) == 5 + 2  # int(0.5*10) + int(0.5*5)
 
 
@@ -126,7 +128,8 @@ def test_verifier_sampling():
 
 
 def test_world_size_truncation():
-    """Section 9 item 11: bad and verifier parts are cut to a multiple of the data-parallel size."""
+    """docs/spell-algorithm.md D8: bad and verifier parts are cut to a multiple of the data-parallel
+    size."""
     assert truncate_to_multiple(list(range(13)), 4) == list(range(12))
     rng = random.Random(0)
     config = SpellConfig(train_batch_size=4, responder_n=2, verifier_n=2, verifier_update_ratio=0.5)
@@ -191,7 +194,7 @@ def test_validation_lives_in_spell_config():
 
 
 def test_dp_size_one_keeps_every_trajectory_and_the_update_takes_any_count():
-    """Why the loop passes dp_size=1 (section 9 item 11): nothing needs cutting.
+    """Why the loop passes dp_size=1 (docs/spell-algorithm.md D8): nothing needs cutting.
 
     The reference cuts the bad-case and verifier parts to a multiple of its DP size so that verl
     can split the batch into equal shares. Here the batch keeps its odd counts, and the Megatron

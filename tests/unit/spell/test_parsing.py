@@ -1,4 +1,5 @@
-"""Questioner parsing (spec 1.3), the grounding decision (1.4) and the section 9 items 7, 8, 9 decisions."""
+"""Questioner parsing (docs/spell-algorithm.md §1.3), the grounding decision (1.4) and the D5, §9
+item 8 and D6 decisions."""
 
 import json
 
@@ -37,7 +38,8 @@ def test_extract_json_whole_string_and_fallback():
 
 
 def test_section9_trailing_comma_is_tolerated():
-    """Decision (item 7): a trailing comma, which the reference's own example invites, still parses."""
+    """Decision (docs/spell-algorithm.md D5): a trailing comma, which the reference's own example
+    invites, still parses."""
     assert extract_json('```json\n{"question": "q", "answer": "a",}\n```') == {
         "question": "q",
         "answer": "a",
@@ -71,8 +73,9 @@ class TestDocMath:
         assert isinstance(out, Rejected) and out.case is case
 
     def test_section9_boolean_answers_are_dropped(self):
-        """Decision (item 6): a boolean ground truth cannot be rewarded, so it is dropped (no penalty),
-        whether written as a string or as a JSON boolean; the reference keeps `true` as gt "True"."""
+        """Decision (docs/spell-algorithm.md D4): a boolean ground truth cannot be rewarded, so it
+        is dropped (no penalty), whether written as a string or as a JSON boolean; the reference
+        keeps `true` as gt "True"."""
         for answer in (True, False, "True", "yes", "false"):
             out = parse_questioner(Task.DOCMATH_QA, fenced({"question": "q", "answer": answer}))
             assert isinstance(out, Rejected) and out.case is CaseType.DROPPED, answer
@@ -133,7 +136,8 @@ class TestGeneral:
         assert isinstance(out, ParsedQA) and out.answer == "Ada Lovelace"
 
     def test_section9_numeric_answer_accepted(self):
-        """Decision (item 7): a JSON number is a valid factual answer, not bad_format."""
+        """Decision (docs/spell-algorithm.md D5): a JSON number is a valid factual answer, not
+        bad_format."""
         out = parse_questioner(Task.DOC_GENERAL_QA, fenced({"question": "When?", "answer": 1969}))
         assert isinstance(out, ParsedQA) and out.answer == "1969"
         out = parse_questioner(Task.DOC_GENERAL_QA, fenced({"question": "When?", "answer": True}))

@@ -1,4 +1,4 @@
-"""Prompt structure (spec 2.1, 2.2, 2.4) and the section 9 item 1 / item 7 decisions."""
+"""Prompt structure (docs/spell-algorithm.md §2.1, §2.2, §2.4) and the D1 / D5 decisions."""
 
 import json
 import re
@@ -23,7 +23,7 @@ def test_questioner_structure(task):
     assert text.rstrip().endswith("</text>")  # documents at the end
     assert "<text>\nDoc one {with braces}.\nDoc two.\n</text>" in text
     assert "```json" in text and "Previous Examples" not in text
-    # section 9 item 7: the JSON example is valid JSON once its placeholders are filled
+    # docs/spell-algorithm.md D5: the JSON example is valid JSON once its placeholders are filled
     example = re.search(r"```json\n(.*?)\n```", text, re.DOTALL).group(1)
     filled = example.replace("<the number>", "1")
     assert isinstance(json.loads(filled), dict)
@@ -43,7 +43,8 @@ def test_history_variant(task):
 
 
 def test_section9_mc_letter_placeholder_is_filled():
-    """Decision (item 1): the answer letter is named when given, and no raw placeholder is ever left."""
+    """Decision (docs/spell-algorithm.md D1): the answer letter is named when given, and no raw
+    placeholder is ever left."""
     for letter in "ABCD":
         text = questioner_prompt(Task.DOC_MC, DOCS, answer_letter=letter)
         assert f"must be option {letter}" in text

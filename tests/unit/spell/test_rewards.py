@@ -1,4 +1,4 @@
-"""Eq. 6 and Eq. 7 golden values (spec sections 3.3 and 3.5)."""
+"""Eq. 6 and Eq. 7 golden values (docs/spell-algorithm.md §3.3 and §3.5)."""
 
 import math
 
@@ -12,7 +12,7 @@ from megatron_spell.spell.rewards import (
 )
 from megatron_spell.types import CaseType
 
-# The spec's table at x = k/8, k = 1..7 (spec 3.5).
+# The table at x = k/8, k = 1..7 (docs/spell-algorithm.md §3.5).
 GAUSSIAN = [0.0796, 0.3247, 0.7548, 1.0, 0.7548, 0.3247, 0.0796]
 REVERSE = [0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
 RZERO = [0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25]
@@ -59,7 +59,7 @@ def test_bad_case_values():
 @pytest.mark.parametrize(
     ("rule", "vote", "combine", "expected"),
     [
-        (0.0, 1, "max", 1.0),  # the verifier upgrades (section 9 item 5)
+        (0.0, 1, "max", 1.0),  # the verifier upgrades (docs/spell-algorithm.md §9 item 5)
         (1.0, 0, "max", 1.0),  # ... but never downgrades under max
         (1.0, 0, "min", 0.0),
         (1.0, 0, "mean", 0.5),
@@ -70,7 +70,8 @@ def test_bad_case_values():
     ],
 )
 def test_responder_reward(rule, vote, combine, expected):
-    """Eq. 6; section 9 item 5: max (the default, kept for parity) lets the verifier only upgrade."""
+    """Eq. 6; docs/spell-algorithm.md §9 item 5: max (the default, kept for parity) lets the
+    verifier only upgrade."""
     assert responder_reward(rule, vote, combine) == expected
 
 

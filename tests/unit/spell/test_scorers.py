@@ -1,4 +1,5 @@
-"""Rule-based scorers (spec 3.1) and the section 9 item 6 decisions (no eval, sign-aware comparison)."""
+"""Rule-based scorers (docs/spell-algorithm.md §3.1) and the D4 decisions (no eval, sign-aware
+comparison)."""
 
 import pytest
 

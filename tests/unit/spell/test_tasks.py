@@ -27,7 +27,7 @@ def test_every_task_has_one_record_in_routing_order():
         tasks.register(tasks.get(Task.DOC_MC))
 
 
-# data-source name -> task, the training scorer dispatch (spec 3.1)
+# data-source name -> task, the training scorer dispatch (docs/spell-algorithm.md §3.1)
 ROUTES = [
     ("longbench_v2", Task.DOC_MC),
     ("LongBench-v2", Task.DOC_MC),

@@ -1,4 +1,5 @@
-"""Verifier votes, majority tie rule, rewards and candidate selection (spec 3.2, 3.4; section 9 items 3-4)."""
+"""Verifier votes, majority tie rule, rewards and candidate selection (docs/spell-algorithm.md §3.2,
+§3.4; D3 and §9 item 4)."""
 
 import pytest
 
@@ -20,7 +21,7 @@ from megatron_spell.spell.verifier import (
         ("They match. [[YES]]", YES),
         ("They differ. [[NO]]", NO),
         ("[[ yes ]]", YES),
-        # section 9 item 3: capitalised words containing NO are not a NO
+        # docs/spell-algorithm.md D3: capitalised words containing NO are not a NO
         ("NOTE: NONE of the units differ, NOT a problem. [[YES]]", YES),
         ("NOTE: the numbers agree. YES", YES),
         ("I cannot tell.", INVALID),
@@ -85,10 +86,11 @@ def test_agreement_ratio():
 
 
 def test_candidate_selection_maj_cons_and_bounds():
-    """Section 9 item 4: maj_cons (default) keeps only groups agreeing with the rule score; maj drops it."""
+    """docs/spell-algorithm.md §9 item 4: maj_cons (default) keeps only groups agreeing with the
+    rule score; maj drops it."""
     votes = [1] * 6 + [0] * 2  # agreement 0.75
     assert is_training_candidate(votes, rule_score=1.0)
-    # maj_cons: majority must agree with the rule score (section 9 item 4) ...
+    # maj_cons: majority must agree with the rule score (docs/spell-algorithm.md §9 item 4) ...
     assert not is_training_candidate(votes, rule_score=0.0)
     # ... maj drops that condition
     assert is_training_candidate(votes, rule_score=0.0, label_type="maj")
