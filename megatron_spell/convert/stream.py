@@ -32,6 +32,7 @@ from megatron_spell.convert.tables import (
     attention_dims,
     get_family,
 )
+from megatron_spell.families import tied_embeddings
 
 
 @functools.cache
@@ -60,8 +61,9 @@ def _fmt(pattern: str, i: int | None, e: int | None) -> str:
 def _check_indices(name: str, hf_config: Any, i: int | None, e: int | None) -> None:
     if i is not None and i >= hf_config.num_hidden_layers:
         raise ValueError(f"{name}: layer {i} >= num_hidden_layers={hf_config.num_hidden_layers}")
-    if e is not None and e >= hf_config.num_experts:
-        raise ValueError(f"{name}: expert {e} >= num_experts={hf_config.num_experts}")
+    n = get_family(hf_config).num_experts(hf_config)
+    if e is not None and e >= n:
+        raise ValueError(f"{name}: expert {e} >= num_experts={n}")
 
 
 def expected_megatron_names(hf_config: Any) -> list[str]:
@@ -76,7 +78,7 @@ def expected_megatron_names(hf_config: Any) -> list[str]:
         for i in range(hf_config.num_hidden_layers):
             if not fam.condition(hf_config, r.when, i):
                 continue
-            experts = range(hf_config.num_experts) if r.expert else [None]
+            experts = range(fam.num_experts(hf_config)) if r.expert else [None]
             names += [_fmt(r.megatron, i, e) for e in experts]
     return names
 
@@ -101,7 +103,7 @@ def _expand_fused(
             continue
         i = int(m["i"])
         _check_indices(name, hf_config, i, None)
-        e_n = hf_config.num_experts
+        e_n = get_family(hf_config).num_experts(hf_config)
         pre = f"model.layers.{i}.mlp.experts."
         if kind == "gate_up":
             split = T.split_fused_experts(tensor, None, e_n)
@@ -129,7 +131,7 @@ def hf_to_megatron_state_dict(
     the Megatron tensor and its HF sources.
     """
     fam = get_family(hf_config)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_embeddings(hf_config)
     index = _hf_index(fam)
     expected = expected_megatron_names(hf_config)
     pending: dict[str, list[torch.Tensor | None]] = {}
@@ -215,7 +217,7 @@ def megatron_to_hf(
             raise ValueError(f"{megatron_name}: {tensor.shape[0]} rows < vocab_size={vocab}")
         cut = tensor[:vocab]
         out = [(names[0], cut)]
-        tied = getattr(hf_config, "tie_word_embeddings", False)
+        tied = tied_embeddings(hf_config)
         if include_tied_lm_head and tied and megatron_name.startswith("embedding."):
             out.append(("lm_head.weight", cut))
         return out

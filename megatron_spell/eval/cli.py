@@ -67,7 +67,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU only: KV cache bound")
     e.add_argument("--seed", type=int, default=42, help="engine seed")
     e.add_argument("--dtype", default="auto", help="vLLM dtype: auto, float32, bfloat16, float16")
-    j = parser.add_argument_group("optional LLM judge (docs/spell-algorithm.md §8.2); final score = max(rule, judge)")
+    j = parser.add_argument_group(
+        "optional LLM judge (docs/spell-algorithm.md §8.2); final score = max(rule, judge)"
+    )
     j.add_argument("--judge", choices=["none", "engine", "openai"], default="none")
     j.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     j.add_argument("--judge-model", help="model name sent to the judge endpoint")

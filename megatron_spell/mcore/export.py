@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from megatron_spell.convert import canonical_megatron_name, megatron_to_hf
 from megatron_spell.convert.transforms import merge_tp_shards
+from megatron_spell.families import find_family, tied_embeddings
 
 if TYPE_CHECKING:
     from megatron_spell.mcore.parallel import ParallelContext
@@ -96,7 +97,8 @@ def _global_names(
 
 
 def _num_local_experts(hf_config: Any, ctx: ParallelContext) -> int:
-    num = int(getattr(hf_config, "num_experts", 0) or 0)
+    fam = find_family(hf_config)
+    num = fam.num_experts(hf_config) if fam is not None else 0
     return num // ctx.ep if num else 0
 
 
@@ -104,7 +106,7 @@ def _local_params(
     chunks: Sequence[torch.nn.Module], ctx: ParallelContext, hf_config: Any, gated: bool
 ) -> list[tuple[ParamMeta, torch.Tensor]]:
     """This stage's parameters with their metadata (identical across the TP/EP ranks of the stage)."""
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_embeddings(hf_config)
     num_local = _num_local_experts(hf_config, ctx)
     out = []
     for chunk in chunks:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from megatron_spell.families import tied_embeddings
 from megatron_spell.rollout.metrics import WeightSyncStats
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def load_weights(engine: Any, weights: Iterable[list[tuple[str, torch.Tensor]]])
     """
     start = time.perf_counter()
     hf_config = engine.llm.llm_engine.model_config.hf_config
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    tied = tied_embeddings(hf_config)
     counter = _Counter()
     pairs = _with_tied_head(flatten(weights), tied, counter)
     results = engine.worker_call(_reload_on_worker, pairs, not torch.cuda.is_available())

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         ctx = init_parallel(ParallelConfig())
         try:
             chunks = build_model(hf_config, ctx)
-            load_checkpoint(chunks, ckpt_dir, ctx)
+            load_checkpoint(chunks, ckpt_dir)
             logits = forward_logits(
                 chunks,
                 TOKENS,

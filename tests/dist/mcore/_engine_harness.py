@@ -70,7 +70,7 @@ def make_engine(
     hf = load_hf_config(hf_dir)
     ctx = init_parallel(par)
     models = build_model(hf, ctx, core_attention=PackedCPAttention)
-    load_checkpoint(models, ckpt, ctx)
+    load_checkpoint(models, ckpt)
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=dist_opt)
     train = TrainConfig(
         lr=lr,
