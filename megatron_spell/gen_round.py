@@ -116,7 +116,7 @@ def run_gen_round(
     if spell.filter_questioner_prompts:
         grounded = ground(questions, generator=generator, chat=chat, spell=spell)
     else:
-        grounded = GroundedQuestions(questions.parsed, frozenset(), {}, 0.0)
+        grounded = GroundedQuestions(questions.parsed, frozenset(), metrics={}, seconds=0.0)
     responses = respond(
         grounded, generator=generator, chat=chat, spell=spell, max_tokens=max_tokens
     )
@@ -199,7 +199,7 @@ def ask(
         "questioner/with_history_frac": Mean(sum(1 for x in inputs if x.history), n),
         "questioner/response_tokens": Sum(sum(len(o[0].token_ids) for o in outputs if o)),
     }
-    return Questions(tuple(samples), tuple(parsed_qs), n, metrics, seconds)
+    return Questions(tuple(samples), tuple(parsed_qs), n, metrics=metrics, seconds=seconds)
 
 
 def ground(
@@ -226,7 +226,7 @@ def ground(
         else:
             kept.append(q)
     metrics = {"questioner/bad_ground_frac": Mean(len(bad), questions.num_prompts)}
-    return GroundedQuestions(tuple(kept), frozenset(bad), metrics, seconds)
+    return GroundedQuestions(tuple(kept), frozenset(bad), metrics=metrics, seconds=seconds)
 
 
 def respond(
@@ -270,7 +270,7 @@ def respond(
             sum(len(o.token_ids) for g in groups for o in g.completions)
         ),
     }
-    return Responses(tuple(groups), frozenset(overlong), metrics, seconds)
+    return Responses(tuple(groups), frozenset(overlong), metrics=metrics, seconds=seconds)
 
 
 def judge(
@@ -340,7 +340,7 @@ def judge(
         "verifier/agreement": Mean.of(agree),
         "verifier/num_candidates": Sum(len(candidates)),
     }
-    return Judgements(majorities, tuple(candidates), metrics, seconds)
+    return Judgements(majorities, tuple(candidates), metrics=metrics, seconds=seconds)
 
 
 def score(

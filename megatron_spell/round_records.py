@@ -59,27 +59,33 @@ class Question:
     parsed: ParsedQA
 
 
+@dataclass(frozen=True, kw_only=True)
+class StepRecord:
+    """What every step record carries (keyword-only, so each step's own fields come first)."""
+
+    # the step's metrics, each with its reduction
+    metrics: Mapping[str, Metric]
+    # wall time of the step
+    seconds: float
+
+
 @dataclass(frozen=True)
-class Questions:
+class Questions(StepRecord):
     """The questioner step: the samples to train on and the parsed questions."""
 
     # one per prompt that produced a parsed or a bad_format output, in input order
     samples: tuple[QuestionerSample, ...]
     parsed: tuple[Question, ...]
     num_prompts: int
-    metrics: Mapping[str, Metric]
-    seconds: float
 
 
 @dataclass(frozen=True)
-class GroundedQuestions:
+class GroundedQuestions(StepRecord):
     """The grounding pre-filter: the questions kept, and those answered without the documents."""
 
     kept: tuple[Question, ...]
     # uids of the bad_ground questions (docs/spell-algorithm.md §1.4)
     bad_ground: frozenset[str]
-    metrics: Mapping[str, Metric]
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -94,26 +100,22 @@ class ResponseGroup:
 
 
 @dataclass(frozen=True)
-class Responses:
+class Responses(StepRecord):
     """The responder step: one group per answered question."""
 
     groups: tuple[ResponseGroup, ...]
     # uids of the questions whose responder prompt was over the length limit (dropped,
     # docs/spell-algorithm.md §1.2)
     overlong: frozenset[str]
-    metrics: Mapping[str, Metric]
-    seconds: float
 
 
 @dataclass(frozen=True)
-class Judgements:
+class Judgements(StepRecord):
     """The verifier step: the majority vote per judged response and the verifier training groups."""
 
     # (question uid, response index) -> majority vote; responses not judged are absent
     majorities: Mapping[tuple[str, int], int]
     candidates: tuple[VerifierGroup, ...]
-    metrics: Mapping[str, Metric]
-    seconds: float
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megatron_spell.spell import tasks
 from megatron_spell.spell.scorers import MC_LETTERS, format_number
@@ -91,20 +92,28 @@ def _str_id(row: dict, keys: tuple[str, ...], fallback: str) -> str:
     return fallback
 
 
+def _titled_qa(
+    example_id: str, benchmark: str, paragraphs: list[str], question: Any, answer: Any
+) -> EvalExample:
+    """A doc_general_qa example over titled paragraphs, with one gold answer (HotpotQA, FRAMES)."""
+    return EvalExample(
+        id=example_id,
+        benchmark=benchmark,
+        task=Task.DOC_GENERAL_QA,
+        documents="\n".join(paragraphs),
+        question=str(question).strip(),
+        references=(str(answer).strip(),),
+    )
+
+
 def _hotpotqa(row: dict, index: int, stem: str) -> EvalExample:
     paragraphs = []
     for pair in row["context"]:
         title, sentences = pair[0], pair[1]
         text = "".join(sentences) if isinstance(sentences, list) else str(sentences)
         paragraphs.append(f"{title}\n{text.strip()}")
-    return EvalExample(
-        id=_str_id(row, ("_id", "id"), f"{stem}-{index}"),
-        benchmark="hotpotqa",
-        task=Task.DOC_GENERAL_QA,
-        documents="\n".join(paragraphs),
-        question=str(row["question"]).strip(),
-        references=(str(row["answer"]).strip(),),
-    )
+    example_id = _str_id(row, ("_id", "id"), f"{stem}-{index}")
+    return _titled_qa(example_id, "hotpotqa", paragraphs, row["question"], row["answer"])
 
 
 def _frames(row: dict, index: int, stem: str) -> EvalExample:
@@ -114,14 +123,8 @@ def _frames(row: dict, index: int, stem: str) -> EvalExample:
             (item.get("title", ""), item.get("text", "")) if isinstance(item, dict) else item
         )
         items.append(f"{title}\n{text}")
-    return EvalExample(
-        id=_str_id(row, ("_id", "id", "Unnamed: 0"), f"{stem}-{index}"),
-        benchmark="frames",
-        task=Task.DOC_GENERAL_QA,
-        documents="\n".join(items),
-        question=str(row["Prompt"]).strip(),
-        references=(str(row["Answer"]).strip(),),
-    )
+    example_id = _str_id(row, ("_id", "id", "Unnamed: 0"), f"{stem}-{index}")
+    return _titled_qa(example_id, "frames", items, row["Prompt"], row["Answer"])
 
 
 def _longbench(row: dict, index: int, stem: str) -> EvalExample:

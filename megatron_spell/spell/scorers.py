@@ -53,6 +53,7 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from megatron_spell.spell import tasks
@@ -334,6 +335,11 @@ def parse_reference(task: Task | str, reference: str) -> str | None:
 def is_wrapped(reference: str) -> bool:
     """Whether a reference is phrased as an answer sentence ("... answer is X" or `\\boxed{X}`)."""
     return "answer is" in reference or "\\boxed{" in reference
+
+
+def unwrap_reference(reference: str, parse: Callable[[str], str | None]) -> str | None:
+    """`parse` of a wrapped reference (`is_wrapped`), else the reference stripped."""
+    return parse(reference) if is_wrapped(reference) else reference.strip()
 
 
 def score(

@@ -164,6 +164,23 @@ def _perturb_small_params(model: Any, seed: int) -> None:
                 p.copy_(noise)
 
 
+def _save_random_model(out: Path, config: Any, tokenizer: Any, seed: int) -> None:
+    """Build a seeded random fp32 model of HF `config` and save it with `tokenizer` into `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb_small_params(model, seed)
+    model.eval()
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = config.eos_token_id
+        model.generation_config.pad_token_id = config.pad_token_id
+        model.generation_config.bos_token_id = config.bos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def make_tiny_hf_model(
     out_dir: str | Path,
     family: str,
@@ -177,9 +194,6 @@ def make_tiny_hf_model(
     family: one of "llama", "qwen2", "qwen3", "qwen3_moe". `config_overrides` are passed to the HF config
     class (for example num_hidden_layers=4, or rope_scaling=...).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {FAMILIES}")
     out = Path(out_dir)
@@ -188,16 +202,7 @@ def make_tiny_hf_model(
     if len(tokenizer) > VOCAB_SIZE:
         raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > model vocab {VOCAB_SIZE}")
     config = _config_for(family, tokenizer, tied, config_overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _perturb_small_params(model, seed)
-    model.eval()
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = config.eos_token_id
-        model.generation_config.pad_token_id = config.pad_token_id
-        model.generation_config.bos_token_id = config.bos_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_random_model(out, config, tokenizer, seed)
     return out
 
 
@@ -237,24 +242,14 @@ def make_tiny_family_model(
     """
     import json
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tiny_tokenizer()
     kw = {**tiny_family_config_kwargs(family, tied=tied), **config_overrides}
     config = AutoConfig.for_model(model_type or family.model_types[0], **kw)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _perturb_small_params(model, seed)
-    model.eval()
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = config.eos_token_id
-        model.generation_config.pad_token_id = config.pad_token_id
-        model.generation_config.bos_token_id = config.bos_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_random_model(out, config, tokenizer, seed)
     path = out / "config.json"
     saved = json.loads(path.read_text())
     saved["architectures"] = [family.architectures[0]]

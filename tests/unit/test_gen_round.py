@@ -91,6 +91,18 @@ def one_rank(gen, structured=()):
     return LockstepEngine(gen, structured=structured, lockstep=False)
 
 
+def run_round(gen, chat, inputs, spell, *, structured=(), uid_prefix="x"):
+    """One round over `gen` on a single rank, responses capped at 8 tokens."""
+    return run_gen_round(
+        inputs,
+        one_rank(gen, structured=structured),
+        chat,
+        spell,
+        uid_prefix=uid_prefix,
+        max_response_tokens=8,
+    )
+
+
 def test_round_cases_rewards_and_candidates():
     chat = FakeChat()
     gen = FakeGenerator(chat)
@@ -139,9 +151,7 @@ def test_round_with_nothing_parsed_is_empty_not_a_crash():
     chat = FakeChat()
     gen = FakeGenerator(chat)
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(2,))]
-    res = run_gen_round(
-        inputs, one_rank(gen), chat, SpellConfig(), uid_prefix="x", max_response_tokens=8
-    )
+    res = run_round(gen, chat, inputs, SpellConfig())
     assert res.responder_groups == [] and res.verifier_candidates == []
     assert [s.case for s in res.questioner] == [CaseType.BAD_FORMAT]
 
@@ -158,14 +168,7 @@ def test_overlong_responder_prompt_is_dropped():
 
     gen = Overlong(chat)
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
-    res = run_gen_round(
-        inputs,
-        one_rank(gen),
-        chat,
-        SpellConfig(responder_n=2),
-        uid_prefix="x",
-        max_response_tokens=8,
-    )
+    res = run_round(gen, chat, inputs, SpellConfig(responder_n=2))
     assert res.responder_groups == [] and res.questioner == []
     assert res.metrics["responder/overlong_dropped"] == 1
 
@@ -180,13 +183,12 @@ def test_structured_roles_call_once_per_task_with_their_constraints():
         QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),
         QuestionerInput(task=Task.DOC_MC, docset=DOCS, evidence=(1,)),
     ]
-    res = run_gen_round(
-        inputs,
-        one_rank(gen, structured=("questioner", "responder")),
+    res = run_round(
+        gen,
         chat,
+        inputs,
         SpellConfig(responder_n=2, verifier_n=2, verifier_tasks=("doc_general_qa",)),
-        uid_prefix="x",
-        max_response_tokens=8,
+        structured=("questioner", "responder"),
     )
     tasks = list(Task)  # general QA, MC, docmath
     # one call per task, also docmath_qa: no prompts here, not in spell.verifier_tasks (lockstep)
@@ -205,14 +207,7 @@ def test_structured_verifier_is_one_call_with_the_decision_pattern():
     chat = FakeChat()
     gen = FakeGenerator(chat)
     inputs = [QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1))]
-    run_gen_round(
-        inputs,
-        one_rank(gen, structured=("verifier",)),
-        chat,
-        SpellConfig(responder_n=2, verifier_n=3),
-        uid_prefix="x",
-        max_response_tokens=8,
-    )
+    run_round(gen, chat, inputs, SpellConfig(responder_n=2, verifier_n=3), structured=("verifier",))
     assert gen.schemas[:3] == [None] * 3
     assert [c.regex for c in gen.schemas[3:]] == [VERIFIER_PATTERN]
     assert gen.calls[3][1] == 3
@@ -233,14 +228,7 @@ def test_overlong_questioner_prompt_is_counted_on_its_own():
         QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1)),
         QuestionerInput(task=Task.DOC_GENERAL_QA, docset=DOCS, evidence=(0, 1, 2)),
     ]
-    res = run_gen_round(
-        inputs,
-        one_rank(gen),
-        chat,
-        SpellConfig(responder_n=2),
-        uid_prefix="x",
-        max_response_tokens=8,
-    )
+    res = run_round(gen, chat, inputs, SpellConfig(responder_n=2))
     assert [s.uid for s in res.questioner] == ["xq0"]
     assert res.metrics["questioner/overlong_dropped"] == 1
     assert res.metrics["questioner/num_prompts"] == 2
@@ -264,14 +252,7 @@ def test_rounds_of_two_ranks_merge_to_the_round_of_all_prompts():
 
     def one_round(part, prefix):
         chat = FakeChat()
-        return run_gen_round(
-            part,
-            one_rank(FakeGenerator(chat)),
-            chat,
-            spell,
-            uid_prefix=prefix,
-            max_response_tokens=8,
-        )
+        return run_round(FakeGenerator(chat), chat, part, spell, uid_prefix=prefix)
 
     whole = one_round(inputs, "a")
     merged = merge_rounds([one_round(inputs[:1], "p0"), one_round(inputs[1:], "p1")])

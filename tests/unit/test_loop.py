@@ -14,6 +14,7 @@ from megatron_spell.rollout.lockstep import LockstepEngine
 from megatron_spell.rollout.metrics import WeightSyncStats
 from megatron_spell.spell.batching import BatchNotReadyError
 from megatron_spell.types import DocSet, Role, Task
+from tests.helpers.clock import FakeClock
 from tests.unit.test_gen_round import FakeChat, FakeGenerator
 
 DOCS = [
@@ -84,21 +85,11 @@ def make_run(tmp_path, *overrides, docs=DOCS):
     )
 
 
-class _Clock:
-    """A fake `time` module whose perf_counter advances one second per call: a timer span is 1 s."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        self.now += 1.0
-        return self.now
-
-
 def test_step_builds_batch_updates_and_syncs(tmp_path, monkeypatch):
     import megatron_spell.metrics
 
-    monkeypatch.setattr(megatron_spell.metrics, "time", _Clock())
+    # a timer span is 1.0 s
+    monkeypatch.setattr(megatron_spell.metrics, "time", FakeClock(start=0.0, step=1.0))
     run = make_run(tmp_path)
     out = spell_step(run)
     (batch,) = run.policy.batches

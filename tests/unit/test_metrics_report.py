@@ -6,23 +6,14 @@ import pytest
 
 from megatron_spell.metrics import MetricsLogger, read_jsonl
 from megatron_spell.report import write_report
-
-
-class _Clock:
-    """A fake `time` module whose perf_counter advances 0.25 s per call: a timer span is 0.25 s."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def perf_counter(self) -> float:
-        self.now += 0.25
-        return self.now
+from tests.helpers.clock import FakeClock
 
 
 def test_logger_writes_jsonl_tensorboard_and_report(tmp_path, monkeypatch):
     import megatron_spell.metrics
 
-    monkeypatch.setattr(megatron_spell.metrics, "time", _Clock())
+    # a timer span is 0.25 s
+    monkeypatch.setattr(megatron_spell.metrics, "time", FakeClock(start=100.0, step=0.25))
     logger = MetricsLogger(tmp_path)
     for step in range(1, 4):
         logger.add({"loss": 1.0 / step, "grad_norm": 0.5}, prefix="train")

@@ -5,7 +5,11 @@ the questioner's rules and JSON example, the responder's template, the three par
 output, response, reference), the rule scorer, the structured-output schema and responder pattern,
 and which data-source names route to it. `spell/parsing.py`, `scorers.py`, `schemas.py`,
 `prompts.py` and `eval/formats.py` look a task up here instead of branching on its name, so a new
-task is one module that calls `register`.
+task is one module that calls `register`. A module that follows the built-ins' naming (`RULES` or
+`questioner_rules`, `JSON_EXAMPLE`, `ESCALATION`, `RESPONDER`, `SCHEMA`, `RESPONDER_PATTERN`,
+`parse_questioner`, `parse_prediction`, `parse_reference`, `score`, `gold_text`) builds its spec
+with `module_spec(globals(), ...)`; `object_schema`, `responder_template` and `bad_question` are the
+pieces the built-ins share.
 
 Built-in tasks (`general_qa.py`, `mc.py`, `docmath.py`, each exporting `SPEC`) are keyed by their
 `types.Task` member; a task registered elsewhere may be keyed by a plain name. The built-ins are
@@ -21,12 +25,13 @@ silent default.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_spell.types import ParsedQA, Rejected, Task
+from megatron_spell.types import CaseType, ParsedQA, Rejected, Task
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,70 @@ class TaskSpec:
         """Whether `data_source` contains one of `source_keywords`, ignoring case."""
         name = data_source.lower()
         return any(k.lower() in name for k in self.source_keywords)
+
+
+# the `TaskSpec` fields `module_spec` reads from a task module, by the module's name for them
+_MODULE_FIELDS = {
+    "questioner_json": "JSON_EXAMPLE",
+    "escalation": "ESCALATION",
+    "responder_template": "RESPONDER",
+    "parse_questioner": "parse_questioner",
+    "parse_prediction": "parse_prediction",
+    "parse_reference": "parse_reference",
+    "score": "score",
+    "gold_text": "gold_text",
+    "questioner_schema": "SCHEMA",
+    "responder_pattern": "RESPONDER_PATTERN",
+}
+
+
+def module_spec(
+    namespace: Mapping[str, Any], task: Task | str, source_keywords: tuple[str, ...]
+) -> TaskSpec:
+    """The spec of a task module that uses the built-ins' names (module docstring); `namespace` is
+    the module's `globals()`. Without a `questioner_rules` function the rules are `RULES`, whatever
+    the answer letter."""
+    rules = namespace.get("questioner_rules")
+    if rules is None:
+        text = namespace["RULES"]
+
+        def rules(answer_letter: str | None) -> str:
+            return text
+
+    return TaskSpec(
+        task=task,
+        questioner_rules=rules,
+        source_keywords=source_keywords,
+        **{field: namespace[name] for field, name in _MODULE_FIELDS.items()},
+    )
+
+
+# the questioner's `question` field under structured outputs, the same for every built-in task
+QUESTION_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 400}
+
+
+def object_schema(**properties: Any) -> dict[str, Any]:
+    """JSON schema of an object with exactly these properties, all required, in this order (each
+    property schema copied, so that no two task schemas share a dict)."""
+    return {
+        "type": "object",
+        "properties": copy.deepcopy(properties),
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def responder_template(instructions: str, question: str = "Question: {question}") -> str:
+    """A responder message: the instructions, the `{documents}` inside `<text>` tags, then the
+    question line."""
+    return f"{instructions}\n\n<text>\n{{documents}}\n</text>\n\n{question}"
+
+
+def bad_question(task: str, question: Any) -> Rejected | None:
+    """The bad_format rejection of a questioner object whose `question` is not a non-empty string."""
+    if isinstance(question, str) and question.strip():
+        return None
+    return Rejected(CaseType.BAD_FORMAT, f"{task}: 'question' must be a non-empty string")
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -165,13 +234,18 @@ def resolve(task_or_source: Task | str) -> TaskSpec:
 
 
 __all__ = [
+    "QUESTION_SCHEMA",
     "TaskSpec",
+    "bad_question",
     "find",
     "for_data_source",
     "get",
+    "module_spec",
     "names",
+    "object_schema",
     "register",
     "resolve",
+    "responder_template",
     "specs",
     "unregister",
 ]

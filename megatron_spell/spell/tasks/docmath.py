@@ -22,7 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from megatron_spell.spell import scorers
-from megatron_spell.spell.tasks import TaskSpec
+from megatron_spell.spell.tasks import (
+    QUESTION_SCHEMA,
+    bad_question,
+    module_spec,
+    object_schema,
+    responder_template,
+)
 from megatron_spell.types import CaseType, ParsedQA, Rejected, Task
 
 RULES = """Write ONE numerical reasoning question about the documents (text and tables).
@@ -43,28 +49,14 @@ JSON_EXAMPLE = """```json
 ESCALATION = """Ways to make it harder: a change between periods; a derived ratio or metric; a total over
 items selected by a condition; a projection or what-if computed from the given figures."""
 
-RESPONDER = """Read the documents below and solve the question with careful step-by-step numerical
+RESPONDER = responder_template(
+    """Read the documents below and solve the question with careful step-by-step numerical
 reasoning. End your reply with one sentence of the form "Therefore, the answer is X", where X is a single
-number.
+number."""
+)
 
-<text>
-{documents}
-</text>
+SCHEMA = object_schema(question=QUESTION_SCHEMA, answer={"type": "number"})
 
-Question: {question}"""
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "question": {"type": "string", "minLength": 1, "maxLength": 400},
-        "answer": {"type": "number"},
-    },
-    "required": ["question", "answer"],
-    "additionalProperties": False,
-}
-
-# one answer sentence in the docs/spell-algorithm.md §2.2 form, matched by the reference's `the
-# answer is (-?[0-9.,]+)`
 RESPONDER_PATTERN = r"Therefore, the answer is -?[0-9]{1,12}(\.[0-9]{1,6})?"
 
 _ANSWER_PHRASE_RE = re.compile(r"answer is|\\boxed\{", re.IGNORECASE)
@@ -75,8 +67,8 @@ def parse_questioner(
 ) -> ParsedQA | Rejected:
     """Field rules of a docmath_qa questioner object (module docstring)."""
     question, answer = record.get("question"), record.get("answer")
-    if not isinstance(question, str) or not question.strip():
-        return Rejected(CaseType.BAD_FORMAT, "docmath_qa: 'question' must be a non-empty string")
+    if (bad := bad_question("docmath_qa", question)) is not None:
+        return bad
     if isinstance(answer, bool):
         return Rejected(CaseType.DROPPED, "docmath_qa: a boolean answer is not a number")
     if not isinstance(answer, (str, int, float)):
@@ -104,11 +96,7 @@ def parse_prediction(text: str) -> str | None:
 
 
 def parse_reference(reference: str) -> str | None:
-    return (
-        scorers.parse_docmath_answer(reference)
-        if scorers.is_wrapped(reference)
-        else reference.strip()
-    )
+    return scorers.unwrap_reference(reference, scorers.parse_docmath_answer)
 
 
 def score(prediction: str, reference: str, qa_metric: str) -> float:
@@ -118,18 +106,6 @@ def score(prediction: str, reference: str, qa_metric: str) -> float:
     return float(scorers.compare_two_numbers(p, g))
 
 
-SPEC = TaskSpec(
-    task=Task.DOCMATH_QA,
-    questioner_rules=lambda answer_letter: RULES,
-    questioner_json=JSON_EXAMPLE,
-    escalation=ESCALATION,
-    responder_template=RESPONDER,
-    parse_questioner=parse_questioner,
-    parse_prediction=parse_prediction,
-    parse_reference=parse_reference,
-    score=score,
-    gold_text=scorers.format_number,
-    questioner_schema=SCHEMA,
-    responder_pattern=RESPONDER_PATTERN,
-    source_keywords=("docmath",),
-)
+gold_text = scorers.format_number
+
+SPEC = module_spec(globals(), Task.DOCMATH_QA, source_keywords=("docmath",))

@@ -22,7 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from megatron_spell.spell import scorers
-from megatron_spell.spell.tasks import TaskSpec
+from megatron_spell.spell.tasks import (
+    QUESTION_SCHEMA,
+    bad_question,
+    module_spec,
+    object_schema,
+    responder_template,
+)
 from megatron_spell.types import CaseType, ParsedQA, Rejected, Task
 
 RULES = """Write ONE hard question about the documents.
@@ -46,24 +52,14 @@ ESCALATION = """Ways to make it harder: compute a quantity from facts in several
 items across documents; link a condition or a cause in one document to an effect in another; combine different
 kinds of data (dates, amounts, names, tables)."""
 
-RESPONDER = """Read the documents below and answer the question. End your reply with one sentence of the
-form "The correct answer is X", where X is a short answer.
+RESPONDER = responder_template(
+    """Read the documents below and answer the question. End your reply with one sentence of the
+form "The correct answer is X", where X is a short answer."""
+)
 
-<text>
-{documents}
-</text>
-
-Question: {question}"""
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "question": {"type": "string", "minLength": 1, "maxLength": 400},
-        "answer": {"type": "string", "minLength": 1, "maxLength": 120},
-    },
-    "required": ["question", "answer"],
-    "additionalProperties": False,
-}
+SCHEMA = object_schema(
+    question=QUESTION_SCHEMA, answer={"type": "string", "minLength": 1, "maxLength": 120}
+)
 
 # one answer sentence in the docs/spell-algorithm.md §2.2 form; `parse_prediction` takes what
 # follows "answer is"
@@ -75,10 +71,8 @@ def parse_questioner(
 ) -> ParsedQA | Rejected:
     """Field rules of a doc_general_qa questioner object (module docstring)."""
     question, answer = record.get("question"), record.get("answer")
-    if not isinstance(question, str) or not question.strip():
-        return Rejected(
-            CaseType.BAD_FORMAT, "doc_general_qa: 'question' must be a non-empty string"
-        )
+    if (bad := bad_question("doc_general_qa", question)) is not None:
+        return bad
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = json.dumps(answer)  # D5: a numeric answer is accepted as text
     if not isinstance(answer, str) or not answer.strip():
@@ -104,11 +98,7 @@ def parse_prediction(text: str) -> str | None:
 
 
 def parse_reference(reference: str) -> str | None:
-    return (
-        scorers.parse_general_answer(reference)
-        if scorers.is_wrapped(reference)
-        else reference.strip()
-    )
+    return scorers.unwrap_reference(reference, scorers.parse_general_answer)
 
 
 def score(prediction: str, reference: str, qa_metric: str) -> float:
@@ -119,18 +109,8 @@ def gold_text(answer: Any) -> str:
     return str(answer).strip()
 
 
-SPEC = TaskSpec(
-    task=Task.DOC_GENERAL_QA,
-    questioner_rules=lambda answer_letter: RULES,
-    questioner_json=JSON_EXAMPLE,
-    escalation=ESCALATION,
-    responder_template=RESPONDER,
-    parse_questioner=parse_questioner,
-    parse_prediction=parse_prediction,
-    parse_reference=parse_reference,
-    score=score,
-    gold_text=gold_text,
-    questioner_schema=SCHEMA,
-    responder_pattern=RESPONDER_PATTERN,
+SPEC = module_spec(
+    globals(),
+    Task.DOC_GENERAL_QA,
     source_keywords=("general_qa", "frames", "musique", "longbench", "hotpot", "2wiki"),
 )

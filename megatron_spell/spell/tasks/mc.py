@@ -23,9 +23,18 @@ from typing import Any
 
 from megatron_spell.spell import scorers
 from megatron_spell.spell.scorers import MC_LETTERS
-from megatron_spell.spell.tasks import TaskSpec
-from megatron_spell.spell.tasks.general_qa import ESCALATION
+from megatron_spell.spell.tasks import (
+    QUESTION_SCHEMA,
+    bad_question,
+    general_qa,
+    module_spec,
+    object_schema,
+    responder_template,
+)
 from megatron_spell.types import CaseType, ParsedQA, Rejected, Task
+
+# the general and MC templates offer the same escalation types (docs/spell-algorithm.md §2.1)
+ESCALATION = general_qa.ESCALATION
 
 RULES = """Write ONE multiple-choice question with four options about the documents.
 Principles:
@@ -43,30 +52,19 @@ JSON_EXAMPLE = """```json
 {"question": "<the question>", "options": {"A": "...", "B": "...", "C": "...", "D": "..."}, "answer": "<A, B, C or D>"}
 ```"""
 
-RESPONDER = """Read the documents below and answer the multiple-choice question that follows. End your
-reply with one sentence of the form "The correct answer is X", where X is the letter of the correct option.
+RESPONDER = responder_template(
+    """Read the documents below and answer the multiple-choice question that follows. End your
+reply with one sentence of the form "The correct answer is X", where X is the letter of the correct option.""",
+    question="{question}",
+)
 
-<text>
-{documents}
-</text>
-
-{question}"""
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "question": {"type": "string", "minLength": 1, "maxLength": 400},
-        "options": {
-            "type": "object",
-            "properties": {k: {"type": "string", "minLength": 1, "maxLength": 200} for k in "ABCD"},
-            "required": list("ABCD"),
-            "additionalProperties": False,
-        },
-        "answer": {"type": "string", "enum": list("ABCD")},
-    },
-    "required": ["question", "options", "answer"],
-    "additionalProperties": False,
-}
+SCHEMA = object_schema(
+    question=QUESTION_SCHEMA,
+    options=object_schema(
+        **{k: {"type": "string", "minLength": 1, "maxLength": 200} for k in "ABCD"}
+    ),
+    answer={"type": "string", "enum": list("ABCD")},
+)
 
 # one answer sentence in the docs/spell-algorithm.md §2.2 form, matched by the reference's `correct
 # answer is ([A-D])`
@@ -102,8 +100,8 @@ def parse_questioner(
 ) -> ParsedQA | Rejected:
     """Field rules of a doc_mc questioner object (module docstring)."""
     question, answer, options = record.get("question"), record.get("answer"), record.get("options")
-    if not isinstance(question, str) or not question.strip():
-        return Rejected(CaseType.BAD_FORMAT, "doc_mc: 'question' must be a non-empty string")
+    if (bad := bad_question("doc_mc", question)) is not None:
+        return bad
     if not isinstance(answer, str):
         return Rejected(CaseType.BAD_FORMAT, "doc_mc: 'answer' must be a string")
     if not isinstance(options, dict) or not all(k in options for k in MC_LETTERS):
@@ -135,18 +133,6 @@ def gold_text(answer: Any) -> str:
     return str(answer).strip().upper()
 
 
-SPEC = TaskSpec(
-    task=Task.DOC_MC,
-    questioner_rules=questioner_rules,
-    questioner_json=JSON_EXAMPLE,
-    escalation=ESCALATION,
-    responder_template=RESPONDER,
-    parse_questioner=parse_questioner,
-    parse_prediction=parse_prediction,
-    parse_reference=parse_reference,
-    score=score,
-    gold_text=gold_text,
-    questioner_schema=SCHEMA,
-    responder_pattern=RESPONDER_PATTERN,
-    source_keywords=("doc_mc", "longbench_v2", "longbench-v2"),
+SPEC = module_spec(
+    globals(), Task.DOC_MC, source_keywords=("doc_mc", "longbench_v2", "longbench-v2")
 )

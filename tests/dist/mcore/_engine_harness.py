@@ -47,6 +47,35 @@ def fixed_batch(seed: int = 0, *, with_old: bool = True, vocab: int = 500) -> li
     return out
 
 
+def build_policy(hf_dir: str, ckpt: str, par: ParallelConfig, train: Any, *, temperature: float):
+    """A `PolicyEngine` over the checkpoint `ckpt` of `hf_dir` at layout `par`, with its optimizer
+    (TrainConfig `train`); returns the engine, the parallel context, the HF config and the model
+    chunks before DDP wrapping."""
+    from megatron_spell.mcore.attention import PackedCPAttention
+    from megatron_spell.mcore.checkpoint import load_checkpoint
+    from megatron_spell.mcore.model import build_model, load_hf_config
+    from megatron_spell.mcore.optimizer import build_optimizer, wrap_ddp
+    from megatron_spell.mcore.parallel import init_parallel
+    from megatron_spell.mcore.train_step import PolicyEngine
+
+    hf = load_hf_config(hf_dir)
+    ctx = init_parallel(par)
+    models = build_model(hf, ctx, core_attention=PackedCPAttention)
+    load_checkpoint(models, ckpt)
+    ddp = wrap_ddp(models, ctx, use_distributed_optimizer=train.use_distributed_optimizer)
+    opt = build_optimizer(ddp, train, ctx)
+    engine = PolicyEngine(
+        ddp,
+        ctx,
+        train,
+        temperature=temperature,
+        vocab_size=hf.vocab_size,
+        pad_token_id=0,
+        optimizer=opt,
+    )
+    return engine, ctx, hf, models
+
+
 def make_engine(
     hf_dir: str,
     ckpt: str,
@@ -60,18 +89,7 @@ def make_engine(
     temperature: float = 0.7,
 ):
     from megatron_spell.config import TrainConfig
-    from megatron_spell.mcore.attention import PackedCPAttention
-    from megatron_spell.mcore.checkpoint import load_checkpoint
-    from megatron_spell.mcore.model import build_model, load_hf_config
-    from megatron_spell.mcore.optimizer import build_optimizer, wrap_ddp
-    from megatron_spell.mcore.parallel import init_parallel
-    from megatron_spell.mcore.train_step import PolicyEngine
 
-    hf = load_hf_config(hf_dir)
-    ctx = init_parallel(par)
-    models = build_model(hf, ctx, core_attention=PackedCPAttention)
-    load_checkpoint(models, ckpt)
-    ddp = wrap_ddp(models, ctx, use_distributed_optimizer=dist_opt)
     train = TrainConfig(
         lr=lr,
         adam_eps=adam_eps,
@@ -80,16 +98,7 @@ def make_engine(
         logprob_chunk_size=8,
         max_tokens_per_microbatch=budget,
     )
-    opt = build_optimizer(ddp, train, ctx)
-    engine = PolicyEngine(
-        ddp,
-        ctx,
-        train,
-        temperature=temperature,
-        vocab_size=hf.vocab_size,
-        pad_token_id=0,
-        optimizer=opt,
-    )
+    engine, ctx, _, _ = build_policy(hf_dir, ckpt, par, train, temperature=temperature)
     return engine, ctx
 
 

@@ -12,23 +12,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tests.dist.mcore._engine_harness import build_policy
 from tests.dist.rollout.sync_workers import MAX_TOKENS, TEMPERATURE
 
 
 def _policy(hf_dir: str, ckpt_dir: str, parallel: dict):
     from megatron_spell.config import ParallelConfig, TrainConfig
-    from megatron_spell.mcore.attention import PackedCPAttention
-    from megatron_spell.mcore.checkpoint import load_checkpoint
-    from megatron_spell.mcore.model import build_model, load_hf_config
-    from megatron_spell.mcore.optimizer import build_optimizer, wrap_ddp
-    from megatron_spell.mcore.parallel import init_parallel
-    from megatron_spell.mcore.train_step import PolicyEngine
 
-    ctx = init_parallel(ParallelConfig(**parallel))
-    hf = load_hf_config(hf_dir)
-    models = build_model(hf, ctx, core_attention=PackedCPAttention)
-    load_checkpoint(models, ckpt_dir)
-    ddp = wrap_ddp(models, ctx, use_distributed_optimizer=False)
     train = TrainConfig(
         lr=3e-3,
         adam_eps=1e-3,
@@ -36,15 +26,8 @@ def _policy(hf_dir: str, ckpt_dir: str, parallel: dict):
         logprob_chunk_size=8,
         max_tokens_per_microbatch=512,
     )
-    opt = build_optimizer(ddp, train, ctx)
-    engine = PolicyEngine(
-        ddp,
-        ctx,
-        train,
-        temperature=TEMPERATURE,
-        vocab_size=hf.vocab_size,
-        pad_token_id=0,
-        optimizer=opt,
+    engine, ctx, hf, models = build_policy(
+        hf_dir, ckpt_dir, ParallelConfig(**parallel), train, temperature=TEMPERATURE
     )
     return ctx, hf, models, engine
 
@@ -68,9 +51,9 @@ def train_step_sync(
     rank: int, world: int, hf_dir: str, ckpt_dir: str, out_dir: str, parallel: dict
 ) -> list[dict]:
     from megatron_spell.chat import render_user_turn
+    from megatron_spell.config import RolloutConfig
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
-    from megatron_spell.config import RolloutConfig
     from megatron_spell.rollout.engine import RolloutEngine
     from tests.e2e.rollout import hf_ref
     from tests.helpers.logprobs import logprob_mismatch

@@ -10,15 +10,14 @@ exercises max(rule, judge) over real model text.
 from __future__ import annotations
 
 import json
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
 from megatron_spell.eval.cli import main
 from megatron_spell.eval.report import METRICS, PLOT, PREDICTIONS, TABLE
+from tests.helpers.fake_judge import ChatHandler, serve
 from tests.unit.eval.recompute import assert_table_matches
 
 N = 4
@@ -85,22 +84,12 @@ def _write_data(tmp: Path) -> list[Path]:
     return [longbench, v2, docmath]
 
 
-class _Judge(BaseHTTPRequestHandler):
+class _Judge(ChatHandler):
     """Says YES to a deterministic half of the candidates (by a checksum of the request)."""
 
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def reply(self, body):
         content = body["messages"][0]["content"]
-        reply = "[[YES]]" if zlib.crc32(content.encode()) % 2 else "It is NOT a match. [[NO]]"
-        data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        return "[[YES]]" if zlib.crc32(content.encode()) % 2 else "It is NOT a match. [[NO]]"
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +101,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_eval_tiny_model_through_vllm(tiny_model: Path, tmp_path: Path) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, judge_url = serve(_Judge)
     out = tmp_path / "out"
     argv = [
         "--model", str(tiny_model),
@@ -124,7 +112,7 @@ def test_eval_tiny_model_through_vllm(tiny_model: Path, tmp_path: Path) -> None:
         "--batch-size", "2",
         "--out", str(out),
         "--judge", "openai",
-        "--judge-url", f"http://127.0.0.1:{server.server_address[1]}/v1",
+        "--judge-url", judge_url,
         "--judge-model", "stub",
         "--no-progress",
     ]  # fmt: skip

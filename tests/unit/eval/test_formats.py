@@ -131,15 +131,50 @@ def _write_json(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_hotpotqa_official_json(tmp_path: Path) -> None:
-    [ex] = load_examples(_write_json(tmp_path / "hotpot_dev.json", HOTPOT))
-    assert ex.id == "hp1" and ex.benchmark == "hotpotqa" and ex.task is Task.DOC_GENERAL_QA
-    assert ex.documents == (
-        "Blue Lantern Museum\nThe Blue Lantern Museum is a museum. It is in Marrow Bay.\n"
-        "Marrow Bay\nMarrow Bay is a harbour town."
-    )
-    assert ex.question == "Which city hosts the Blue Lantern Museum?"
-    assert ex.references == ("Marrow Bay",)
+@pytest.mark.parametrize(
+    ("file_name", "write", "rows", "expected"),
+    [
+        pytest.param(
+            "hotpot_dev.json",
+            _write_json,
+            HOTPOT,
+            {
+                "id": "hp1",
+                "benchmark": "hotpotqa",
+                "documents": (
+                    "Blue Lantern Museum\nThe Blue Lantern Museum is a museum. It is in Marrow Bay.\n"
+                    "Marrow Bay\nMarrow Bay is a harbour town."
+                ),
+                "question": "Which city hosts the Blue Lantern Museum?",
+                "references": ("Marrow Bay",),
+            },
+            id="hotpotqa_official_json",
+        ),
+        pytest.param(
+            "frames.jsonl",
+            _write_jsonl,
+            FRAMES,
+            {
+                "id": "3",
+                "benchmark": "frames",
+                "documents": (
+                    "Dunmere\nDunmere is the home of the poet Ilsa Varn.\n"
+                    "Ilsa Varn\nIlsa Varn once crossed the Silverrun."
+                ),
+                "question": "Which invented river did the poet of Dunmere cross?",
+                "references": ("the Silverrun",),
+            },
+            id="frames",
+        ),
+    ],
+)
+def test_one_general_qa_example(tmp_path: Path, file_name, write, rows, expected) -> None:
+    """A one-example HotpotQA (official JSON) or FRAMES file: its fields, titles joined into the
+    documents."""
+    [ex] = load_examples(write(tmp_path / file_name, rows))
+    assert ex.task is Task.DOC_GENERAL_QA
+    for name, value in expected.items():
+        assert getattr(ex, name) == value, name
 
 
 def test_longbench_jsonl(tmp_path: Path) -> None:
@@ -163,17 +198,6 @@ def test_longbench_v2_multiple_choice(tmp_path: Path) -> None:
         "Choices:\n(A) Red\n(B) Green\n(C) Teal\n(D) Mauve"
     )
     assert ex.documents == "The invented flag is teal."
-
-
-def test_frames(tmp_path: Path) -> None:
-    [ex] = load_examples(_write_jsonl(tmp_path / "frames.jsonl", FRAMES))
-    assert ex.benchmark == "frames" and ex.task is Task.DOC_GENERAL_QA and ex.id == "3"
-    assert ex.documents == (
-        "Dunmere\nDunmere is the home of the poet Ilsa Varn.\n"
-        "Ilsa Varn\nIlsa Varn once crossed the Silverrun."
-    )
-    assert ex.question == "Which invented river did the poet of Dunmere cross?"
-    assert ex.references == ("the Silverrun",)
 
 
 def test_docmath(tmp_path: Path) -> None:

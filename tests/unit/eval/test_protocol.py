@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
@@ -20,6 +17,7 @@ from megatron_spell.eval.protocol import (
 )
 from megatron_spell.spell.prompts import responder_prompt
 from megatron_spell.types import Completion, Task
+from tests.helpers.fake_judge import ChatHandler, serve
 
 
 class CharTokenizer:
@@ -219,32 +217,16 @@ def test_engine_judge_is_greedy_single_sample() -> None:
     assert engine.calls == [dict(num=1, n=1, max_tokens=16, temperature=0.0, top_p=1.0)]
 
 
-def _serve(handler_cls) -> tuple[HTTPServer, str]:
-    server = HTTPServer(("127.0.0.1", 0), handler_cls)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
-
-
 def test_openai_judge_over_http() -> None:
     seen: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    class Handler(ChatHandler):
+        def reply(self, body):
             seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
             content = body["messages"][0]["content"]
-            reply = "[[YES]]" if "Candidate answer: good" in content else "[[NO]]"
-            data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            return "[[YES]]" if "Candidate answer: good" in content else "[[NO]]"
 
-        def log_message(self, *args):
-            pass
-
-    server, url = _serve(Handler)
+    server, url = serve(Handler)
     try:
         judge = OpenAIJudge(url, "judge-model", api_key="k", max_tokens=32, workers=2)
         prompts = [judge_prompt("Q", ("r",), "good"), judge_prompt("Q", ("r",), "bad")]
@@ -257,15 +239,12 @@ def test_openai_judge_over_http() -> None:
 
 
 def test_openai_judge_failure_scores_zero_without_raising() -> None:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(ChatHandler):
         def do_POST(self):  # noqa: N802
             self.send_response(500)
             self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server, url = _serve(Handler)
+    server, url = serve(Handler)
     try:
         judge = OpenAIJudge(url, "m", retries=0, workers=1)
         assert judge.complete(["x"]) == [""] and judge.num_failed == 1

@@ -127,19 +127,26 @@ def test_verifier_sampling():
     assert sample_verifier_groups(cands, 1024, 0.0, 8, random.Random(0)) == []
 
 
+def _one_round(n: int, num_verifier_groups: int) -> StepAccumulator:
+    """An accumulator holding one doc_mc round: n parsed and n bad_format questioner samples, the n
+    responder groups of the parsed ones and `num_verifier_groups` verifier groups."""
+    acc = StepAccumulator()
+    acc.add_round(
+        [questioner_sample(f"q{i}", Task.DOC_MC) for i in range(n)]
+        + [questioner_sample(f"b{i}", Task.DOC_MC, CaseType.BAD_FORMAT) for i in range(n)],
+        [responder_group(f"q{i}", Task.DOC_MC, [1, 0]) for i in range(n)],
+        [verifier_group(f"v{i}", Task.DOC_MC, [1, 0]) for i in range(num_verifier_groups)],
+    )
+    return acc
+
+
 def test_world_size_truncation():
     """docs/spell-algorithm.md D8: bad and verifier parts are cut to a multiple of the data-parallel
     size."""
     assert truncate_to_multiple(list(range(13)), 4) == list(range(12))
     rng = random.Random(0)
     config = SpellConfig(train_batch_size=4, responder_n=2, verifier_n=2, verifier_update_ratio=0.5)
-    acc = StepAccumulator()
-    acc.add_round(
-        [questioner_sample(f"q{i}", Task.DOC_MC) for i in range(4)]
-        + [questioner_sample(f"b{i}", Task.DOC_MC, CaseType.BAD_FORMAT) for i in range(4)],
-        [responder_group(f"q{i}", Task.DOC_MC, [1, 0]) for i in range(4)],
-        [verifier_group(f"v{i}", Task.DOC_MC, [1, 0]) for i in range(5)],
-    )
+    acc = _one_round(4, num_verifier_groups=5)
     batch = build_final_batch(acc, config, rng, dp_size=3)
     assert len(batch.responder) == 8
     assert len([t for t in batch.questioner if t.case]) == 3  # 4 bad cut to a multiple of 3
@@ -206,13 +213,7 @@ def test_dp_size_one_keeps_every_trajectory_and_the_update_takes_any_count():
     from megatron_spell.mcore.packing import TrainSample, pack_batch
 
     config = SpellConfig(train_batch_size=3, responder_n=2, verifier_n=2, verifier_update_ratio=1.0)
-    acc = StepAccumulator()
-    acc.add_round(
-        [questioner_sample(f"q{i}", Task.DOC_MC) for i in range(3)]
-        + [questioner_sample(f"b{i}", Task.DOC_MC, CaseType.BAD_FORMAT) for i in range(3)],
-        [responder_group(f"q{i}", Task.DOC_MC, [1, 0]) for i in range(3)],
-        [verifier_group(f"v{i}", Task.DOC_MC, [1, 0]) for i in range(3)],
-    )
+    acc = _one_round(3, num_verifier_groups=3)
     cut = build_final_batch(acc, config, random.Random(0), dp_size=4)
     assert (len(cut.responder), len(cut.questioner), len(cut.verifier)) == (6, 3, 4)
     batch = build_final_batch(acc, config, random.Random(0), dp_size=1)
