@@ -142,7 +142,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Corpus, task split, domain sampling and the history memory (docs/spell-algorithm.md §2, §4)."""
+    """Corpus, task split, domain sampling, history memory (docs/spell-algorithm.md §2, §4)."""
 
     # parquet / JSONL / JSON files or directories
     paths: tuple[str, ...] = ()
