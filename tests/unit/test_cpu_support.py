@@ -171,4 +171,4 @@ def _all_checks_rank(rank: int, world_size: int) -> None:
 
 def test_cpu_patches_gpt_dense_and_moe_forward_backward() -> None:
     # One spawned process for all checks: importing megatron dominates the time.
-    run_distributed(_all_checks_rank, 1, timeout=240)
+    run_distributed(_all_checks_rank, 1, timeout=240, fresh=True)
