@@ -4,14 +4,15 @@ The policy is the tiny Llama of `tests.helpers.spell_policy`, taught to emit par
 phase runs for real: questions parse, the grounding filter rejects some, responder groups have reward variance,
 verifier votes are valid, one GRPO update per step, and the weights are synced into vLLM after it.
 
-* `test_two_steps_two_ranks`: (with old log-probs from the training pass, and recomputed) two full steps with
-  Megatron TP=2 (the export gathers TP shards) and one vLLM
-  engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed.
-* `test_resume_is_exact`: 2 steps straight vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
+* `test_two_steps_two_ranks`: two full steps with Megatron TP=2 (the export gathers TP shards), old log-probs
+  from the training pass, and one vLLM engine per rank (rollout data parallel 2); metrics finite, rollouts
+  well formed, weights changed.
+* `test_resume_is_exact`: the same 2 steps straight (one launch shared with the test above) vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
   final weights are identical.
 * `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
   preemption does): the step finishes, both ranks write the checkpoint and exit 42 (torchrun, as its agent
-  does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes.
+  does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes; this run
+  recomputes the old log-probs in a separate forward pass and its metrics get the same checks.
 """
 
 from __future__ import annotations
@@ -168,15 +169,16 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recompute", [False, True], ids=["old_lp_in_pass", "old_lp_recomputed"])
-def test_two_steps_two_ranks(policy, tmp_path, recompute):
+@pytest.fixture(scope="module")
+def straight(policy, tmp_path_factory):
+    """Two steps in one launch: checked by `test_two_steps_two_ranks`, the reference of the resume test."""
     hf_dir, ckpt, corpus = policy
-    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2)
-    _train([*overrides, f"train.recompute_old_logprobs={str(recompute).lower()}"])
-    run_dir = tmp_path / "e2e"
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]
+    out = tmp_path_factory.mktemp("straight")
+    _train(_overrides(hf_dir, ckpt, corpus, out, "straight", 2))
+    return out / "straight"
+
+
+def _check_step_metrics(rows: list[dict]) -> None:
     for r in rows:
         bad = {k: v for k, v in r.items() if not math.isfinite(v)}
         assert not bad, bad
@@ -187,9 +189,16 @@ def test_two_steps_two_ranks(policy, tmp_path, recompute):
             == r["batch/num_responder"] + r["batch/num_questioner"] + r["batch/num_verifier"]
         )
         assert r["sync/bytes"] > 0 and r["sync/seconds"] > 0
-        assert (
-            r["train/logprob_mismatch_mean"] < 1e-3
-        )  # vLLM and Megatron agree on the sampled tokens
+        # vLLM and Megatron agree on the sampled tokens
+        assert r["train/logprob_mismatch_mean"] < 1e-3
+
+
+@pytest.mark.slow
+def test_two_steps_two_ranks(straight):
+    run_dir = straight
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    _check_step_metrics(rows)
     # rollouts are well formed: the dumped batch of every step
     for step in (0, 1):
         lines = (run_dir / "rollouts" / f"step_{step:08d}.jsonl").read_text().splitlines()
@@ -215,20 +224,18 @@ def test_two_steps_two_ranks(policy, tmp_path, recompute):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(policy, tmp_path):
+def test_resume_is_exact(policy, straight, tmp_path):
     hf_dir, ckpt, corpus = policy
-    straight = _overrides(hf_dir, ckpt, corpus, tmp_path, "straight", 2)
-    _train(straight)
     _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1))  # 1 step, checkpoint, exit
     _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2))  # resumes at step 1
-    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    a = read_jsonl(straight / "metrics.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     for ra, rb in zip(a, b, strict=True):
         keys = {k for k in ra if not k.startswith("timing/") and not k.startswith("sync/")}
         diff = {k: (ra[k], rb.get(k)) for k in keys if ra[k] != rb.get(k)}
         assert not diff, diff
-    wa = _weights(tmp_path / "straight" / "checkpoints" / "step_00000002")
+    wa = _weights(straight / "checkpoints" / "step_00000002")
     wb = _weights(tmp_path / "resumed" / "checkpoints" / "step_00000002")
     assert wa and wa.keys() == wb.keys()
     for k in wa:
@@ -238,9 +245,11 @@ def test_resume_is_exact(policy, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
     hf_dir, ckpt, corpus = policy
-    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "preempted", 3)
+    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "preempted", 2)
     overrides = [o for o in overrides if not o.startswith("checkpoint.save_interval")]
     overrides.append("checkpoint.save_interval=0")  # only the preemption and the final step save
+    # this run also covers the old log-probs recomputed in a separate forward pass
+    overrides.append("train.recompute_old_logprobs=true")
     log_path = tmp_path / "preempted.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
@@ -275,7 +284,9 @@ def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     assert [p.name for p in steps] == ["step_00000001"], log[-6000:]
     assert (steps[0] / "COMPLETE").is_file()
-    # the requeued job: same command, resumes at step 1 and runs steps 2 and 3
+    # the requeued job: same command, resumes at step 1 and runs step 2
     _train(overrides)
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1] == "step_00000003"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    _check_step_metrics(rows)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1] == "step_00000002"

@@ -91,8 +91,14 @@ def _pool_worker(
 
     torch.set_num_threads(1)
     environ, cwd = dict(os.environ), os.getcwd()
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test process is gone: do not outlive it
+                return
+            continue
         if task is None:
             return
         task_id, fn, args, port = task
@@ -131,7 +137,8 @@ class _Pool:
             ctx.Process(
                 target=_pool_worker,
                 args=(rank, world_size, env, self.tasks[rank], self.results),
-                daemon=True,
+                # not daemonic: a task may start processes (the checkpoint writer's manager does)
+                daemon=False,
             )
             for rank in range(world_size)
         ]
@@ -158,7 +165,7 @@ class _Pool:
 
 
 _POOLS: dict[tuple[int, tuple[tuple[str, str], ...]], _Pool] = {}
-_MAX_POOLS = 2  # each rank of a pool holds torch + Megatron in memory; keep the two most recent
+_MAX_POOLS = 3  # each rank holds torch + Megatron in memory (~0.5 GB): world sizes 1, 2 and 4
 
 
 def _pool(world_size: int, env: dict[str, str] | None) -> _Pool:

@@ -11,8 +11,6 @@ PP=2 and PP=2 x VPP=2 checks both copies of the tied embedding.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,28 +24,12 @@ from tests.dist.mcore._engine_harness import (
     max_abs_diffs,
     to_numpy,
 )
+from tests.helpers.convert import convert_to_megatron
 from tests.helpers.dist import run_distributed
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
-
-
-def _convert(hf_dir: Path, out: Path) -> Path:
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "convert_hf_to_megatron.py"),
-            "--hf-dir",
-            str(hf_dir),
-            "--out-dir",
-            str(out),
-            "--quiet",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +40,10 @@ def models(tmp_path_factory):
     dense = make_tiny_hf_model(root / "qwen3", "qwen3", num_hidden_layers=4)
     moe = make_tiny_hf_model(root / "moe", "qwen3_moe")
     tied = make_tiny_hf_model(root / "tied", "qwen3", tied=True, num_hidden_layers=4)
-    return {
-        "dense": (str(dense), str(_convert(dense, root / "qwen3_ckpt"))),
-        "moe": (str(moe), str(_convert(moe, root / "moe_ckpt"))),
-        "tied": (str(tied), str(_convert(tied, root / "tied_ckpt"))),
-    }
+    paths = {"dense": (dense, root / "qwen3_ckpt"), "moe": (moe, root / "moe_ckpt")}
+    paths["tied"] = (tied, root / "tied_ckpt")
+    convert_to_megatron(paths.values())
+    return {k: (str(hf), str(ckpt)) for k, (hf, ckpt) in paths.items()}
 
 
 # --- workers (module level: spawned) ----------------------------------------------------------------
