@@ -223,6 +223,11 @@ TWO_RANK_LAYOUTS = {
         {**SHARED, "budget": 30},
     ),
     "pp2_shared": ("dense_shared", dict(pipeline_model_parallel_size=2), {**SHARED, "budget": 30}),
+    "pp2_vpp2_shared": (
+        "dense_shared",
+        dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+        {**SHARED, "budget": 30},
+    ),
     "cp2_shared": ("dense_shared", dict(context_parallel_size=2), {**SHARED, "budget": 16}),
 }
 # Tied embeddings: the first stage's word_embeddings and the last stage's output_layer are two copies of
