@@ -179,7 +179,8 @@ def shared_prefix_mask(
 
 
 class PackedCPAttention(MegatronModule):
-    """Drop-in core attention for the local spec: causal, THD packing, exact context parallelism."""
+    """Drop-in core attention for the local spec: causal, THD packing, exact context parallelism,
+    shared-prefix units (`SharedPrefixSeqParams.unit_segments`)."""
 
     def __init__(
         self,
