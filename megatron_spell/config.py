@@ -373,6 +373,11 @@ class TrainConfig:
     loss_agg_mode: Literal["token_mean", "seq_mean"] = "token_mean"
     # padded tokens per CP rank in one micro-batch of the update
     max_tokens_per_microbatch: int = 32000
+    # pack trajectories with identical prompts (a responder group, a verifier group's votes) with
+    # the prompt once: each response attends to the prompt and to itself only, with its own
+    # positions; same loss, gradients and log-probs as separate sequences, P + n*R tokens instead
+    # of n*(P + R). Needs our attention (with Transformer Engine's it packs unshared, logged)
+    shared_prefix: bool = False
     # tokens per chunk of the vocab-parallel log-prob pass
     logprob_chunk_size: int = 4096
     # Megatron's DistributedOptimizer (optimizer state sharded over DP; ignored on CPU)

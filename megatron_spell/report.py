@@ -94,7 +94,27 @@ def _markdown(name: str, rows: list[dict[str, float]]) -> str:
         if ys:
             lines.append(f"| {key} | {ys[0]:.4g} | {ys[-1]:.4g} | {sum(ys) / len(ys):.4g} |")
     lines += _timing_table(rows)
+    lines += _packing_line(rows)
     return "\n".join(lines) + "\n"
+
+
+def _packing_line(rows: list[dict[str, float]]) -> list[str]:
+    """Tokens the update ran through the model per step, and the shared-prefix units among them."""
+    have = [r for r in rows if "train/num_model_tokens" in r]
+    if not have:
+        return []
+
+    def mean(key: str) -> float:
+        return sum(r.get(key, 0.0) for r in have) / len(have)
+
+    return [
+        "",
+        f"Update: {mean('train/num_model_tokens'):.0f} tokens through the model per step "
+        f"(train.shared_prefix units {mean('train/shared_prefix_units'):.1f}, split "
+        f"{mean('train/shared_prefix_split_units'):.1f}, unshared fallbacks "
+        f"{mean('train/shared_prefix_fallback'):.1f}; train "
+        f"{mean('timing/train_s'):.2f} s per step).",
+    ]
 
 
 _PHASES = ("generate", "score", "train", "sync", "checkpoint")

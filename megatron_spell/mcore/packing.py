@@ -22,6 +22,22 @@ response tokens of the full sequences, whatever the CP size (the bug class of ve
 
 Deviation from the reference (verl): sequences are balanced by padded token count rather than by
 `sum(L^2)`-style compute estimates; dummy micro-batches instead of splitting real ones keep every pack intact.
+
+Shared prefix (`shared_prefix=True`, `train.shared_prefix`): samples whose `prompt_ids` are identical (a
+responder group's n answers, a verifier group's votes) form one *unit*, packed as one THD sequence
+
+    prompt[:-1] | prompt[-1], r_1[:-1] | prompt[-1], r_2[:-1] | ... | padding
+
+The prompt minus its last token is stored once (segment 0); response i is segment i+1 and starts with its own
+copy of the last prompt token, so that every position predicts exactly one response token (labels, loss mask,
+advantages and log-probs keep their per-position layout; the last response token predicts nothing and is
+dropped). Positions of segment i run P-1, P, ..., P+R_i-2, exactly the positions these tokens have in the
+unshared sequence (P = prompt length). The attention (`attention.PackedCPAttention`, given
+`unit_segments`) lets segment i see segment 0 and itself, causally, never a sibling; padding is one more
+segment. A unit costs P-1 + sum R_i tokens instead of n*P + sum R_i. Units are split for CP, balanced over
+DP and binned by that real cost; a unit over the micro-batch budget is split into several units that each
+carry the prompt and a subset of the responses (first-fit decreasing); a part left with one response is
+packed as an ordinary sequence (counted in `num_unshared_fallback`).
 """
 
 from __future__ import annotations
@@ -112,6 +128,11 @@ class MicroBatch:
     response_spans: tuple[
         tuple[int, int], ...
     ] = ()  # per sample: [start, end) label positions in the pack
+    # per unit (THD sequence): segment boundaries relative to its start, (0, end of the shared prompt,
+    # end of response 1, ..., padded length); None when every unit is an ordinary sequence
+    unit_segments: tuple[tuple[int, ...], ...] | None = None
+    # int64 [padded pack]: RoPE position of every token of the unsplit pack (None: 0.. per sequence)
+    rope_positions: torch.Tensor | None = None
 
     @property
     def num_local_tokens(self) -> int:
@@ -130,6 +151,12 @@ class PackedBatch:
     global_num_loss_tokens: int  # response tokens of the whole global batch (all DP ranks)
     global_num_sequences: int  # sequences with at least one response token (for seq-mean)
     dp_assignment: tuple[tuple[int, ...], ...] = field(default=())  # sample ids per DP rank
+    # shared prefix: units holding more than one response, extra units made by splitting a group over the
+    # micro-batch budget, group parts packed as an ordinary sequence, padded tokens through the model
+    num_shared_units: int = 0
+    num_split_units: int = 0
+    num_unshared_fallback: int = 0
+    global_num_tokens: int = 0
 
 
 def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool) -> int:
@@ -219,6 +246,57 @@ def _sequence_fields(sample: TrainSample, length: int, pad_id: int) -> dict[str,
     return out
 
 
+def response_positions(prompt_len: int, response_len: int) -> torch.Tensor:
+    """RoPE positions of a response segment of a shared unit: those of the last prompt token and of the
+    first `response_len - 1` response tokens in the unshared sequence."""
+    return torch.arange(prompt_len - 1, prompt_len - 1 + response_len, dtype=torch.int64)
+
+
+def _shared_unit_fields(
+    unit: Sequence[TrainSample], length: int, pad_id: int
+) -> tuple[dict[str, torch.Tensor], tuple[int, ...], list[int]]:
+    """Full per-position fields of one shared unit padded to `length`, its segment boundaries and the
+    start of every sample's response segment (see the module docstring for the layout)."""
+    prompt = unit[0].prompt_ids
+    p = len(prompt)
+    head = p - 1  # tokens stored once
+    out = {
+        "tokens": torch.full((length,), pad_id, dtype=torch.int64),
+        "position_ids": torch.zeros(length, dtype=torch.int64),
+        "labels": torch.full((length,), _NO_LABEL, dtype=torch.int64),
+        "loss_mask": torch.zeros(length),
+        "advantages": torch.zeros(length),
+        "seq_num_loss_tokens": torch.zeros(length),
+        "old_logprobs": torch.zeros(length),
+        "ref_logprobs": torch.zeros(length),
+    }
+    out["tokens"][:head] = torch.tensor(prompt[:head], dtype=torch.int64)
+    out["position_ids"][:head] = torch.arange(head)
+    bounds, starts, c = [0, head], [], head
+    for s in unit:
+        r = len(s.response_ids)
+        starts.append(c)
+        if r == 0:
+            continue
+        seg = slice(c, c + r)
+        out["tokens"][seg] = torch.tensor((prompt[-1], *s.response_ids[:-1]), dtype=torch.int64)
+        out["position_ids"][seg] = response_positions(p, r)
+        out["labels"][seg] = torch.tensor(s.response_ids, dtype=torch.int64)
+        out["loss_mask"][seg] = 1.0
+        out["advantages"][seg] = torch.as_tensor(s.advantage, dtype=torch.float32)
+        out["seq_num_loss_tokens"][seg] = float(r)
+        for name in ("old_logprobs", "ref_logprobs"):
+            if getattr(s, name) is not None:
+                out[name][seg] = torch.tensor(getattr(s, name), dtype=torch.float32)
+        c += r
+        bounds.append(c)
+    # padding: one more segment (it sees the prompt and itself, nothing sees it)
+    out["position_ids"][c:] = torch.arange(c, length)
+    if length > c:
+        bounds.append(length)
+    return out, tuple(bounds), starts
+
+
 def build_micro_batch(
     samples: Sequence[TrainSample],
     sample_ids: Sequence[int],
@@ -228,34 +306,66 @@ def build_micro_batch(
     cp_rank: int = 0,
     pad_id: int = 0,
     pad_to: int | None = None,
+    units: Sequence[Sequence[int]] | None = None,
 ) -> MicroBatch:
     """THD-pack `samples` (the ones listed in `sample_ids`) and keep this CP rank's share.
 
     An empty `sample_ids` gives a dummy micro-batch: one pad sequence of `multiple` tokens, zero loss mask.
     `pad_to` (a multiple of `multiple`) appends one pad sequence so the pack has exactly that many tokens.
+    `units` partitions `sample_ids` into packed sequences: a unit of several samples (which must share
+    `prompt_ids`) is packed with the prompt once (module docstring); default: one sample per unit.
     """
-    seqs = [samples[i] for i in sample_ids]
-    if not seqs:
-        dummy = TrainSample(prompt_ids=(pad_id,), response_ids=())
-        fields = [_sequence_fields(dummy, multiple, pad_id)]
-        lengths, padded = [1], [multiple]
-    else:
-        lengths = [s.num_tokens for s in seqs]
-        padded = [padded_length(n, multiple) for n in lengths]
-        fields = [_sequence_fields(s, n, pad_id) for s, n in zip(seqs, padded)]
+    if units is None:
+        units = [[i] for i in sample_ids]
+    units = [list(u) for u in units if u]
+    order = [i for u in units for i in u]
+    if sorted(order) != sorted(sample_ids):
+        raise ValueError("build_micro_batch: units must partition sample_ids")
+    seqs = [samples[i] for i in order]
+    fields, lengths, padded, segments, spans = [], [], [], [], []
+    offset = 0
+    for u in units:
+        group = [samples[i] for i in u]
+        if len(group) == 1:
+            s = group[0]
+            n = s.num_tokens
+            length = padded_length(n, multiple)
+            fields.append(_sequence_fields(s, length, pad_id))
+            p = len(s.prompt_ids)
+            spans.append((offset + p - 1, offset + p - 1 + len(s.response_ids)))
+            segments.append((0, length))
+        else:
+            if any(s.prompt_ids != group[0].prompt_ids for s in group):
+                raise ValueError("build_micro_batch: the samples of a shared unit differ in prompt")
+            n = len(group[0].prompt_ids) - 1 + sum(len(s.response_ids) for s in group)
+            length = padded_length(n, multiple)
+            f, bounds, starts = _shared_unit_fields(group, length, pad_id)
+            fields.append(f)
+            spans.extend(
+                (offset + a, offset + a + len(s.response_ids)) for s, a in zip(group, starts)
+            )
+            segments.append(bounds)
+        lengths.append(n)
+        padded.append(length)
+        offset += length
+    dummy = TrainSample(prompt_ids=(pad_id,), response_ids=())
+    if not seqs:  # a dummy micro-batch: one pad sequence
+        fields.append(_sequence_fields(dummy, multiple, pad_id))
+        lengths, padded, segments = [1], [multiple], [(0, multiple)]
     if pad_to is not None and pad_to > sum(padded):
         extra = pad_to - sum(padded)
         if extra % multiple:
             raise ValueError(f"pad_to={pad_to} is not a multiple of {multiple}")
-        dummy = TrainSample(prompt_ids=(pad_id,), response_ids=())
         fields.append(_sequence_fields(dummy, extra, pad_id))
         lengths, padded = [*lengths, 1], [*padded, extra]
+        segments.append((0, extra))
     full = {k: torch.cat([f[k] for f in fields]) for k in fields[0]}
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     cu_padded = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
     index = cp_split_index(cu_padded.tolist(), cp_size, cp_rank)
     local = {k: v[index] for k, v in full.items()}
     has_ref = bool(seqs) and all(s.ref_logprobs is not None for s in seqs)
+    shared = any(len(b) > 2 for b in segments)
     return MicroBatch(
         tokens=local["tokens"],
         position_ids=local["position_ids"],
@@ -269,13 +379,62 @@ def build_micro_batch(
         cu_seqlens=cu,
         cu_seqlens_padded=cu_padded,
         max_seqlen=max(padded),
-        sample_ids=tuple(sample_ids),
+        sample_ids=tuple(order),
         num_loss_tokens=sum(len(s.response_ids) for s in seqs),
-        response_spans=tuple(
-            (c + len(s.prompt_ids) - 1, c + len(s.prompt_ids) - 1 + len(s.response_ids))
-            for s, c in zip(seqs, cu_padded.tolist())
-        ),
+        response_spans=tuple(spans),
+        unit_segments=tuple(segments) if shared else None,
+        rope_positions=full["position_ids"] if shared else None,
     )
+
+
+def plan_units(
+    samples: Sequence[TrainSample], *, multiple: int, budget: int
+) -> tuple[list[list[int]], int, int]:
+    """Group samples with identical prompts into shared units that fit `budget` padded tokens.
+
+    Returns the units (lists of sample ids, in order of first appearance), how many extra units the
+    budget split made and how many parts of a group were left with one response (packed as an ordinary
+    sequence). A group over the budget is split first-fit decreasing by response length into parts
+    that each carry the prompt.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.prompt_ids, []).append(i)
+    units: list[list[int]] = []
+    split = fallback = 0
+    for prompt, ids in groups.items():
+        head = len(prompt) - 1
+        if (
+            len(ids) == 1
+            or padded_length(head + sum(len(samples[i].response_ids) for i in ids), multiple)
+            <= budget
+        ):
+            units.append(ids)
+            continue
+        parts: list[list[int]] = []
+        loads: list[int] = []
+        for i in sorted(ids, key=lambda i: (-len(samples[i].response_ids), i)):
+            r = len(samples[i].response_ids)
+            for k, load in enumerate(loads):
+                if padded_length(head + load + r, multiple) <= budget:
+                    parts[k].append(i)
+                    loads[k] += r
+                    break
+            else:
+                parts.append([i])
+                loads.append(r)
+        split += len(parts) - 1
+        fallback += sum(1 for p in parts if len(p) == 1)
+        units.extend(sorted(p) for p in parts)
+    return units, split, fallback
+
+
+def unit_cost(samples: Sequence[TrainSample], unit: Sequence[int], multiple: int) -> int:
+    """Padded tokens of a unit through the model: P + R for one sample, P - 1 + sum R for a shared one."""
+    if len(unit) == 1:
+        return padded_length(samples[unit[0]].num_tokens, multiple)
+    head = len(samples[unit[0]].prompt_ids) - 1
+    return padded_length(head + sum(len(samples[i].response_ids) for i in unit), multiple)
 
 
 def pack_batch(
@@ -291,11 +450,13 @@ def pack_batch(
     microbatch_multiple: int = 1,
     pad_id: int = 0,
     equal_length: bool = False,
+    shared_prefix: bool = False,
 ) -> PackedBatch:
     """Plan the whole global batch (same result on every rank) and build this rank's micro-batches.
 
     `max_tokens_per_microbatch` counts padded tokens per CP rank (a pack holds up to that times cp tokens).
     `equal_length` pads every micro-batch of every rank to the longest pack (a fixed pipeline tensor shape).
+    `shared_prefix` packs samples with identical prompts as shared units (module docstring).
     """
     if not samples:
         raise ValueError("pack_batch got no samples: the update batch is empty")
@@ -304,33 +465,44 @@ def pack_batch(
             f"train.max_tokens_per_microbatch must be > 0, got {max_tokens_per_microbatch}"
         )
     multiple = pad_multiple(cp_size, tp_size, sequence_parallel)
-    lengths = [padded_length(s.num_tokens, multiple) for s in samples]
-    assignment = balance_across_dp(lengths, dp_size)
     budget = max_tokens_per_microbatch * cp_size
-    bins_per_rank = [pack_into_bins(ids, lengths, budget) for ids in assignment]
+    if shared_prefix:
+        units, num_split, num_fallback = plan_units(samples, multiple=multiple, budget=budget)
+    else:
+        units, num_split, num_fallback = [[i] for i in range(len(samples))], 0, 0
+    costs = [unit_cost(samples, u, multiple) for u in units]
+    assignment = balance_across_dp(costs, dp_size)
+    bins_per_rank = [pack_into_bins(ids, costs, budget) for ids in assignment]
     num_micro = max(len(b) for b in bins_per_rank)
     num_micro = -(-num_micro // microbatch_multiple) * microbatch_multiple
     my_bins = bins_per_rank[dp_rank] + [[]] * (num_micro - len(bins_per_rank[dp_rank]))
     pad_to = None
     if equal_length:
-        pad_to = max(sum(lengths[i] for i in b) for bins in bins_per_rank for b in bins)
-    micro = [
-        build_micro_batch(
-            samples,
-            ids,
-            multiple=multiple,
-            cp_size=cp_size,
-            cp_rank=cp_rank,
-            pad_id=pad_id,
-            pad_to=pad_to,
+        pad_to = max(sum(costs[i] for i in b) for bins in bins_per_rank for b in bins)
+    micro = []
+    for b in my_bins:
+        my_units = [units[u] for u in b]
+        micro.append(
+            build_micro_batch(
+                samples,
+                [i for u in my_units for i in u],
+                multiple=multiple,
+                cp_size=cp_size,
+                cp_rank=cp_rank,
+                pad_id=pad_id,
+                pad_to=pad_to,
+                units=my_units,
+            )
         )
-        for ids in my_bins
-    ]
     return PackedBatch(
         micro_batches=micro,
         global_num_loss_tokens=sum(len(s.response_ids) for s in samples),
         global_num_sequences=sum(1 for s in samples if s.response_ids),
-        dp_assignment=tuple(tuple(a) for a in assignment),
+        dp_assignment=tuple(tuple(sorted(i for u in a for i in units[u])) for a in assignment),
+        num_shared_units=sum(1 for u in units if len(u) > 1),
+        num_split_units=num_split,
+        num_unshared_fallback=num_fallback,
+        global_num_tokens=sum(costs),
     )
 
 

@@ -79,6 +79,14 @@ class MegatronPolicy:
         )
         self.optimizer = build_optimizer(self.ddp, train, ctx)
         self.scheduler = build_scheduler(self.optimizer, train)
+        shared_prefix = train.shared_prefix and not use_te
+        if train.shared_prefix and use_te:
+            # TE's fused attention takes one causal mask per THD sequence; the shared-prefix mask
+            # needs PackedCPAttention (model.attention_backend=local)
+            log.warning(
+                "train.shared_prefix=true with Transformer Engine attention: packing unshared; "
+                "set model.attention_backend=local to share prompts"
+            )
         self.engine = PolicyEngine(
             self.ddp,
             ctx,
@@ -88,6 +96,7 @@ class MegatronPolicy:
             pad_token_id=int(getattr(hf_config, "pad_token_id", None) or 0),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
+            shared_prefix=shared_prefix,
         )
 
     def update(self, batch: TrainBatch) -> dict[str, float]:

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
@@ -37,6 +36,7 @@ from megatron.core.tensor_parallel import (
 )
 
 from megatron_spell.config import TrainConfig
+from megatron_spell.mcore.attention import SharedPrefixSeqParams, set_rope_positions
 from megatron_spell.mcore.logprobs import chunked_logprobs
 from megatron_spell.mcore.loss import policy_loss, token_weights
 from megatron_spell.mcore.packing import (
@@ -90,7 +90,9 @@ class PolicyEngine:
     `train` is the run's `train` section (loss, micro-batching, log-prob chunks). The rest is not in
     it: `temperature` is the rollout's (log-probs are taken of softmax(logits / temperature)),
     `vocab_size` the true (HF) vocabulary (padded output rows are masked) and `pad_token_id` fills
-    the packs.
+    the packs. `shared_prefix` (default `train.shared_prefix`) packs samples with identical prompts
+    with the prompt once (`packing` module docstring); it needs our core attention
+    (`attention.PackedCPAttention`), so the caller passes False with Transformer Engine's.
     """
 
     def __init__(
@@ -104,8 +106,10 @@ class PolicyEngine:
         pad_token_id: int,
         optimizer: Any = None,
         scheduler: Any = None,
+        shared_prefix: bool | None = None,
     ):
         self.models, self.ctx, self.cfg = models, ctx, train
+        self.shared_prefix = train.shared_prefix if shared_prefix is None else shared_prefix
         self.temperature, self.vocab_size, self.pad_token_id = temperature, vocab_size, pad_token_id
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_skipped_steps = 0
@@ -132,6 +136,7 @@ class PolicyEngine:
             microbatch_multiple=c.pp if c.vpp > 1 else 1,
             pad_id=self.pad_token_id,
             equal_length=c.vpp > 1,
+            shared_prefix=self.shared_prefix,
         )
 
     def _micro(self, mb: MicroBatch, packed: PackedBatch | None, train: bool) -> _Micro:
@@ -182,7 +187,7 @@ class PolicyEngine:
         m: _Micro = micros[next(data_iterator)]
         d = self._device
         mb = m.mb
-        params = PackedSeqParams(
+        params = SharedPrefixSeqParams(
             qkv_format="thd",
             cu_seqlens_q=mb.cu_seqlens.to(d),
             cu_seqlens_kv=mb.cu_seqlens.to(d),
@@ -191,7 +196,10 @@ class PolicyEngine:
             max_seqlen_q=mb.max_seqlen,
             max_seqlen_kv=mb.max_seqlen,
             cp_group=self.ctx.cp_group,
+            unit_segments=mb.unit_segments,
         )
+        if self.shared_prefix:
+            set_rope_positions(model, mb.rope_positions)
         out = model(
             mb.tokens[None].to(d),
             mb.position_ids[None].to(d),
@@ -295,6 +303,11 @@ class PolicyEngine:
                 "train/num_tokens": float(packed.global_num_loss_tokens),
                 "train/num_sequences": float(len(samples)),
                 "train/num_microbatches": float(len(micros)),
+                # padded tokens through the model (all DP ranks), and the shared-prefix packing
+                "train/num_model_tokens": float(packed.global_num_tokens),
+                "train/shared_prefix_units": float(packed.num_shared_units),
+                "train/shared_prefix_split_units": float(packed.num_split_units),
+                "train/shared_prefix_fallback": float(packed.num_unshared_fallback),
                 "train/num_skipped_steps": float(self.num_skipped_steps),
                 "train/skipped": float(not finite),
                 "train/lr": float(self.optimizer.param_groups[0]["lr"]),

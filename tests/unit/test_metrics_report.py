@@ -65,7 +65,8 @@ def test_report_time_breakdown_and_orchestration_overhead(tmp_path):
          "timing/sync_s": 4.0, "timing/score_s": 1.0},
         {"step": 2, "timing/step_s": 200.0, "timing/generate_s": 100.0, "timing/train_s": 80.0,
          "timing/generate_questioner_s": 50.0, "timing/generate_responder_s": 50.0,
-         "timing/sync_s": 6.0, "timing/score_s": 1.0, "timing/checkpoint_s": 10.0},
+         "timing/sync_s": 6.0, "timing/score_s": 1.0, "timing/checkpoint_s": 10.0,
+         "train/num_model_tokens": 900.0, "train/shared_prefix_units": 3.0},
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(tmp_path)
@@ -76,3 +77,5 @@ def test_report_time_breakdown_and_orchestration_overhead(tmp_path):
     assert "| other (batching, dumps, metrics) | 4.00 | 2.7% |" in md  # 150 - 80 - 1 - 55 - 5 - 5
     assert "| **step** | 150.00 | 100% |" in md
     assert "everything but generation and training): 10.00% of the step" in md  # (150-80-55)/150
+    # the update's tokens through the model, over the steps that report them
+    assert "Update: 900 tokens through the model per step (train.shared_prefix units 3.0" in md

@@ -22,6 +22,7 @@ from tests.dist.mcore._engine_harness import (
     layout,
     make_engine,
     max_abs_diffs,
+    shared_batch,
     to_numpy,
 )
 from tests.helpers.convert import convert_to_megatron
@@ -50,15 +51,19 @@ def models(tmp_path_factory):
 
 
 def _step_and_gather(hf_dir, ckpt, par, **kw):
+    """One train step (and, on the shared-prefix batch, the forward-only log-probs first)."""
     from megatron_spell.mcore.parallel import destroy_parallel
 
     on_policy = kw.pop("on_policy", False)
+    shared = kw.pop("batch", "fixed") == "shared"
     engine, ctx = make_engine(hf_dir, ckpt, par, **kw)
-    metrics = engine.train_step(fixed_batch(), on_policy=on_policy)
+    batch = shared_batch() if shared else fixed_batch()
+    lps = engine.compute_logprobs(batch) if shared else None
+    metrics = engine.train_step(batch, on_policy=on_policy)
     grads = None if kw.get("dist_opt") else full_tensors(engine.models, ctx, "main_grad")
     params = full_tensors(engine.models, ctx, "data")
     destroy_parallel()
-    return to_numpy({"metrics": metrics, "grads": grads, "params": params})
+    return to_numpy({"metrics": metrics, "grads": grads, "params": params, "lp": lps})
 
 
 def _reference_worker(rank, world, dense, moe):
@@ -132,6 +137,48 @@ def _reference_worker(rank, world, dense, moe):
     unchanged = max(float((a - b).abs().max()) for a, b in zip(after, again))
     out["skip"] = (m["train/skipped"], m["train/num_skipped_steps"], unchanged)
     destroy_parallel()
+    out.update(_shared_prefix_runs(dense, hf))
+    return out
+
+
+# shared-prefix packing of `shared_batch` against its unshared single-process run ("dense_shared");
+# budget 30 (16 per rank at CP=2) splits the group of four responses by the token budget
+SHARED = {"batch": "shared", "shared_prefix": True}
+
+
+def _hf_logprobs(hf, batch, temperature=0.7):
+    out = []
+    with torch.no_grad():
+        for s in batch:
+            logits = hf(torch.tensor([s.prompt_ids + s.response_ids])).logits[0] / temperature
+            p = len(s.prompt_ids)
+            logp = torch.log_softmax(logits.float(), -1)[p - 1 : -1]
+            out.append(logp.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1))
+    return out
+
+
+def _shared_prefix_runs(dense, hf):
+    """Shared vs unshared at TP=1 (whole units, and units split by the budget), log-probs against HF,
+    and the same comparison with a deliberately broken mask (siblings visible) and broken positions
+    (responses restarting at 0), which must differ."""
+    from unittest import mock
+
+    from megatron_spell.mcore import attention, packing
+
+    out = {
+        "dense_shared": _step_and_gather(*dense, layout(), batch="shared", budget=256),
+        "shared_tp1": _step_and_gather(*dense, layout(), **SHARED, budget=256),
+        "shared_tp1_split": _step_and_gather(*dense, layout(), **SHARED, budget=30),
+    }
+    hf_lps = _hf_logprobs(hf, shared_batch())
+    out["shared_lp_vs_hf"] = max(
+        float(abs(a - b.numpy()).max()) for a, b in zip(out["shared_tp1"]["lp"], hf_lps)
+    )
+    siblings = mock.patch.object(attention, "key_ranges", lambda segs, i, end: [(segs[0], end)])
+    restart = mock.patch.object(packing, "response_positions", lambda p, r: torch.arange(r))
+    for name, patch in (("broken_siblings", siblings), ("broken_positions", restart)):
+        with patch:
+            out[name] = _step_and_gather(*dense, layout(), **SHARED, budget=256)
     return out
 
 
@@ -151,6 +198,18 @@ TWO_RANK_LAYOUTS = {
     # the on-policy step (no recompute pass) with its mismatch metric reduced over PP and CP
     "pp2_onpolicy": ("dense_onpolicy", dict(pipeline_model_parallel_size=2), {"on_policy": True}),
     "cp2_onpolicy": ("dense_onpolicy", dict(context_parallel_size=2), {"on_policy": True}),
+    "tp2_sp_shared": (
+        "dense_shared",
+        dict(tensor_model_parallel_size=2, sequence_parallel=True),
+        {**SHARED, "budget": 30},
+    ),
+    "pp2_shared": ("dense_shared", dict(pipeline_model_parallel_size=2), {**SHARED, "budget": 30}),
+    "pp2_vpp2_shared": (
+        "dense_shared",
+        dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+        {**SHARED, "budget": 30},
+    ),
+    "cp2_shared": ("dense_shared", dict(context_parallel_size=2), {**SHARED, "budget": 16}),
 }
 # Tied embeddings: the first stage's word_embeddings and the last stage's output_layer are two copies of
 # one weight, kept equal by Megatron's embedding-group gradient all-reduce.
@@ -169,13 +228,18 @@ FOUR_RANK_LAYOUTS = {
         dict(tensor_model_parallel_size=2, context_parallel_size=2, sequence_parallel=True),
         {"dist_opt": True},
     ),
+    "tp2_cp2_shared": (
+        "dense_shared",
+        dict(tensor_model_parallel_size=2, context_parallel_size=2),
+        {**SHARED, "budget": 16},
+    ),
 }
 
 
 def _layouts_worker(rank, world, paths, layouts):
     out = {}
     for name, (model, par, kw) in layouts.items():
-        res = _step_and_gather(*paths[model.removesuffix("_onpolicy")], layout(**par), **kw)
+        res = _step_and_gather(*paths[model.split("_")[0]], layout(**par), **kw)
         if rank == 0:
             out[name] = res
     return out
@@ -242,6 +306,39 @@ def _check(reference, results, layouts):
         diffs = max_abs_diffs(_with_tied_copy(ref["params"], got["params"]), got["params"])
         worst = max(diffs, key=diffs.get)
         assert diffs[worst] < TOL, (name, "params after step", worst, diffs[worst])
+        if ref["lp"] is not None:  # per-token log-probs of the forward-only pass
+            lp = max(float(abs(a - b).max(initial=0.0)) for a, b in zip(ref["lp"], got["lp"]))
+            assert lp < TOL, (name, "log-probs", lp)
+        if _kw.get("shared_prefix"):
+            assert got["metrics"]["train/shared_prefix_units"] >= 2, name
+            assert (
+                got["metrics"]["train/num_model_tokens"] < ref["metrics"]["train/num_model_tokens"]
+            )
+
+
+SHARED_TP1 = {
+    "shared_tp1": ("dense_shared", {}, {**SHARED, "budget": 256}),
+    "shared_tp1_split": ("dense_shared", {}, {**SHARED, "budget": 30}),
+}
+
+
+def test_shared_prefix_equals_unshared_single_process(reference):
+    """Same loss, gradients, weights after the step and log-probs; the split run made extra units and
+    packed two single responses as ordinary sequences; a broken mask or positions change the loss."""
+    _check(reference, reference, SHARED_TP1)
+    assert reference["shared_lp_vs_hf"] < 1e-5
+    split = reference["shared_tp1_split"]["metrics"]
+    assert (split["train/shared_prefix_split_units"], split["train/shared_prefix_fallback"]) == (
+        2,
+        2,
+    )
+    ref = reference["dense_shared"]
+    for name in ("broken_siblings", "broken_positions"):
+        got = reference[name]
+        lp = max(float(abs(a - b).max(initial=0.0)) for a, b in zip(ref["lp"], got["lp"]))
+        assert lp > 1e-3, (name, lp)
+        diffs = max_abs_diffs(ref["grads"], got["grads"])
+        assert max(diffs.values()) > 1e-4, name
 
 
 def test_two_rank_layouts_match_reference(models, reference):
