@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-GIB = float(1 << 30)
+GB = 1e9
+"""The unit of the memory metrics and reports (decimal gigabytes, as budgets are usually stated)."""
 _PROC = Path("/proc")
 
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_spell.memory import GIB, TRACKER, PeakTracker
+from megatron_spell.memory import GB, TRACKER, PeakTracker
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class MetricsLogger:
                 key = f"timing/{name}_s"
                 self._pending[key] = self._pending.get(key, 0.0) + time.perf_counter() - start
         key = f"memory/peak_rss_gb/{name}"
-        self._pending[key] = max(self._pending.get(key, 0.0), peak() / GIB)
+        self._pending[key] = max(self._pending.get(key, 0.0), peak() / GB)
 
     def flush(self, step: int) -> dict[str, float]:
         """Write the queued scalars for `step` and return them."""

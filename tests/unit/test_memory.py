@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from megatron_spell.memory import GIB, PeakTracker, _children, tree_rss_bytes
+from megatron_spell.memory import GB, PeakTracker, _children, tree_rss_bytes
 from megatron_spell.metrics import MetricsLogger
 
 
@@ -106,16 +106,16 @@ def test_timer_records_the_largest_peak_of_the_spans_of_a_step(tmp_path):
     p = FakeProcess()
     logger = MetricsLogger(tmp_path, tensorboard=False, memory=p.tracker())
     with logger.timer("train"):
-        p.set(int(3 * GIB))
+        p.set(int(3 * GB))
         p.set(1)
     with logger.timer("train"):
-        p.set(int(2 * GIB))
+        p.set(int(2 * GB))
     with logger.timer("sync"):
-        p.set(int(1.5 * GIB))
+        p.set(int(1.5 * GB))
     out = logger.flush(1)
     assert out["memory/peak_rss_gb/train"] == pytest.approx(3.0)
-    assert out["memory/peak_rss_gb/sync"] == pytest.approx(2.0)  # rss was 2 GiB when sync began
+    assert out["memory/peak_rss_gb/sync"] == pytest.approx(2.0)  # rss was 2 GB when sync began
     with logger.timer("train"):
-        p.set(int(0.5 * GIB))
+        p.set(int(0.5 * GB))
     assert logger.flush(2)["memory/peak_rss_gb/train"] == pytest.approx(1.5)  # a new step restarts
     logger.close()
