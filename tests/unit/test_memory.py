@@ -119,3 +119,22 @@ def test_timer_records_the_largest_peak_of_the_spans_of_a_step(tmp_path):
         p.set(int(0.5 * GB))
     assert logger.flush(2)["memory/peak_rss_gb/train"] == pytest.approx(1.5)  # a new step restarts
     logger.close()
+
+
+def test_demo_prints_its_dtype_and_the_peak_of_each_phase(tmp_path):
+    import json
+    from pathlib import Path
+
+    from megatron_spell.config import load_config
+    from megatron_spell.demo import _phase_peaks, describe
+
+    root = Path(__file__).resolve().parents[2]
+    line = describe(load_config(root / "configs/demo.yaml", ["model.dtype=bf16"]))
+    assert "model.dtype=bf16 in Megatron and vLLM" in line and "train.recompute=full" in line
+    rows = [
+        {"step": 1, "memory/peak_rss_gb/generate": 3.0, "memory/peak_rss_gb/train": 6.25},
+        {"step": 2, "memory/peak_rss_gb/generate": 3.5, "memory/peak_rss_gb/train": 6.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _phase_peaks(tmp_path) == ["  peak by phase : generate 3.50 GB, train 6.25 GB"]
+    assert _phase_peaks(tmp_path / "missing") == []
