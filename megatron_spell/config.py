@@ -377,7 +377,7 @@ class TrainConfig:
     # the prompt once: each response attends to the prompt and to itself only, with its own
     # positions; same loss, gradients and log-probs as separate sequences, P + n*R tokens instead
     # of n*(P + R). Needs our attention (with Transformer Engine's it packs unshared, logged)
-    shared_prefix: bool = False
+    shared_prefix: bool = True
     # tokens per chunk of the vocab-parallel log-prob pass
     logprob_chunk_size: int = 4096
     # Megatron's DistributedOptimizer (optimizer state sharded over DP; ignored on CPU)
