@@ -87,7 +87,9 @@ def make_engine(
     grad_clip: float = 1.0,
     dist_opt: bool = False,
     temperature: float = 0.7,
+    **train_kw: Any,
 ):
+    """`train_kw`: further TrainConfig fields (e.g. the rollout correction's)."""
     from megatron_spell.config import TrainConfig
 
     train = TrainConfig(
@@ -97,6 +99,7 @@ def make_engine(
         use_distributed_optimizer=dist_opt,
         logprob_chunk_size=8,
         max_tokens_per_microbatch=budget,
+        **train_kw,
     )
     engine, ctx, _, _ = build_policy(hf_dir, ckpt, par, train, temperature=temperature)
     return engine, ctx
