@@ -6,7 +6,9 @@ verifier votes are valid, one GRPO update per step, and the weights are synced i
 
 * `test_two_steps_two_ranks`: (with old log-probs from the training pass, and recomputed) two full steps with
   Megatron TP=2 (the export gathers TP shards) and one vLLM
-  engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed.
+  engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed. The
+  first run has the rollout correction on: each step's loss equals the one recomputed from its dumped
+  rollout (advantages, lengths) and the logged train/rollout log-prob gap.
 * `test_resume_is_exact`: 2 steps straight vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
   final weights are identical.
 * `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
@@ -168,14 +170,49 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
+# The rollout correction of the 30B preset (token level, mask band [0.5, 5], veto 1e-4) with a TIS lower
+# bound of 1.25: fp32 vLLM and Megatron agree to well within a factor 1.25, so every weight is exactly
+# 1.25, nothing is masked, and the corrected loss is 1.25 x the on-policy GRPO loss, whatever the gap.
+CORRECTION = [
+    "train.rollout_is=token",
+    "train.rollout_is_threshold=[1.25, 5.0]",
+    "train.rollout_rs=token",
+    "train.rollout_rs_threshold=[0.5, 5.0]",
+    "train.rollout_token_veto_threshold=1e-4",
+]
+
+
+def _check_corrected_loss(run_dir: Path, rows: list[dict]) -> None:
+    """Step k's loss from step k's dump: on-policy the GRPO token loss is -A (ratio 1), times the
+    factor 1.25, token mean over every response token of the batch (docs/spell-algorithm.md §5)."""
+    for step, row in enumerate(rows):
+        # the logged gap bounds every token's ratio inside (0.8, 1.25): below the TIS lower bound,
+        # inside the mask band, far above the veto
+        assert row["train/logprob_mismatch_max"] < math.log(1.25), row
+        lines = (run_dir / "rollouts" / f"step_{step:08d}.jsonl").read_text().splitlines()
+        trajs = [json.loads(x) for x in lines]
+        n = sum(len(t["response_ids"]) for t in trajs)
+        assert row["train/num_tokens"] == n
+        expect = sum(-1.25 * t["advantage"] * len(t["response_ids"]) for t in trajs) / n
+        assert row["train/loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6), (row, expect)
+        assert row["train/rollout_corr/weight_mean"] == pytest.approx(1.25)
+        assert row["train/rollout_corr/truncated_frac"] == 1.0
+        assert row["train/rollout_corr/masked_frac"] == row["train/rollout_corr/vetoed_frac"] == 0
+        for role in {t["role"] for t in trajs}:
+            assert row[f"train/rollout_corr/{role}/weight_max"] == pytest.approx(1.25), role
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recompute", [False, True], ids=["old_lp_in_pass", "old_lp_recomputed"])
 def test_two_steps_two_ranks(policy, tmp_path, recompute):
     hf_dir, ckpt, corpus = policy
     overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2)
-    _train([*overrides, f"train.recompute_old_logprobs={str(recompute).lower()}"])
+    overrides.append(f"train.recompute_old_logprobs={str(recompute).lower()}")
+    _train(overrides if recompute else [*overrides, *CORRECTION])
     run_dir = tmp_path / "e2e"
     rows = read_jsonl(run_dir / "metrics.jsonl")
+    if not recompute:
+        _check_corrected_loss(run_dir, rows)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         bad = {k: v for k, v in r.items() if not math.isfinite(v)}
