@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,7 +157,7 @@ class PolicyEngine:
         )
 
     def _micro(
-        self, mb: MicroBatch, packed: PackedBatch | None, train: bool, role_ids: list[int] = ()
+        self, mb: MicroBatch, packed: PackedBatch | None, train: bool, role_ids: Sequence[int] = ()
     ) -> _Micro:
         d = self._device
         select = torch.nonzero(mb.loss_mask > 0, as_tuple=False).flatten()
