@@ -7,8 +7,9 @@ Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the 
 * `update(batch)`: exactly one GRPO optimizer step on all three roles. Deviation (a speed-up with the same
   numbers): the batch is on-policy and gets one step, so the PPO old log-probs equal the current weights'
   log-probs; they are taken from the training pass itself (detached) instead of a forward-only recompute
-  pass first, as verl does (`train.recompute_old_logprobs=true` restores that). The vLLM log-probs only feed
-  the train/infer mismatch metric either way;
+  pass first, as verl does (`train.recompute_old_logprobs=true` restores that). The vLLM log-probs feed
+  the train/infer mismatch metric and, when configured, the rollout correction (on the training pass
+  only, mcore/rollout_correction.py);
 * `export_weights()`: (HF name, full tensor) pairs gathered over PP/TP/EP, streamed bucket by bucket;
 * `save(dir)` / `load(dir)`: model, optimizer and scheduler in one Megatron distributed checkpoint, loadable
   at the same layout (optimizer state resharding follows Megatron's `dp_reshardable` format).
@@ -110,7 +111,7 @@ class MegatronPolicy:
         trajs = list(batch.trajectories)
         if self.config.train.recompute_old_logprobs:
             metrics = self._update_recomputed(trajs)
-        else:  # the engine compares its log-probs with the rollout's (vLLM's) for the mismatch metric
+        else:  # the engine compares its log-probs with the rollout's (vLLM's): mismatch, correction
             rollout = [
                 t.completion.logprobs
                 if len(t.completion.logprobs) == len(t.completion.token_ids)

@@ -11,7 +11,12 @@ one mini-batch, as the reference):
    final hidden states into response-token log-probs and entropies with `logprobs.chunked_logprobs`
    (vocab-parallel, chunked), so no [tokens, vocab] logits tensor is built;
 3. `loss.policy_loss` with per-token weights normalised by the *global* response-token count (or sequence
-   count for seq_mean); gradients are summed over DP x CP by Megatron DDP (optimizer.wrap_ddp);
+   count for seq_mean); gradients are summed over DP x CP by Megatron DDP (optimizer.wrap_ddp). With a
+   rollout correction configured (`train.rollout_is` / `rollout_rs` / `rollout_token_veto_threshold`, on
+   the on-policy step), `rollout_correction` turns the training pass's log-probs and the rollout's into
+   the per-token factor of the policy-gradient term; its sequence sums are all-reduced over the CP group
+   inside the loss function (every CP rank runs every micro-batch), and its metrics per role are summed
+   (maxima: max) over micro-batches and ranks like the others. Off, none of this runs;
 4. non-finite loss or gradients on any rank skip the step everywhere (counted in `train/num_skipped_steps`);
    otherwise the optimizer clips and steps, and the LR scheduler advances.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,13 @@ from megatron_spell.mcore.packing import (
     response_values,
 )
 from megatron_spell.mcore.parallel import ParallelContext
+from megatron_spell.mcore.rollout_correction import (
+    SUM_KEYS,
+    CorrectionSpec,
+    correction_metrics,
+    correction_sums,
+    rollout_correction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +93,15 @@ class _Micro:
     old: torch.Tensor | None = None
     adv: torch.Tensor | None = None
     ref: torch.Tensor | None = None
-    # the loss's old log-probs are the current ones; `old` then holds the rollout's (mismatch metric only)
+    # the loss's old log-probs are the current ones; `old` then holds the rollout's (mismatch metric and
+    # rollout correction)
     on_policy: bool = False
+    # rollout correction only: each response token's sequence in the pack, that sequence's response
+    # length, the pack's sequence count, each token's role index
+    seq_index: torch.Tensor | None = None
+    seq_len: torch.Tensor | None = None
+    num_seqs: int = 0
+    group: torch.Tensor | None = None
 
 
 class PolicyEngine:
@@ -114,6 +134,8 @@ class PolicyEngine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_skipped_steps = 0
         self._device = ctx.device
+        self.correction = CorrectionSpec.from_train(train)
+        self._roles: list[str] = []  # role names of the current batch (rollout-correction metrics)
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
             # padded to one length instead (pack(equal_length=True)) and shapes are fixed.
@@ -139,10 +161,21 @@ class PolicyEngine:
             shared_prefix=self.shared_prefix,
         )
 
-    def _micro(self, mb: MicroBatch, packed: PackedBatch | None, train: bool) -> _Micro:
+    def _micro(
+        self, mb: MicroBatch, packed: PackedBatch | None, train: bool, role_ids: Sequence[int] = ()
+    ) -> _Micro:
         d = self._device
         select = torch.nonzero(mb.loss_mask > 0, as_tuple=False).flatten()
         m = _Micro(mb=mb, select=select.to(d), labels=mb.labels[select].to(d))
+        if train and self.correction is not None:
+            seq = torch.searchsorted(
+                mb.cu_seqlens_padded[1:].long(), mb.global_positions[select], right=True
+            )
+            m.seq_index, m.seq_len = seq.to(d), mb.seq_num_loss_tokens[select].to(d)
+            m.num_seqs = int(mb.cu_seqlens_padded.numel()) - 1
+            # padding sequences (index >= len(sample_ids)) hold no response token
+            roles = torch.tensor([role_ids[i] for i in mb.sample_ids] or [0], dtype=torch.long)
+            m.group = roles[seq.clamp(max=roles.numel() - 1)].to(d)
         if train:
             assert packed is not None
             w = token_weights(
@@ -214,9 +247,21 @@ class PolicyEngine:
     def _train_loss(self, m: _Micro, output: torch.Tensor):
         lp, ent = output[0], output[1]
         old = lp.detach() if m.on_policy else m.old
+        factor = None
+        corr_metrics: dict[str, torch.Tensor] = {}
+        if self.correction is not None:
+            factor, corr_metrics = self._correction(m, lp)
         loss, metrics = policy_loss(
-            lp, old, m.adv, m.weights, self.cfg, entropy=ent, ref_logprobs=m.ref
+            lp,
+            old,
+            m.adv,
+            m.weights,
+            self.cfg,
+            entropy=ent,
+            ref_logprobs=m.ref,
+            rollout_weights=factor,
         )
+        metrics.update(corr_metrics)
         if (
             m.on_policy and m.old is not None
         ):  # train/infer mismatch against the rollout's log-probs
@@ -226,6 +271,24 @@ class PolicyEngine:
             metrics["mismatch_max"] = diff.max() if diff.numel() else diff.new_zeros(())
         n = torch.tensor(int(m.select.numel()), dtype=torch.int)
         return loss, n, {"loss": loss.detach(), **metrics}
+
+    def _correction(self, m: _Micro, lp: torch.Tensor):
+        """Rollout-correction factor of the micro-batch's tokens and its metric sums."""
+        c = self.ctx
+        corr = rollout_correction(
+            lp.detach() - m.old,
+            self.correction,
+            seq_index=m.seq_index,
+            seq_len=m.seq_len,
+            num_seqs=m.num_seqs,
+            all_reduce_sum=self._cp_sum if c.cp > 1 else None,
+        )
+        sums, top = correction_sums(corr, m.group, len(self._roles))
+        return corr.factor, {"corr_sums": sums.cpu(), "corr_max": top.cpu()}
+
+    def _cp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.ctx.cp_group)
+        return t
 
     @staticmethod
     def _collect_logprobs(m: _Micro, output: torch.Tensor):
@@ -267,8 +330,20 @@ class PolicyEngine:
         if self.optimizer is None:
             raise ValueError("PolicyEngine.train_step needs an optimizer (build_optimizer)")
         packed = self.pack(samples)
-        micros = [self._micro(mb, packed, train=True) for mb in packed.micro_batches]
         with_rollout_lp = all(s.old_logprobs is not None for s in samples)
+        role_ids: list[int] = []
+        if self.correction is not None:
+            if not (on_policy and with_rollout_lp):
+                missing = sum(s.old_logprobs is None for s in samples)
+                raise ValueError(
+                    "the rollout correction (train.rollout_is / rollout_rs / "
+                    "rollout_token_veto_threshold) needs the on-policy step with the rollout's "
+                    f"log-probs of every sample as old_logprobs (on_policy={on_policy}, {missing} of "
+                    f"{len(samples)} samples without them); turn the correction off otherwise"
+                )
+            self._roles = sorted({s.role for s in samples})
+            role_ids = [self._roles.index(s.role) for s in samples]
+        micros = [self._micro(mb, packed, True, role_ids) for mb in packed.micro_batches]
         for m in micros:
             m.on_policy = on_policy
             if on_policy and not with_rollout_lp:
@@ -279,6 +354,8 @@ class PolicyEngine:
         self.optimizer.zero_grad()
         outputs = self._run(micros, forward_only=False)
         metrics = self._reduce_metrics(outputs)
+        if self.correction is not None:
+            metrics.update(self._reduce_correction(outputs))
         mismatch = {k: metrics.pop(k) for k in (*_MISMATCH_KEYS, "mismatch_max")}
         if on_policy and mismatch["mismatch_count"]:
             metrics["logprob_mismatch_mean"] = mismatch["mismatch_sum"] / mismatch["mismatch_count"]
@@ -372,6 +449,23 @@ class PolicyEngine:
         dist.all_reduce(vec, group=c.dp_cp_group)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=c.dp_cp_group)
         return {**dict(zip(keys, vec.tolist())), "mismatch_max": float(top.item())}
+
+    def _reduce_correction(self, outputs: list[dict]) -> dict[str, float]:
+        """Rollout-correction metrics of the whole batch, per role (sums; maxima by max)."""
+        c = self.ctx
+        n = len(self._roles)
+        sums = torch.zeros(n, len(SUM_KEYS), dtype=torch.float64)
+        top = torch.zeros(n, dtype=torch.float64)
+        for o in outputs:
+            if "corr_sums" in o:
+                sums += o["corr_sums"]
+                top = torch.maximum(top, o["corr_max"])
+        sums, top = sums.to(self._device), top.to(self._device)
+        groups = [c.dp_cp_group] if c.pp == 1 else [c.pp_group, c.dp_cp_group]
+        for group in groups:  # with PP, only the last stage holds values
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        return correction_metrics(sums.cpu(), top.cpu(), self._roles)
 
     def _grads_finite(self) -> bool:
         """True when every rank's reduced gradients are finite (a nan/inf anywhere makes its sum so)."""

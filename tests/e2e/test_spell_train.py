@@ -6,9 +6,11 @@ verifier votes are valid, one GRPO update per step, and the weights are synced i
 
 * `test_two_steps_two_ranks`: two full steps with Megatron TP=2 (the export gathers TP shards), old log-probs
   from the training pass, and one vLLM engine per rank (rollout data parallel 2); metrics finite, rollouts
-  well formed, weights changed.
-* `test_resume_is_exact`: the same 2 steps straight (one launch shared with the test above) vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
-  final weights are identical.
+  well formed, weights changed. The run has the rollout correction on: each step's loss equals the one
+  recomputed from its dumped rollout (advantages, lengths) and the logged train/rollout log-prob gap.
+* `test_resume_is_exact`: the same 2 steps straight (one launch shared with the test above) vs 1 step, stop,
+  resume, 1 step (the correction on in all): the second step's loss, metrics and final weights are
+  identical.
 * `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
   preemption does): the step finishes, both ranks write the checkpoint and exit 42 (torchrun, as its agent
   does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes; this run
@@ -169,12 +171,44 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
+# The rollout correction of the 30B preset (token level, mask band [0.5, 5], veto 1e-4) with a TIS lower
+# bound of 1.25: fp32 vLLM and Megatron agree to well within a factor 1.25, so every weight is exactly
+# 1.25, nothing is masked, and the corrected loss is 1.25 x the on-policy GRPO loss, whatever the gap.
+CORRECTION = [
+    "train.rollout_is=token",
+    "train.rollout_is_threshold=[1.25, 5.0]",
+    "train.rollout_rs=token",
+    "train.rollout_rs_threshold=[0.5, 5.0]",
+    "train.rollout_token_veto_threshold=1e-4",
+]
+
+
+def _check_corrected_loss(run_dir: Path, rows: list[dict]) -> None:
+    """Step k's loss from step k's dump: on-policy the GRPO token loss is -A (ratio 1), times the
+    factor 1.25, token mean over every response token of the batch (docs/spell-algorithm.md §5)."""
+    for step, row in enumerate(rows):
+        # the logged gap bounds every token's ratio inside (0.8, 1.25): below the TIS lower bound,
+        # inside the mask band, far above the veto
+        assert row["train/logprob_mismatch_max"] < math.log(1.25), row
+        lines = (run_dir / "rollouts" / f"step_{step:08d}.jsonl").read_text().splitlines()
+        trajs = [json.loads(x) for x in lines]
+        n = sum(len(t["response_ids"]) for t in trajs)
+        assert row["train/num_tokens"] == n
+        expect = sum(-1.25 * t["advantage"] * len(t["response_ids"]) for t in trajs) / n
+        assert row["train/loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6), (row, expect)
+        assert row["train/rollout_corr/weight_mean"] == pytest.approx(1.25)
+        assert row["train/rollout_corr/truncated_frac"] == 1.0
+        assert row["train/rollout_corr/masked_frac"] == row["train/rollout_corr/vetoed_frac"] == 0
+        for role in {t["role"] for t in trajs}:
+            assert row[f"train/rollout_corr/{role}/weight_max"] == pytest.approx(1.25), role
+
+
 @pytest.fixture(scope="module")
 def straight(policy, tmp_path_factory):
     """Two steps in one launch: checked by `test_two_steps_two_ranks`, the reference of the resume test."""
     hf_dir, ckpt, corpus = policy
     out = tmp_path_factory.mktemp("straight")
-    _train(_overrides(hf_dir, ckpt, corpus, out, "straight", 2))
+    _train([*_overrides(hf_dir, ckpt, corpus, out, "straight", 2), *CORRECTION])
     return out / "straight"
 
 
@@ -199,6 +233,7 @@ def test_two_steps_two_ranks(straight):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     _check_step_metrics(rows)
+    _check_corrected_loss(run_dir, rows)
     # rollouts are well formed: the dumped batch of every step
     for step in (0, 1):
         lines = (run_dir / "rollouts" / f"step_{step:08d}.jsonl").read_text().splitlines()
@@ -226,8 +261,9 @@ def test_two_steps_two_ranks(straight):
 @pytest.mark.slow
 def test_resume_is_exact(policy, straight, tmp_path):
     hf_dir, ckpt, corpus = policy
-    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1))  # 1 step, checkpoint, exit
-    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2))  # resumes at step 1
+    # as the straight run: 1 step, checkpoint, exit; then resume at step 1
+    _train([*_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1), *CORRECTION])
+    _train([*_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2), *CORRECTION])
     a = read_jsonl(straight / "metrics.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]

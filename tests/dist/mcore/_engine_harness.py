@@ -111,7 +111,9 @@ def make_engine(
     dist_opt: bool = False,
     temperature: float = 0.7,
     shared_prefix: bool = False,
+    **train_kw: Any,
 ):
+    """`train_kw`: further TrainConfig fields (e.g. the rollout correction's)."""
     from megatron_spell.config import TrainConfig
 
     train = TrainConfig(
@@ -122,6 +124,7 @@ def make_engine(
         logprob_chunk_size=8,
         max_tokens_per_microbatch=budget,
         shared_prefix=shared_prefix,
+        **train_kw,
     )
     engine, ctx, _, _ = build_policy(hf_dir, ckpt, par, train, temperature=temperature)
     return engine, ctx

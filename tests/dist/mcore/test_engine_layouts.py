@@ -11,6 +11,7 @@ PP=2 and PP=2 x VPP=2 checks both copies of the tied embedding.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -50,14 +51,34 @@ def models(tmp_path_factory):
 # --- workers (module level: spawned) ----------------------------------------------------------------
 
 
+# Rollout correction on the on-policy step, the batch's old_logprobs acting as vLLM's: they lie 0-4
+# nats above the tiny model's, so every part acts (geometric weights truncated both ways, tokens
+# masked, sequences vetoed); the sequence sums must be reduced over the CP split.
+CORRECTION = dict(
+    rollout_is="geometric",
+    rollout_is_threshold=(0.08, 0.2),
+    rollout_rs="token",
+    rollout_rs_threshold=(0.03, 1.0),
+    rollout_token_veto_threshold=0.02,
+)
+ROLES = ("responder", "responder", "questioner", "verifier", "questioner", "responder")
+
+
+def _batch(roles: bool = False) -> list:
+    batch = fixed_batch()
+    return [dataclasses.replace(s, role=r) for s, r in zip(batch, ROLES)] if roles else batch
+
+
 def _step_and_gather(hf_dir, ckpt, par, **kw):
     """One train step (and, on the shared-prefix batch, the forward-only log-probs first)."""
     from megatron_spell.mcore.parallel import destroy_parallel
 
     on_policy = kw.pop("on_policy", False)
+    if kw.pop("correction", False):
+        kw.update(CORRECTION)
     shared = kw.pop("batch", "fixed") == "shared"
     engine, ctx = make_engine(hf_dir, ckpt, par, **kw)
-    batch = shared_batch() if shared else fixed_batch()
+    batch = shared_batch() if shared else _batch(roles="rollout_is" in kw)
     lps = engine.compute_logprobs(batch) if shared else None
     metrics = engine.train_step(batch, on_policy=on_policy)
     grads = None if kw.get("dist_opt") else full_tensors(engine.models, ctx, "main_grad")
@@ -78,6 +99,7 @@ def _reference_worker(rank, world, dense, moe):
     out["dense_unpacked"] = _step_and_gather(*dense, layout(), budget=34)
     # on-policy shortcut: old log-probs from the training pass; the batch's old_logprobs act as vLLM's
     out["dense_onpolicy"] = _step_and_gather(*dense, layout(), on_policy=True)
+    out["dense_corr"] = _step_and_gather(*dense, layout(), on_policy=True, correction=True)
 
     # log-probs and loss against HF transformers at the rollout temperature
     engine, _ = make_engine(*dense, layout(), budget=256, lr=1e-3, adam_eps=1e-8)
@@ -103,6 +125,7 @@ def _reference_worker(rank, world, dense, moe):
     )
     metrics = engine.train_step(batch)
     out["loss_vs_hf"] = abs(metrics["train/loss"] - float(hf_loss))
+    out["corr_vs_hf"] = _corrected_loss_from_hf(batch, hf_lps, out["dense_corr"]["metrics"])
     # on-policy update (old = current log-probs, as in SPELL): direction of the change per sample
     # adam_eps 1e-3 (as in the layout runs): a first Adam step at a tiny eps is ~lr * sign(grad), so the
     # weights would only compare the gradients' signs
@@ -182,6 +205,43 @@ def _shared_prefix_runs(dense, hf):
     return out
 
 
+def _corrected_loss_from_hf(batch, hf_lps, metrics) -> dict:
+    """The corrected on-policy loss and metrics recomputed from HF log-probs, sequence by sequence
+    with plain floats (docs/spell-algorithm.md §5: on-policy the GRPO token loss is -A, times the
+    factor; token mean over all response tokens)."""
+    c = CORRECTION
+    lo, hi = c["rollout_is_threshold"]
+    rlo, rhi = c["rollout_rs_threshold"]
+    n = sum(len(s.response_ids) for s in batch)
+    total = weight = masked = 0.0
+    by_role: dict[str, list[float]] = {}
+    for s, lp, role in zip(batch, hf_lps, ROLES):
+        lr = [a - b for a, b in zip(lp.tolist(), s.old_logprobs)]
+        geo = math.exp(sum(lr) / len(lr))
+        w = min(max(geo, lo), hi)
+        vetoed = any(math.exp(x) < c["rollout_token_veto_threshold"] for x in lr)
+        for x in lr:
+            f = 0.0 if vetoed or not rlo <= math.exp(x) <= rhi else w
+            total += -s.advantage * f / n
+            weight += f
+            masked += f == 0.0
+            by_role.setdefault(role, []).append(f)
+    return {
+        "loss": abs(metrics["train/loss"] - total),
+        "weight_mean": abs(metrics["train/rollout_corr/weight_mean"] - weight / n),
+        "masked_frac": abs(metrics["train/rollout_corr/masked_frac"] - masked / n),
+        "roles": {
+            r: abs(metrics[f"train/rollout_corr/{r}/weight_mean"] - sum(f) / len(f))
+            for r, f in by_role.items()
+        },
+        "acts": (
+            metrics["train/rollout_corr/truncated_frac"],
+            metrics["train/rollout_corr/masked_frac"],
+            metrics["train/rollout_corr/vetoed_frac"],
+        ),
+    }
+
+
 TWO_RANK_LAYOUTS = {
     "tp2": ("dense", dict(tensor_model_parallel_size=2), {}),
     "tp2_sp": ("dense", dict(tensor_model_parallel_size=2, sequence_parallel=True), {}),
@@ -210,6 +270,17 @@ TWO_RANK_LAYOUTS = {
         {**SHARED, "budget": 30},
     ),
     "cp2_shared": ("dense_shared", dict(context_parallel_size=2), {**SHARED, "budget": 16}),
+    # the rollout correction: sequence sums over the CP split, metrics over PP and DP x CP
+    "cp2_corr": (
+        "dense_corr",
+        dict(context_parallel_size=2),
+        {"on_policy": True, "correction": True},
+    ),
+    "pp2_corr": (
+        "dense_corr",
+        dict(pipeline_model_parallel_size=2),
+        {"on_policy": True, "correction": True},
+    ),
 }
 # Tied embeddings: the first stage's word_embeddings and the last stage's output_layer are two copies of
 # one weight, kept equal by Megatron's embedding-group gradient all-reduce.
@@ -265,6 +336,19 @@ def test_reference_matches_hf_and_improves(reference):
     assert reference["skip"] == (1.0, 1.0, 0.0)
 
 
+def test_rollout_correction_matches_hf_recomputation(reference):
+    got = reference["corr_vs_hf"]
+    truncated, masked, vetoed = got.pop("acts")
+    assert 0 < truncated < 1 and 0 < vetoed < masked < 1, (truncated, masked, vetoed)
+    roles = got.pop("roles")
+    assert set(roles) == {"responder", "questioner", "verifier"}
+    assert all(v < TOL for v in [*got.values(), *roles.values()]), (got, roles)
+    # the correction changed the step: a different loss than the uncorrected on-policy one
+    plain, corr = reference["dense_onpolicy"]["metrics"], reference["dense_corr"]["metrics"]
+    assert abs(plain["train/loss"] - corr["train/loss"]) > 1e-3
+    assert "train/rollout_corr/weight_mean" not in plain
+
+
 def test_on_policy_shortcut_equals_recompute(reference):
     got = reference["shortcut"]
     assert got.pop("no_mismatch_without_flag")
@@ -292,7 +376,8 @@ def _check(reference, results, layouts):
         ref, got = reference[model], results[name]
         assert abs(ref["metrics"]["train/loss"] - got["metrics"]["train/loss"]) < TOL, name
         assert got["metrics"]["train/num_tokens"] == ref["metrics"]["train/num_tokens"], name
-        for key in ("train/logprob_mismatch_mean", "train/logprob_mismatch_max"):
+        corr = [k for k in ref["metrics"] if k.startswith("train/rollout_corr/")]
+        for key in ("train/logprob_mismatch_mean", "train/logprob_mismatch_max", *corr):
             assert (key in got["metrics"]) == (key in ref["metrics"]), (name, key)
             if key in ref["metrics"]:
                 assert abs(ref["metrics"][key] - got["metrics"][key]) < TOL, (name, key)
