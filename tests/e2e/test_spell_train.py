@@ -6,7 +6,11 @@ verifier votes are valid, one GRPO update per step, and the weights are synced i
 
 * `test_two_steps_two_ranks`: (with old log-probs from the training pass, and recomputed) two full steps with
   Megatron TP=2 (the export gathers TP shards) and one vLLM
-  engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed.
+  engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed. The
+  first run also exports: `megatron-spell export` turns its TP=2 training checkpoint into an HF directory
+  whose transformers logits equal the Megatron model's (the checkpoint loaded at TP=2) and not the initial
+  model's, and the run's own end-of-training export (`checkpoint.export_hf`, streamed from the live
+  shards) is the same tensors.
 * `test_resume_is_exact`: 2 steps straight vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
   final weights are identical.
 * `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
@@ -29,7 +33,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_spell.convert.hf_io import iter_hf_tensors
 from megatron_spell.metrics import read_jsonl
+from tests.dist.convert.workers import layouts_worker
+from tests.helpers.dist import run_distributed
 from tests.helpers.spell_policy import make_spell_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +180,14 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_steps_two_ranks(policy, tmp_path, recompute):
     hf_dir, ckpt, corpus = policy
     overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2)
-    _train([*overrides, f"train.recompute_old_logprobs={str(recompute).lower()}"])
+    export_hf = not recompute  # one of the two runs also writes <run_dir>/hf/ at its end
+    _train(
+        [
+            *overrides,
+            f"train.recompute_old_logprobs={str(recompute).lower()}",
+            f"checkpoint.export_hf={str(export_hf).lower()}",
+        ]
+    )
     run_dir = tmp_path / "e2e"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -212,6 +226,54 @@ def test_two_steps_two_ranks(policy, tmp_path, recompute):
     w1, w2 = _weights(steps[0]), _weights(steps[1])
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     assert (run_dir / "report.png").is_file() and list((run_dir / "tensorboard").iterdir())
+    if export_hf:
+        _check_export(hf_dir, run_dir, steps[1], tmp_path / "exported")
+    else:
+        assert not (run_dir / "hf").exists()
+
+
+def _hf_logits(hf_dir: Path, tokens: list[int]):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def _check_export(hf_dir: Path, run_dir: Path, last: Path, out: Path) -> None:
+    """The run's latest checkpoint (saved at TP=2 with its optimizer) through `megatron-spell export`."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    cmd = [sys.executable, "-m", "megatron_spell", "export", str(run_dir), "--out", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--quiet"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    exported, initial = dict(iter_hf_tensors(out)), dict(iter_hf_tensors(hf_dir))
+    assert exported.keys() == initial.keys()
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # the trained weights
+    live = dict(iter_hf_tensors(run_dir / "hf"))  # checkpoint.export_hf, at the end of the run
+    assert live.keys() == exported.keys()
+    assert [k for k in live if not torch.equal(live[k], exported[k])] == []
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Which document names the city? Alpha or Beta."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    tokens = tok.encode(text, add_special_tokens=False)
+    layout = {"tp2": {"tensor_model_parallel_size": 2}}
+    per_rank = run_distributed(layouts_worker, 2, str(hf_dir), str(last / "model"), layout, tokens)
+    megatron = next(r["tp2"] for r in per_rank if r)
+    diff = float(np.abs(_hf_logits(out, tokens) - megatron).max())
+    drift = float(np.abs(_hf_logits(hf_dir, tokens) - megatron).max())
+    print(f"export: max |transformers - megatron| logits {diff:.2e}; initial model {drift:.2e}")
+    assert diff <= 1e-5, diff
+    assert drift > 10 * max(diff, 1e-6), (drift, diff)  # the Megatron model is the trained one
 
 
 @pytest.mark.slow
