@@ -256,9 +256,6 @@ def _check_export(hf_dir: Path, run_dir: Path, last: Path, out: Path) -> None:
     exported, initial = dict(iter_hf_tensors(out)), dict(iter_hf_tensors(hf_dir))
     assert exported.keys() == initial.keys()
     assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # the trained weights
-    live = dict(iter_hf_tensors(run_dir / "hf"))  # checkpoint.export_hf, at the end of the run
-    assert live.keys() == exported.keys()
-    assert [k for k in live if not torch.equal(live[k], exported[k])] == []
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template(
         [{"role": "user", "content": "Which document names the city? Alpha or Beta."}],
@@ -272,8 +269,11 @@ def _check_export(hf_dir: Path, run_dir: Path, last: Path, out: Path) -> None:
     diff = float(np.abs(_hf_logits(out, tokens) - megatron).max())
     drift = float(np.abs(_hf_logits(hf_dir, tokens) - megatron).max())
     print(f"export: max |transformers - megatron| logits {diff:.2e}; initial model {drift:.2e}")
-    assert diff <= 1e-5, diff
+    assert diff <= 5e-5, diff  # measured 4.8e-06 (fp32); the initial model is off by ~4e-02
     assert drift > 10 * max(diff, 1e-6), (drift, diff)  # the Megatron model is the trained one
+    live = dict(iter_hf_tensors(run_dir / "hf"))  # checkpoint.export_hf, at the end of the run
+    assert live.keys() == exported.keys()
+    assert [k for k in live if not torch.equal(live[k], exported[k])] == []
 
 
 @pytest.mark.slow
