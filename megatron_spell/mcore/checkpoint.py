@@ -8,6 +8,10 @@ Checkpoint directory layout (Megatron-LM's, so a Megatron-LM run can `--load` it
     CKPT/hf/                                 config.json, generation_config.json, tokenizer files
     CKPT/conversion.json                     source dir, dtype, tensor count, megatron-core version
 
+Training checkpoints (`<run_dir>/checkpoints/step_N/model/`, megatron_spell/checkpointing.py) are the
+same format with the optimizer and scheduler beside the model; `export_run` (`megatron-spell export`)
+reads only their model tensors, with the HF config and tokenizer of the run's `model.hf_dir`.
+
 How the keys are made exact: `convert_hf_to_megatron` builds the model at TP=PP=EP=1 in this process
 (`build_model`), copies the streamed, converted tensors into its parameters and saves
 `model.sharded_state_dict()`. So the keys, global shapes and layer/expert stacking are by construction what
