@@ -500,6 +500,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # "auto" resumes from the run directory's latest checkpoint, "never" starts fresh
     resume: Literal["auto", "never"] = "auto"
+    # at the end of training also write the final weights as a Hugging Face directory, <run_dir>/hf/
+    # (what `megatron-spell export RUN_DIR` makes from any checkpoint of the run)
+    export_hf: bool = False
 
     def __post_init__(self) -> None:
         _check_literals("checkpoint", self)

@@ -11,6 +11,8 @@ Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the 
   the train/infer mismatch metric and, when configured, the rollout correction (on the training pass
   only, mcore/rollout_correction.py);
 * `export_weights()`: (HF name, full tensor) pairs gathered over PP/TP/EP, streamed bucket by bucket;
+* `export_hf(dir)`: the same stream written as a Hugging Face directory (the end of a run,
+  `checkpoint.export_hf`);
 * `save(dir)` / `load(dir)`: model, optimizer and scheduler in one Megatron distributed checkpoint, loadable
   at the same layout (optimizer state resharding follows Megatron's `dp_reshardable` format).
 
@@ -32,7 +34,7 @@ import torch
 from megatron_spell.config import Config
 from megatron_spell.mcore.attention import core_attention_class
 from megatron_spell.mcore.checkpoint import DTYPES, load_checkpoint
-from megatron_spell.mcore.export import export_hf_weights
+from megatron_spell.mcore.export import export_hf_weights, write_hf_dir
 from megatron_spell.mcore.model import build_model, use_transformer_engine
 from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_spell.mcore.packing import TrainSample
@@ -149,6 +151,17 @@ class MegatronPolicy:
             self.hf_config,
             bucket_mb=self.config.rollout.weight_sync_bucket_mb,
             dtype=dtype,
+        )
+
+    def export_hf(self, out_dir: str | Path) -> None:
+        """Write the current weights as an HF directory in `model.dtype` (every rank calls it)."""
+        write_hf_dir(
+            self.chunks,
+            self.ctx,
+            self.hf_config,
+            out_dir,
+            hf_src=self.config.model.hf_dir,
+            dtype=DTYPES[self.config.model.dtype],
         )
 
     # --- checkpoints -------------------------------------------------------------------------------

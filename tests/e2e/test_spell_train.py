@@ -7,10 +7,14 @@ verifier votes are valid, one GRPO update per step, and the weights are synced i
 * `test_two_steps_two_ranks`: two full steps with Megatron TP=2 (the export gathers TP shards), old log-probs
   from the training pass, and one vLLM engine per rank (rollout data parallel 2); metrics finite, rollouts
   well formed, weights changed. The run has the rollout correction on: each step's loss equals the one
-  recomputed from its dumped rollout (advantages, lengths) and the logged train/rollout log-prob gap.
+  recomputed from its dumped rollout (advantages, lengths) and the logged train/rollout log-prob gap. It
+  also exports: `megatron-spell export` turns its TP=2 training checkpoint into an HF directory whose
+  transformers logits equal the Megatron model's (the checkpoint loaded at TP=2) and not the initial
+  model's, and the run's own end-of-training export (`checkpoint.export_hf`, streamed from the live
+  shards) is the same tensors.
 * `test_resume_is_exact`: the same 2 steps straight (one launch shared with the test above) vs 1 step, stop,
   resume, 1 step (the correction on in all): the second step's loss, metrics and final weights are
-  identical.
+  identical; without `checkpoint.export_hf` no `hf/` is written.
 * `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
   preemption does): the step finishes, both ranks write the checkpoint and exit 42 (torchrun, as its agent
   does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes; this run
@@ -32,7 +36,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_spell.convert.hf_io import iter_hf_tensors
 from megatron_spell.metrics import read_jsonl
+from tests.dist.convert.workers import layouts_worker
+from tests.helpers.dist import run_distributed
 from tests.helpers.spell_policy import make_spell_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,7 +215,8 @@ def straight(policy, tmp_path_factory):
     """Two steps in one launch: checked by `test_two_steps_two_ranks`, the reference of the resume test."""
     hf_dir, ckpt, corpus = policy
     out = tmp_path_factory.mktemp("straight")
-    _train([*_overrides(hf_dir, ckpt, corpus, out, "straight", 2), *CORRECTION])
+    overrides = _overrides(hf_dir, ckpt, corpus, out, "straight", 2)
+    _train([*overrides, *CORRECTION, "checkpoint.export_hf=true"])  # also writes <run_dir>/hf/
     return out / "straight"
 
 
@@ -228,7 +236,7 @@ def _check_step_metrics(rows: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_two_steps_two_ranks(straight):
+def test_two_steps_two_ranks(policy, straight, tmp_path):
     run_dir = straight
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -256,6 +264,50 @@ def test_two_steps_two_ranks(straight):
     w1, w2 = _weights(steps[0]), _weights(steps[1])
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     assert (run_dir / "report.png").is_file() and list((run_dir / "tensorboard").iterdir())
+    _check_export(policy[0], run_dir, steps[1], tmp_path / "exported")
+
+
+def _hf_logits(hf_dir: Path, tokens: list[int]):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def _check_export(hf_dir: Path, run_dir: Path, last: Path, out: Path) -> None:
+    """The run's latest checkpoint (saved at TP=2 with its optimizer) through `megatron-spell export`."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from megatron_spell.cli import main as cli_main
+
+    # in this process (it holds a one-rank group since `_weights`): the command's code without the
+    # seconds of a new interpreter's imports
+    assert cli_main(["export", str(run_dir), "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    exported, initial = dict(iter_hf_tensors(out)), dict(iter_hf_tensors(hf_dir))
+    assert exported.keys() == initial.keys()
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # the trained weights
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Which document names the city? Alpha or Beta."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    tokens = tok.encode(text, add_special_tokens=False)
+    layout = {"tp2": {"tensor_model_parallel_size": 2}}
+    per_rank = run_distributed(layouts_worker, 2, str(hf_dir), str(last / "model"), layout, tokens)
+    megatron = next(r["tp2"] for r in per_rank if r)
+    diff = float(np.abs(_hf_logits(out, tokens) - megatron).max())
+    drift = float(np.abs(_hf_logits(hf_dir, tokens) - megatron).max())
+    print(f"export: max |transformers - megatron| logits {diff:.2e}; initial model {drift:.2e}")
+    assert diff <= 5e-5, diff  # measured 4.8e-06 (fp32); the initial model is off by ~4e-02
+    assert drift > 10 * max(diff, 1e-6), (drift, diff)  # the Megatron model is the trained one
+    live = dict(iter_hf_tensors(run_dir / "hf"))  # checkpoint.export_hf, at the end of the run
+    assert live.keys() == exported.keys()
+    assert [k for k in live if not torch.equal(live[k], exported[k])] == []
 
 
 @pytest.mark.slow
@@ -276,6 +328,7 @@ def test_resume_is_exact(policy, straight, tmp_path):
     assert wa and wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    assert not (tmp_path / "resumed" / "hf").exists()  # checkpoint.export_hf is off there
 
 
 @pytest.mark.slow
