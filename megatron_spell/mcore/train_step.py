@@ -135,6 +135,11 @@ class PolicyEngine:
         self.num_skipped_steps = 0
         self._device = ctx.device
         self.correction = CorrectionSpec.from_train(train)
+        if self.correction is not None and self.shared_prefix:
+            # The correction's sequence sums, veto and per-role metrics index packed sequences; a
+            # shared-prefix unit holds several responses, so the corrected update packs unshared.
+            logger.warning("train.rollout_is/rollout_rs: the update packs without shared prefixes")
+            self.shared_prefix = False
         self._roles: list[str] = []  # role names of the current batch (rollout-correction metrics)
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
