@@ -16,7 +16,8 @@ one mini-batch, as the reference):
    the on-policy step), `rollout_correction` turns the training pass's log-probs and the rollout's into
    the per-token factor of the policy-gradient term; its sequence sums are all-reduced over the CP group
    inside the loss function (every CP rank runs every micro-batch), and its metrics per role are summed
-   (maxima: max) over micro-batches and ranks like the others. Off, none of this runs;
+   (maxima: max) over micro-batches and ranks like the others. Its "sequence" is one response (a
+   `response_spans` entry), so it composes with shared-prefix units. Off, none of this runs;
 4. non-finite loss or gradients on any rank skip the step everywhere (counted in `train/num_skipped_steps`);
    otherwise the optimizer clips and steps, and the LR scheduler advances.
 
@@ -96,8 +97,8 @@ class _Micro:
     # the loss's old log-probs are the current ones; `old` then holds the rollout's (mismatch metric and
     # rollout correction)
     on_policy: bool = False
-    # rollout correction only: each response token's sequence in the pack, that sequence's response
-    # length, the pack's sequence count, each token's role index
+    # rollout correction only: each response token's response in the pack, that response's length,
+    # the pack's response count, each token's role index
     seq_index: torch.Tensor | None = None
     seq_len: torch.Tensor | None = None
     num_seqs: int = 0
@@ -135,11 +136,6 @@ class PolicyEngine:
         self.num_skipped_steps = 0
         self._device = ctx.device
         self.correction = CorrectionSpec.from_train(train)
-        if self.correction is not None and self.shared_prefix:
-            # The correction's sequence sums, veto and per-role metrics index packed sequences; a
-            # shared-prefix unit holds several responses, so the corrected update packs unshared.
-            logger.warning("train.rollout_is/rollout_rs: the update packs without shared prefixes")
-            self.shared_prefix = False
         self._roles: list[str] = []  # role names of the current batch (rollout-correction metrics)
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
@@ -173,14 +169,16 @@ class PolicyEngine:
         select = torch.nonzero(mb.loss_mask > 0, as_tuple=False).flatten()
         m = _Micro(mb=mb, select=select.to(d), labels=mb.labels[select].to(d))
         if train and self.correction is not None:
-            seq = torch.searchsorted(
-                mb.cu_seqlens_padded[1:].long(), mb.global_positions[select], right=True
-            )
+            # a token's "sequence" is its response (a shared-prefix unit holds several): the k-th
+            # response span of the unsplit pack, numbered alike on every CP rank
+            owner = torch.zeros(mb.num_padded_tokens, dtype=torch.long)
+            for k, (start, end) in enumerate(mb.response_spans):
+                owner[start:end] = k
+            seq = owner[mb.global_positions[select]]
             m.seq_index, m.seq_len = seq.to(d), mb.seq_num_loss_tokens[select].to(d)
-            m.num_seqs = int(mb.cu_seqlens_padded.numel()) - 1
-            # padding sequences (index >= len(sample_ids)) hold no response token
+            m.num_seqs = max(len(mb.response_spans), 1)
             roles = torch.tensor([role_ids[i] for i in mb.sample_ids] or [0], dtype=torch.long)
-            m.group = roles[seq.clamp(max=roles.numel() - 1)].to(d)
+            m.group = roles[seq].to(d)
         if train:
             assert packed is not None
             w = token_weights(

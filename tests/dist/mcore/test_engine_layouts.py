@@ -62,11 +62,15 @@ CORRECTION = dict(
     rollout_token_veto_threshold=0.02,
 )
 ROLES = ("responder", "responder", "questioner", "verifier", "questioner", "responder")
+# shared_batch: groups a (samples 0, 2, 3, 5) and b (1, 6) share prompts, c (4) stands alone
+SHARED_ROLES = ("responder", "verifier", "responder", "responder", "questioner", "responder")
+SHARED_ROLES += ("verifier",)
 
 
-def _batch(roles: bool = False) -> list:
-    batch = fixed_batch()
-    return [dataclasses.replace(s, role=r) for s, r in zip(batch, ROLES)] if roles else batch
+def _batch(shared: bool, roles: bool = False) -> list:
+    batch = shared_batch() if shared else fixed_batch()
+    names = SHARED_ROLES if shared else ROLES
+    return [dataclasses.replace(s, role=r) for s, r in zip(batch, names)] if roles else batch
 
 
 def _step_and_gather(hf_dir, ckpt, par, **kw):
@@ -78,7 +82,7 @@ def _step_and_gather(hf_dir, ckpt, par, **kw):
         kw.update(CORRECTION)
     shared = kw.pop("batch", "fixed") == "shared"
     engine, ctx = make_engine(hf_dir, ckpt, par, **kw)
-    batch = shared_batch() if shared else _batch(roles="rollout_is" in kw)
+    batch = _batch(shared, roles="rollout_is" in kw)
     lps = engine.compute_logprobs(batch) if shared else None
     metrics = engine.train_step(batch, on_policy=on_policy)
     grads = None if kw.get("dist_opt") else full_tensors(engine.models, ctx, "main_grad")
@@ -167,6 +171,7 @@ def _reference_worker(rank, world, dense, moe):
 # shared-prefix packing of `shared_batch` against its unshared single-process run ("dense_shared");
 # budget 30 (16 per rank at CP=2) splits the group of four responses by the token budget
 SHARED = {"batch": "shared", "shared_prefix": True}
+CORR = {"on_policy": True, "correction": True}
 
 
 def _hf_logprobs(hf, batch, temperature=0.7):
@@ -192,6 +197,9 @@ def _shared_prefix_runs(dense, hf):
         "dense_shared": _step_and_gather(*dense, layout(), batch="shared", budget=256),
         "shared_tp1": _step_and_gather(*dense, layout(), **SHARED, budget=256),
         "shared_tp1_split": _step_and_gather(*dense, layout(), **SHARED, budget=30),
+        # the rollout correction's sequence sums, veto and per-role metrics by response in a unit
+        "dense_shared_corr": _step_and_gather(*dense, layout(), batch="shared", **CORR, budget=256),
+        "shared_corr_tp1": _step_and_gather(*dense, layout(), **SHARED, **CORR, budget=30),
     }
     hf_lps = _hf_logprobs(hf, shared_batch())
     out["shared_lp_vs_hf"] = max(
@@ -270,6 +278,11 @@ TWO_RANK_LAYOUTS = {
         {**SHARED, "budget": 30},
     ),
     "cp2_shared": ("dense_shared", dict(context_parallel_size=2), {**SHARED, "budget": 16}),
+    "cp2_shared_corr": (
+        "dense_shared_corr",
+        dict(context_parallel_size=2),
+        {**SHARED, **CORR, "budget": 16},
+    ),
     # the rollout correction: sequence sums over the CP split, metrics over PP and DP x CP
     "cp2_corr": (
         "dense_corr",
@@ -404,6 +417,7 @@ def _check(reference, results, layouts):
 SHARED_TP1 = {
     "shared_tp1": ("dense_shared", {}, {**SHARED, "budget": 256}),
     "shared_tp1_split": ("dense_shared", {}, {**SHARED, "budget": 30}),
+    "shared_corr_tp1": ("dense_shared_corr", {}, {**SHARED, **CORR, "budget": 30}),
 }
 
 
@@ -417,6 +431,9 @@ def test_shared_prefix_equals_unshared_single_process(reference):
         2,
         2,
     )
+    corr = reference["dense_shared_corr"]["metrics"]  # the correction acts, on every role
+    assert {f"train/rollout_corr/{r}/weight_mean" for r in set(SHARED_ROLES)} <= set(corr)
+    assert 0 < corr["train/rollout_corr/vetoed_frac"] < corr["train/rollout_corr/masked_frac"] < 1
     ref = reference["dense_shared"]
     for name in ("broken_siblings", "broken_positions"):
         got = reference[name]
