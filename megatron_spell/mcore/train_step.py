@@ -385,6 +385,8 @@ class PolicyEngine:
                 "train/num_microbatches": float(len(micros)),
                 # padded tokens through the model (all DP ranks), and the shared-prefix packing
                 "train/num_model_tokens": float(packed.global_num_tokens),
+                # the trajectories' tokens as separate sequences, unpadded (what unshared costs)
+                "train/num_trajectory_tokens": float(sum(s.num_tokens for s in samples)),
                 "train/shared_prefix_units": float(packed.num_shared_units),
                 "train/shared_prefix_split_units": float(packed.num_split_units),
                 "train/shared_prefix_fallback": float(packed.num_unshared_fallback),
