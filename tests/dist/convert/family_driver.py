@@ -17,14 +17,10 @@ TOKENS = [1, 17, 250, 33, 4, 98, 7, 301, 12, 45, 2, 480, 66, 3, 200, 9]
 def family_cases(rank: int, world: int, renamed: list[str], cases: list[tuple[str, ...]]) -> None:
     from megatron_spell.config import ParallelConfig
     from megatron_spell.families import FAMILIES
-    from megatron_spell.mcore.checkpoint import (
-        convert_hf_to_megatron,
-        convert_megatron_to_hf,
-        load_checkpoint,
-    )
-    from megatron_spell.mcore.model import build_model, load_hf_config
+    from megatron_spell.mcore.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_spell.mcore.model import load_hf_config
     from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
-    from tests.dist.convert.workers import forward_logits
+    from tests.dist.convert.workers import checkpoint_logits
     from tests.helpers.tiny_models import renamed_family
 
     added = [renamed_family(FAMILIES[base]) for base in renamed]
@@ -35,16 +31,7 @@ def family_cases(rank: int, world: int, renamed: list[str], cases: list[tuple[st
             hf_config = load_hf_config(hf_dir)
             ctx = init_parallel(ParallelConfig())
             try:
-                chunks = build_model(hf_config, ctx)
-                load_checkpoint(chunks, ckpt_dir)
-                logits = forward_logits(
-                    chunks,
-                    TOKENS,
-                    hf_config.hidden_size,
-                    hf_config.vocab_size,
-                    ctx.tp_group,
-                    ctx.pp_group,
-                )
+                logits = checkpoint_logits(hf_config, ckpt_dir, ctx, TOKENS)
             finally:
                 destroy_parallel()
             np.save(f"{back_dir}.logits.npy", logits)

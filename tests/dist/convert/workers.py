@@ -15,6 +15,19 @@ import torch
 import torch.distributed as dist
 
 
+def checkpoint_logits(hf_config: Any, ckpt_dir: str, ctx: Any, tokens: list[int]):
+    """`forward_logits` of the model built by `build_model` at `ctx`'s layout and loaded from the
+    Megatron checkpoint `ckpt_dir`."""
+    from megatron_spell.mcore.checkpoint import load_checkpoint
+    from megatron_spell.mcore.model import build_model
+
+    chunks = build_model(hf_config, ctx)
+    load_checkpoint(chunks, ckpt_dir)
+    return forward_logits(
+        chunks, tokens, hf_config.hidden_size, hf_config.vocab_size, ctx.tp_group, ctx.pp_group
+    )
+
+
 def forward_logits(chunks: Any, tokens: list[int], hidden: int, vocab: int, tp_group, pp_group):
     """Full-sequence logits [S, vocab] on the last PP stage (gathered over TP), else None.
 
@@ -61,8 +74,7 @@ def layouts_worker(
 ) -> dict[str, np.ndarray]:
     """Logits per layout name; plus "plain_tp{n}" from the plain GPTModel for each n in plain_tps."""
     from megatron_spell.config import ParallelConfig
-    from megatron_spell.mcore.checkpoint import load_checkpoint
-    from megatron_spell.mcore.model import build_model, load_hf_config
+    from megatron_spell.mcore.model import load_hf_config
     from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
 
     hf_config = load_hf_config(hf_dir)
@@ -70,16 +82,7 @@ def layouts_worker(
     try:
         for name, layout in layouts.items():
             ctx = init_parallel(ParallelConfig(**layout))
-            chunks = build_model(hf_config, ctx)
-            load_checkpoint(chunks, ckpt_dir)
-            logits = forward_logits(
-                chunks,
-                tokens,
-                hf_config.hidden_size,
-                hf_config.vocab_size,
-                ctx.tp_group,
-                ctx.pp_group,
-            )
+            logits = checkpoint_logits(hf_config, ckpt_dir, ctx, tokens)
             if logits is not None:
                 results[name] = logits
             dist.barrier()
