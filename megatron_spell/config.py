@@ -384,6 +384,13 @@ class TrainConfig:
     # seed of the model's random init and of the step's sampling RNGs
     seed: int = 1234
 
+    # --- MoE routing replay (R3) ---
+    # vLLM returns the experts it routed every token to and the update's forward replays them
+    # (Megatron-Core router replay), so training uses the rollout's expert choice. MoE models only
+    # (preflight rejects it for a dense model); off by default (docs/architecture.md "Routing
+    # replay")
+    routing_replay: bool = False
+
     def __post_init__(self) -> None:
         _check_literals("train", self)
         _positive(

@@ -7,7 +7,8 @@ roles, tasks and questioner cases of docs/spell-algorithm.md §1-§3.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class Role(str, enum.Enum):
@@ -54,6 +55,11 @@ class Completion:
     text: str
     logprobs: tuple[float, ...]
     finish_reason: str  # "stop" | "length" | "abort"
+    # MoE routing replay (train.routing_replay): the experts vLLM routed each prompt and response
+    # token to, a numpy array [prompt + response tokens, MoE layers, top-k] of uint8 (<= 256
+    # experts) or int16, -1 (int16) / 255 (uint8) where vLLM computed no routing (the last
+    # response token is never fed back). None when not captured. Not compared, not dumped.
+    routed_experts: Any = field(default=None, compare=False, repr=False)
 
 
 class CaseType(str, enum.Enum):  # noqa: UP042 (same form as Role and Task)
