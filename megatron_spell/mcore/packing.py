@@ -29,10 +29,25 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 _NO_LABEL = 0  # label value at positions without a target (masked out; any valid id works)
+
+
+def routing_rows(routing: Any, num_tokens: int | None) -> torch.Tensor:
+    """A sample's routing as int16 [num_tokens, MoE layers, top-k], -1 where there is none."""
+    t = torch.as_tensor(routing)
+    if t.dtype == torch.uint8:
+        t = torch.where(t == 255, -1, t.to(torch.int16))
+    t = t.to(torch.int16)
+    if t.dim() != 3 or (num_tokens is not None and t.shape[0] != num_tokens):
+        raise ValueError(
+            f"TrainSample.routing has shape {tuple(t.shape)}; expected [{num_tokens} prompt + "
+            "response tokens, MoE layers, top-k]"
+        )
+    return t
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,9 @@ class TrainSample:
 
     `advantage` is a scalar (GRPO: one value per sequence) or one value per response token. `old_logprobs` and
     `ref_logprobs` hold one value per response token (the log-prob of that token at the rollout temperature);
-    `old_logprobs=None` is allowed for a forward-only pass that computes them.
+    `old_logprobs=None` is allowed for a forward-only pass that computes them. `routing` (MoE routing
+    replay) is the rollout's expert choice of every prompt and response token, [num_tokens, MoE
+    layers, top-k] (numpy or torch; uint8 with 255 or signed with -1 where there is none).
     """
 
     prompt_ids: tuple[int, ...]
@@ -50,11 +67,17 @@ class TrainSample:
     old_logprobs: tuple[float, ...] | None = None
     ref_logprobs: tuple[float, ...] | None = None
     role: str = ""
+    routing: Any = field(default=None, compare=False, repr=False)
+    # `routing` holds only this CP rank's rows of the padded sample (routing_exchange.cp_local_rows)
+    routing_local: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
         object.__setattr__(self, "response_ids", tuple(int(t) for t in self.response_ids))
         n = len(self.response_ids)
+        if self.routing is not None:
+            rows = None if self.routing_local else self.num_tokens
+            object.__setattr__(self, "routing", routing_rows(self.routing, rows))
         if not self.prompt_ids:
             raise ValueError(
                 "TrainSample.prompt_ids is empty: the first response token needs a prompt"
@@ -112,6 +135,8 @@ class MicroBatch:
     response_spans: tuple[
         tuple[int, int], ...
     ] = ()  # per sample: [start, end) label positions in the pack
+    # routing replay: int16 [t_local, MoE layers, top-k] of this rank's tokens (-1: none), or None
+    routing: torch.Tensor | None = None
 
     @property
     def num_local_tokens(self) -> int:
@@ -219,6 +244,46 @@ def _sequence_fields(sample: TrainSample, length: int, pad_id: int) -> dict[str,
     return out
 
 
+def _pack_routing(
+    seqs: Sequence[TrainSample], padded: Sequence[int], index: torch.Tensor, cp_size: int
+) -> torch.Tensor | None:
+    """This CP rank's routing rows of the pack (-1 on padding and where a sample has none), or None.
+
+    Samples carry either all their rows (split here with the tokens' `index`) or, from the routing
+    exchange, only this CP rank's rows of the padded sample, which are already in pack order
+    (`cp_split_index` keeps each sequence's two chunks in turn).
+    """
+    have = [s for s in seqs if s.routing is not None]
+    if not have:
+        return None
+    shape = tuple(have[0].routing.shape[1:])
+    if any(tuple(s.routing.shape[1:]) != shape for s in have):
+        raise ValueError("TrainSample.routing: samples of one batch differ in MoE layers or top-k")
+    if any(s.routing_local for s in have):
+        if not all(s.routing_local for s in have):
+            raise ValueError("TrainSample.routing: a batch mixes CP-local and whole routing")
+        parts = []
+        for i, n in enumerate(padded):
+            s = seqs[i] if i < len(seqs) else None
+            if s is None or s.routing is None:
+                parts.append(torch.full((n // cp_size, *shape), -1, dtype=torch.int16))
+            elif s.routing.shape[0] != n // cp_size:
+                raise ValueError(
+                    f"TrainSample.routing: {s.routing.shape[0]} CP-local rows for a sample of "
+                    f"{n} padded tokens at cp={cp_size}"
+                )
+            else:
+                parts.append(s.routing)
+        return torch.cat(parts)
+    out = torch.full((sum(padded), *shape), -1, dtype=torch.int16)
+    start = 0
+    for s, n in zip(seqs, padded):
+        if s.routing is not None:
+            out[start : start + s.num_tokens] = s.routing
+        start += n
+    return out[index]
+
+
 def build_micro_batch(
     samples: Sequence[TrainSample],
     sample_ids: Sequence[int],
@@ -255,6 +320,7 @@ def build_micro_batch(
     cu_padded = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
     index = cp_split_index(cu_padded.tolist(), cp_size, cp_rank)
     local = {k: v[index] for k, v in full.items()}
+    routing = _pack_routing(seqs, padded, index, cp_size)
     has_ref = bool(seqs) and all(s.ref_logprobs is not None for s in seqs)
     return MicroBatch(
         tokens=local["tokens"],
@@ -265,6 +331,7 @@ def build_micro_batch(
         old_logprobs=local["old_logprobs"],
         ref_logprobs=local["ref_logprobs"] if has_ref else None,
         seq_num_loss_tokens=local["seq_num_loss_tokens"],
+        routing=routing,
         global_positions=index,
         cu_seqlens=cu,
         cu_seqlens_padded=cu_padded,

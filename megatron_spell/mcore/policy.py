@@ -36,19 +36,25 @@ from megatron_spell.mcore.model import build_model, use_transformer_engine
 from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_spell.mcore.packing import TrainSample
 from megatron_spell.mcore.parallel import ParallelContext
+from megatron_spell.mcore.routing_exchange import exchange_routing
 from megatron_spell.mcore.train_step import PolicyEngine, recompute_overrides
-from megatron_spell.types import TrainBatch, Trajectory
+from megatron_spell.types import RoutedExperts, TrainBatch, Trajectory
 
 log = logging.getLogger(__name__)
 
 
-def to_sample(t: Trajectory, old_logprobs: tuple[float, ...] | None = None) -> TrainSample:
+def to_sample(
+    t: Trajectory, old_logprobs: tuple[float, ...] | None = None, routing: Any = None
+) -> TrainSample:
+    """`routing`: this rank's CP-local rows of the rollout's expert choice (routing replay)."""
     return TrainSample(
         prompt_ids=t.prompt_ids,
         response_ids=t.completion.token_ids,
         advantage=t.advantage,
         old_logprobs=old_logprobs,
         role=t.role.value,
+        routing=routing,
+        routing_local=routing is not None,
     )
 
 
@@ -64,7 +70,10 @@ class MegatronPolicy:
             ctx,
             dtype=dtype,
             core_attention=core_attention_class(use_te),
-            config_overrides=recompute_overrides(config.train.recompute),
+            config_overrides={
+                **recompute_overrides(config.train.recompute),
+                **({"moe_enable_routing_replay": True} if config.train.routing_replay else {}),
+            },
             use_te=use_te,
         )
         load_checkpoint(self.chunks, config.model.load)
@@ -99,8 +108,25 @@ class MegatronPolicy:
         reference does (same values, one more forward pass).
         """
         trajs = list(batch.trajectories)
+        try:
+            return self._update(trajs)
+        finally:
+            RoutedExperts.release_all()  # this step's rollout routing is spent
+
+    def _routing(self, trajs: list[Trajectory]) -> list[Any]:
+        """Per trajectory: this rank's CP-local routing rows (its DP share only), else None."""
+        if not self.config.train.routing_replay:
+            return [None] * len(trajs)
+        n = [len(t.prompt_ids) + len(t.completion.token_ids) for t in trajs]
+        padded, assignment = self.engine.dp_plan(n)
+        refs = [t.completion.routed_experts for t in trajs]
+        mine = exchange_routing(refs, n, padded, assignment, self.ctx)
+        return [mine.get(i) for i in range(len(trajs))]
+
+    def _update(self, trajs: list[Trajectory]) -> dict[str, float]:
+        r3 = self._routing(trajs)
         if self.config.train.recompute_old_logprobs:
-            metrics = self._update_recomputed(trajs)
+            metrics = self._update_recomputed(trajs, r3)
         else:  # the engine compares its log-probs with the rollout's (vLLM's) for the mismatch metric
             rollout = [
                 t.completion.logprobs
@@ -109,20 +135,20 @@ class MegatronPolicy:
                 for t in trajs
             ]
             metrics = self.engine.train_step(
-                [to_sample(t, lp) for t, lp in zip(trajs, rollout)], on_policy=True
+                [to_sample(t, lp, r) for t, lp, r in zip(trajs, rollout, r3)], on_policy=True
             )
         return {k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()}
 
-    def _update_recomputed(self, trajs: list[Trajectory]) -> dict[str, float]:
+    def _update_recomputed(self, trajs: list[Trajectory], r3: list[Any]) -> dict[str, float]:
         """Forward-only recompute of the old log-probs, then the step; the mismatch is computed here."""
-        old = self.engine.compute_logprobs([to_sample(t) for t in trajs])
+        old = self.engine.compute_logprobs([to_sample(t, None, r) for t, r in zip(trajs, r3)])
         diffs = [
             (o - torch.tensor(t.completion.logprobs, dtype=o.dtype)).abs()
             for t, o in zip(trajs, old)
             if len(t.completion.logprobs) == o.numel() and o.numel()
         ]
         metrics = self.engine.train_step(
-            [to_sample(t, tuple(o.tolist())) for t, o in zip(trajs, old)]
+            [to_sample(t, tuple(o.tolist()), r) for t, o, r in zip(trajs, old, r3)]
         )
         if diffs:
             flat = torch.cat(diffs)

@@ -43,10 +43,14 @@ from megatron_spell.mcore.packing import (
     MicroBatch,
     PackedBatch,
     TrainSample,
+    balance_across_dp,
     pack_batch,
+    pad_multiple,
+    padded_length,
     response_values,
 )
 from megatron_spell.mcore.parallel import ParallelContext
+from megatron_spell.mcore.replay import RoutingReplay
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +114,8 @@ class PolicyEngine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_skipped_steps = 0
         self._device = ctx.device
+        # MoE routing replay: active when the model was built with moe_enable_routing_replay
+        self.replay = RoutingReplay(models, ctx)
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
             # padded to one length instead (pack(equal_length=True)) and shapes are fixed.
@@ -133,6 +139,13 @@ class PolicyEngine:
             pad_id=self.pad_token_id,
             equal_length=c.vpp > 1,
         )
+
+    def dp_plan(self, num_tokens: list[int]) -> tuple[list[int], list[list[int]]]:
+        """(padded lengths, sample ids per DP rank) of samples of `num_tokens`, as `pack` plans."""
+        c = self.ctx
+        multiple = pad_multiple(c.cp, c.tp, c.sequence_parallel)
+        padded = [padded_length(n, multiple) for n in num_tokens]
+        return padded, balance_across_dp(padded, c.dp)
 
     def _micro(self, mb: MicroBatch, packed: PackedBatch | None, train: bool) -> _Micro:
         d = self._device
@@ -192,6 +205,8 @@ class PolicyEngine:
             max_seqlen_kv=mb.max_seqlen,
             cp_group=self.ctx.cp_group,
         )
+        if self.replay.enabled:
+            self.replay.before_forward(model, mb.routing)
         out = model(
             mb.tokens[None].to(d),
             mb.position_ids[None].to(d),
@@ -200,6 +215,8 @@ class PolicyEngine:
             output_processor=self._output_processor,
             output_processor_context=m,
         )
+        if self.replay.enabled:
+            self.replay.after_forward(model, mb.global_positions)
         loss_fn = self._train_loss if train else self._collect_logprobs
         return out, functools.partial(loss_fn, m)
 
@@ -232,15 +249,19 @@ class PolicyEngine:
         fb = get_forward_backward_func()
         n = len(micros)
         iters = [iter(range(n)) for _ in self.models]
-        return fb(
-            forward_step_func=functools.partial(self._forward_step, micros, not forward_only),
-            data_iterator=iters if len(self.models) > 1 else iters[0],
-            model=self.models,
-            num_microbatches=n,
-            seq_length=max(m.mb.num_padded_tokens for m in micros),
-            micro_batch_size=1,
-            forward_only=forward_only,
-        )
+        try:
+            return fb(
+                forward_step_func=functools.partial(self._forward_step, micros, not forward_only),
+                data_iterator=iters if len(self.models) > 1 else iters[0],
+                model=self.models,
+                num_microbatches=n,
+                seq_length=max(m.mb.num_padded_tokens for m in micros),
+                micro_batch_size=1,
+                forward_only=forward_only,
+            )
+        finally:
+            if self.replay.enabled:
+                self.replay.clear()
 
     # --- public ------------------------------------------------------------------------------
 

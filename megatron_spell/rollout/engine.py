@@ -53,7 +53,7 @@ import torch
 from megatron_spell.config import RolloutConfig
 from megatron_spell.families import is_moe_config
 from megatron_spell.preflight import check_rollout_world
-from megatron_spell.types import Completion, OutputConstraint
+from megatron_spell.types import Completion, OutputConstraint, RoutedExperts
 
 if TYPE_CHECKING:
     from megatron_spell.rollout.metrics import WeightSyncStats
@@ -316,5 +316,7 @@ def _to_completion(c: Any, routed_experts: Any = None) -> Completion:
         text=c.text,
         logprobs=logprobs,
         finish_reason=str(c.finish_reason or "abort"),
-        routed_experts=routed_experts,
+        routed_experts=None
+        if routed_experts is None
+        else RoutedExperts(_dist_world()[0], data=routed_experts),
     )
