@@ -61,6 +61,7 @@ def _partial_replay_topk(replay: Any) -> Any:
         else:
             probs, idx = original(scores, topk, num_groups, group_topk, default_compute_topk)
             replay.spell_used = idx
+            replay.spell_top1 = scores.argmax(dim=1)  # the router's own first choice
             return probs, idx
         target = target.to(scores.device)
         if target.shape != (scores.shape[0], topk):
@@ -75,6 +76,7 @@ def _partial_replay_topk(replay: Any) -> Any:
             )
             target = torch.where(unknown, own, target)
         replay.spell_used = target
+        replay.spell_top1 = None
         return scores.gather(1, target), target
 
     return get_replay_topk
@@ -97,8 +99,10 @@ class RoutingReplay:
                 replay.get_replay_topk = _partial_replay_topk(replay)
                 found.append((columns[int(replay.layer_number) - 1], replay))
             self.instances[id(model)] = found
-        # per forward with `trace`: (pack positions [n], expert ids [n, MoE layers here, topk])
+        # per forward with `trace`: (pack positions [n], {column: expert ids [n, topk]}) and, when
+        # the routers chose freely, {column: their first choice [n]}
         self.used: list[tuple[torch.Tensor, dict[int, torch.Tensor]]] = []
+        self.top1: list[dict[int, torch.Tensor]] = []
 
     @property
     def enabled(self) -> bool:
@@ -134,6 +138,7 @@ class RoutingReplay:
         if self.trace and found:
             used = {c: r.spell_used.detach().cpu() for c, r in found}
             self.used.append((self._router_rows(positions.cpu()), used))
+            self.top1.append({c: r.spell_top1.cpu() for c, r in found if r.spell_top1 is not None})
         for _, replay in found:
             if replay.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
                 replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import pickle
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_spell.mcore.packing import cp_split_index, routing_rows
-from megatron_spell.mcore.parallel import ParallelContext
+
+if TYPE_CHECKING:
+    from megatron_spell.mcore.parallel import ParallelContext
 
 log = logging.getLogger(__name__)
 

@@ -204,3 +204,76 @@ def test_equal_length_packs_for_fixed_pipeline_shapes():
     assert len(sizes) == 1
     total = sum(float(mb.loss_mask.sum()) for b in per_rank for mb in b.micro_batches)
     assert total == sum(len(s.response_ids) for s in samples)
+
+
+def _with_routing(samples: list[TrainSample], missing_last: bool = True) -> list[TrainSample]:
+    """Routing that encodes its token: experts (t % 8, t % 8 + 8) per layer for token id t."""
+    import dataclasses
+
+    import numpy as np
+
+    out = []
+    for s in samples:
+        ids = np.array(s.prompt_ids + s.response_ids)
+        r = np.stack([ids % 8, ids % 8 + 8], axis=-1)[:, None, :].repeat(3, axis=1).astype(np.uint8)
+        if missing_last:
+            r[-1] = 255
+        out.append(dataclasses.replace(s, routing=r))
+    return out
+
+
+@pytest.mark.parametrize("dp,cp,tp,sp", [(1, 1, 1, False), (2, 2, 1, False), (1, 2, 2, True)])
+def test_routing_is_packed_and_split_like_the_tokens(dp, cp, tp, sp):
+    """Each rank's routing rows belong to its own tokens (padding -1); the CP-local form that the
+    routing exchange sends packs to the same rows."""
+    import dataclasses
+
+    from megatron_spell.mcore.routing_exchange import cp_local_rows
+
+    samples = _with_routing(_samples(9, seed=3))
+    multiple = pad_multiple(cp, tp, sp)
+    kw = dict(max_tokens_per_microbatch=64, dp_size=dp, cp_size=cp, tp_size=tp,
+              sequence_parallel=sp, equal_length=True)  # fmt: skip
+    seen = 0
+    for d in range(dp):
+        for c in range(cp):
+            packed = pack_batch(samples, dp_rank=d, cp_rank=c, **kw)
+            mine = set(packed.dp_assignment[d])
+            local = [
+                dataclasses.replace(
+                    s,
+                    routing=cp_local_rows(s.routing, -(-s.num_tokens // multiple) * multiple, cp, c)
+                    if i in mine
+                    else None,
+                    routing_local=i in mine,
+                )
+                for i, s in enumerate(samples)
+            ]
+            packed_local = pack_batch(local, dp_rank=d, cp_rank=c, **kw)
+            for mb, mb_local in zip(packed.micro_batches, packed_local.micro_batches, strict=True):
+                if not mb.sample_ids:
+                    assert mb.routing is None
+                    continue
+                assert mb.routing.shape == (mb.num_local_tokens, 3, 2)
+                assert mb.routing.dtype == torch.int16
+                assert torch.equal(mb.routing, mb_local.routing)
+                cu = mb.cu_seqlens.tolist()
+                cu_pad = mb.cu_seqlens_padded.tolist()
+                for row, p in enumerate(mb.global_positions.tolist()):
+                    k = next(
+                        (j for j in range(len(cu) - 1) if cu_pad[j] <= p < cu_pad[j + 1]), None
+                    )
+                    real = p - cu_pad[k] < cu[k + 1] - cu[k] - 1  # not padding, not the last token
+                    if real and k < len(mb.sample_ids):
+                        t = int(mb.tokens[row])
+                        assert mb.routing[row].tolist() == [[t % 8, t % 8 + 8]] * 3
+                        seen += 1
+                    else:
+                        assert (mb.routing[row] == -1).all()
+    assert seen == sum(s.num_tokens - 1 for s in samples)
+
+
+def test_routing_shape_checked():
+    s = _samples(1)[0]
+    with pytest.raises(ValueError, match=r"TrainSample.routing has shape \(3, 2\)"):
+        TrainSample(prompt_ids=s.prompt_ids, response_ids=s.response_ids, routing=torch.zeros(3, 2))
