@@ -103,10 +103,8 @@ class RoutingReplay:
         # the routers chose freely, {column: their first choice [n]}
         self.used: list[tuple[torch.Tensor, dict[int, torch.Tensor]]] = []
         self.top1: list[dict[int, torch.Tensor]] = []
-
-    @property
-    def enabled(self) -> bool:
-        return any(self.instances.values())
+        # False for a model built without moe_enable_routing_replay (dense, or the switch off)
+        self.enabled = any(self.instances.values())
 
     def _router_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This TP rank's share of the CP-local rows, as the router sees them."""
