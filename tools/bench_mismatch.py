@@ -72,7 +72,9 @@ def _rollout(hf_dir: str, dtype: str, args, tmp: Path) -> list:
     cmd += ["--out", str(out), "--num-prompts", str(args.num_prompts), "--n", str(args.n)]
     cmd += ["--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"vLLM sampling at {dtype} failed:\n{done.stderr[-3000:]}")
     return pickle.loads(out.read_bytes())
 
 
