@@ -6,6 +6,9 @@ A save goes to `step_XXXX.tmp/` first; only after every rank has finished does r
 it into place, so a kill during a save leaves the previous checkpoint the latest loadable one. The last
 `keep_last` complete checkpoints are kept.
 
+`find_checkpoint(path, step)` picks a run's checkpoint for export (`megatron-spell export`), with errors that
+name the path and the steps there are.
+
 The RL state is everything besides weights (docs/spell-algorithm.md D12: the reference checkpoints
 neither the history memory nor the sampler position; we do): step, the Python/NumPy/torch RNG
 states, the domain sampler cursor, the history memory, and the curriculum stage.
@@ -136,3 +139,65 @@ class CheckpointManager:
         payload = torch.load(path, weights_only=False)
         payload.pop("extra", None)  # an unused field that older checkpoints still carry
         return RLState(**payload)
+
+
+def _steps_in(root: Path) -> tuple[list[int], list[str]]:
+    """(complete steps, names of incomplete step directories) under a checkpoints directory."""
+    complete, incomplete = [], []
+    if root.is_dir():
+        for path in sorted(root.iterdir()):
+            match = _STEP_DIR.match(path.name.removesuffix(".tmp"))
+            if not match or not path.is_dir():
+                continue
+            if path.name.endswith(".tmp") or not (path / "COMPLETE").is_file():
+                incomplete.append(path.name)
+            else:
+                complete.append(int(match.group(1)))
+    return sorted(complete), incomplete
+
+
+def _available(root: Path) -> str:
+    complete, incomplete = _steps_in(root)
+    text = f"available steps: {', '.join(map(str, complete)) or 'none'}"
+    if incomplete:
+        text += f" (incomplete, not loadable: {', '.join(incomplete)})"
+    return text
+
+
+def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path]:
+    """(run directory, complete checkpoint directory) of a run for `step` (None: the latest).
+
+    `path` is a run directory (holding `config.yaml` and `checkpoints/`) or one of its
+    `checkpoints/step_XXXXXXXX` directories (then `step` must be None or that step).
+    FileNotFoundError naming the path and the available steps when there is no such checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {str(path)!r} does not exist")
+    match = _STEP_DIR.match(path.name)
+    if match and path.parent.name == "checkpoints":
+        if step is not None and step != int(match.group(1)):
+            raise ValueError(f"--step {step} contradicts the checkpoint directory {str(path)!r}")
+        path, step = path.parents[1], int(match.group(1))
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a run directory: no config.yaml (pass the directory "
+            "`megatron-spell train` wrote, <output_dir>/<run_name>)"
+        )
+    root = path / "checkpoints"
+    if step is None:
+        latest = CheckpointManager(root).latest()
+        if latest is None:
+            raise FileNotFoundError(
+                f"{str(root)!r} holds no complete checkpoint; {_available(root)}"
+            )
+        return path, latest
+    ckpt = CheckpointManager(root).step_dir(step)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"no checkpoint of step {step} ({str(ckpt)!r}); {_available(root)}")
+    if not (ckpt / "COMPLETE").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(ckpt)!r} is incomplete (no COMPLETE: its save did not finish); "
+            f"{_available(root)}"
+        )
+    return path, ckpt

@@ -1,4 +1,4 @@
-"""Command line: `megatron-spell {train,eval,report,demo}`.
+"""Command line: `megatron-spell {train,export,eval,report,demo}`.
 
 `train --plan` validates the config and the parallel layout for the declared world size and prints
 a per-rank memory estimate from the HF config.json alone, so cluster configs can be checked on a
@@ -39,6 +39,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from megatron_spell.convert.cli import add_export_arguments
+
+    p = sub.add_parser(
+        "export",
+        help="write a Hugging Face directory (transformers, vLLM, `eval --model`) from a run's "
+        "checkpoint, whatever TP/PP/EP layout saved it",
+    )
+    p.add_argument("run_dir", help="the run directory (or one of its checkpoints/step_XXXXXXXX)")
+    p.add_argument("--out", required=True, help="the HF directory to write (new or empty)")
+    add_export_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import warnings
+
+    from megatron_spell.convert.cli import export, summary
+
+    # Megatron/torch warn at import about missing TE/apex and deprecations: noise for a CLI user.
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+    print(summary(args.out, export(args, args.run_dir, args.out)))
+    return 0
+
+
 def check(config: Config, *, full: bool, replay_dir: str | None = None) -> int:
     """`train --plan` (full=False) or `train --dry-run` (full=True): print the plan, run no work."""
     from megatron_spell import preflight
@@ -73,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-spell", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_export(sub)
     ev = sub.add_parser("eval", help="evaluate a model on long-document QA benchmarks")
     try:
         from megatron_spell.eval.cli import add_eval_arguments
@@ -95,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _run_train(args)
+        if args.command == "export":
+            return _run_export(args)
         if args.command == "eval":
             from megatron_spell.eval.cli import run_eval
 

@@ -373,6 +373,11 @@ class TrainConfig:
     loss_agg_mode: Literal["token_mean", "seq_mean"] = "token_mean"
     # padded tokens per CP rank in one micro-batch of the update
     max_tokens_per_microbatch: int = 32000
+    # pack trajectories with identical prompts (a responder group, a verifier group's votes) with
+    # the prompt once: each response attends to the prompt and to itself only, with its own
+    # positions; same loss, gradients and log-probs as separate sequences, P + n*R tokens instead
+    # of n*(P + R). Needs our attention (with Transformer Engine's it packs unshared, logged)
+    shared_prefix: bool = True
     # tokens per chunk of the vocab-parallel log-prob pass
     logprob_chunk_size: int = 4096
     # Megatron's DistributedOptimizer (optimizer state sharded over DP; ignored on CPU)
@@ -384,6 +389,21 @@ class TrainConfig:
     # seed of the model's random init and of the step's sampling RNGs
     seed: int = 1234
 
+    # --- rollout correction: train/rollout importance weights (verl's names; all off by default;
+    # mcore/rollout_correction.py, docs/spell-algorithm.md §5). Levels: "token", "sequence" (product
+    # of the token ratios), "geometric" (their geometric mean); a band is [low, high].
+    # importance weight pi_train / pi_rollout multiplying the PG loss, at this level; null: none
+    rollout_is: str | None = None
+    # truncation (TIS) of that weight: an upper bound, or [low, high]
+    rollout_is_threshold: float | tuple[float, ...] | str = 2.0
+    # masking (MIS): drop a token ("token") or a whole sequence whose ratio at this level lies
+    # outside rollout_rs_threshold; null: none
+    rollout_rs: str | None = None
+    # band of that mask: [low, high], or an upper bound u for [1/u, u]
+    rollout_rs_threshold: float | tuple[float, ...] | str | None = None
+    # drop a whole sequence when any of its tokens has a ratio below this (e.g. 1e-4); null: off
+    rollout_token_veto_threshold: float | None = None
+
     # --- MoE routing replay (R3) ---
     # vLLM returns the experts it routed every token to and the update's forward replays them
     # (Megatron-Core router replay), so training uses the rollout's expert choice. MoE models only
@@ -391,8 +411,54 @@ class TrainConfig:
     # replay")
     routing_replay: bool = False
 
+    @property
+    def rollout_is_band(self) -> tuple[float | None, float]:
+        """(low or None, high) of `rollout_is_threshold`."""
+        return _band("rollout_is_threshold", self.rollout_is_threshold, reciprocal=False)
+
+    @property
+    def rollout_rs_band(self) -> tuple[float | None, float]:
+        """(low, high) of `rollout_rs_threshold` (an upper bound u alone means [1/u, u])."""
+        return _band("rollout_rs_threshold", self.rollout_rs_threshold, reciprocal=True)
+
+    def _check_rollout_correction(self) -> None:
+        levels = ("token", "sequence", "geometric")
+        for name in ("rollout_is", "rollout_rs"):
+            if getattr(self, name) not in (None, *levels):
+                _fail("train", name, getattr(self, name), f"must be null or one of {list(levels)}")
+        if self.rollout_is is not None:
+            self.rollout_is_band  # noqa: B018 (validates)
+        if self.rollout_rs is not None:
+            if self.rollout_rs_threshold is None:
+                _fail(
+                    "train",
+                    "rollout_rs_threshold",
+                    None,
+                    "train.rollout_rs needs a band: set train.rollout_rs_threshold=[low, high]",
+                )
+            self.rollout_rs_band  # noqa: B018
+        veto = self.rollout_token_veto_threshold
+        if veto is not None and not 0.0 < veto < 1.0:
+            _fail(
+                "train",
+                "rollout_token_veto_threshold",
+                veto,
+                "must be in (0, 1): a sequence with a token ratio below it is dropped (e.g. 1e-4)",
+            )
+        on = self.rollout_is or self.rollout_rs or veto is not None
+        if on and self.recompute_old_logprobs:
+            _fail(
+                "train",
+                "recompute_old_logprobs",
+                True,
+                "the rollout correction reads vLLM's log-probs inside the training pass; "
+                "set train.recompute_old_logprobs=false (same old log-probs) or turn the "
+                "correction off",
+            )
+
     def __post_init__(self) -> None:
         _check_literals("train", self)
+        self._check_rollout_correction()
         _positive(
             "train",
             lr=self.lr,
@@ -412,6 +478,25 @@ class TrainConfig:
             )
 
 
+def _band(name: str, value: Any, *, reciprocal: bool) -> tuple[float | None, float]:
+    """(low, high) of a rollout-correction threshold: a float upper bound or a [low, high] pair."""
+    if isinstance(value, str):
+        _fail(
+            "train",
+            name,
+            value,
+            "write a band as a list, [low, high] (verl's 'low_high' string); note that a verl "
+            "IS band masks outside it (IcePop): here that is train.rollout_rs=token with that band",
+        )
+    if isinstance(value, tuple):
+        if len(value) != 2 or not 0.0 < value[0] < value[1]:
+            _fail("train", name, list(value), "a band is [low, high] with 0 < low < high")
+        return float(value[0]), float(value[1])
+    if value is None or not value > 0.0:
+        _fail("train", name, value, "must be > 0 (an upper bound) or a [low, high] band")
+    return (1.0 / value if reciprocal else None), float(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     """Where and how often the whole RL state is saved."""
@@ -422,6 +507,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # "auto" resumes from the run directory's latest checkpoint, "never" starts fresh
     resume: Literal["auto", "never"] = "auto"
+    # at the end of training also write the final weights as a Hugging Face directory, <run_dir>/hf/
+    # (what `megatron-spell export RUN_DIR` makes from any checkpoint of the run)
+    export_hf: bool = False
 
     def __post_init__(self) -> None:
         _check_literals("checkpoint", self)

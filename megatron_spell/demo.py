@@ -70,6 +70,35 @@ def _demo_config(hf_dir: Path, ckpt: Path, overrides: list[str] | None) -> Any:
     )
 
 
+def describe(config: Any) -> str:
+    """The demo's first line: model, dtype and size of the run."""
+    t, r = config.train, config.rollout
+    return (
+        f"SPELL demo: {Path(config.model.hf_dir).name}, model.dtype={config.model.dtype} in Megatron and "
+        f"vLLM, {t.total_steps} steps, train.recompute={t.recompute}, "
+        f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch}, "
+        f"rollout.kv_cache_gib={r.kv_cache_gib}"
+    )
+
+
+def _phase_peaks(run_dir: Path) -> list[str]:
+    """`  peak by phase : generate 3.1 GB, ...` from the run's metrics (max over steps)."""
+    from megatron_spell.metrics import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    prefix = "memory/peak_rss_gb/"
+    peaks: dict[str, float] = {}
+    for row in read_jsonl(path):
+        for key, value in row.items():
+            if key.startswith(prefix):
+                peaks[key[len(prefix) :]] = max(peaks.get(key[len(prefix) :], 0.0), value)
+    if not peaks:
+        return []
+    return ["  peak by phase : " + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items())]
+
+
 def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> int:
     """Run the demo (or, with `dry_run`, build the HF directory and check the config only).
 
@@ -86,16 +115,35 @@ def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> in
         hf_dir = prepare_hf_dir()
         config = _demo_config(hf_dir, _CKPT, overrides)
         checked = preflight.dry_run(config, convert_first=not (_CKPT / "DONE").is_file())
+        print(describe(config))
         print(checked.plan.summary())
         print("dry run OK")
         return 0
     hf_dir, ckpt = prepare_model(ROOT / ".cache")
     config = _demo_config(hf_dir, ckpt, overrides)
+    from megatron_spell.memory import GB, TRACKER, children_peak_bytes
     from megatron_spell.train import run
 
-    rc = run(config)
+    print(describe(config), flush=True)
+    convert_peak = children_peak_bytes()  # the one-time conversion subprocess (none when cached)
+    with TRACKER.span() as run_peak:  # the phases of each step nest in this span
+        rc = run(config)
     run_dir = config.run_dir
     print(f"\nSPELL demo finished in {time.perf_counter() - t0:.0f} s (exit code {rc})")
+    print(
+        f"  model dtype   : {config.model.dtype} (Megatron and vLLM; model.dtype=fp32|bf16 to choose)"
+    )
+    print(
+        f"  peak memory   : {run_peak() / GB:.2f} GB resident over the run (this process and its "
+        f"children)"
+        + (
+            f"; the one-time conversion {convert_peak / GB:.2f} GB before it"
+            if convert_peak
+            else ""
+        )
+    )
+    for line in _phase_peaks(Path(run_dir)):
+        print(line)
     print(f"  run directory : {run_dir}")
     print(f"  metrics       : {run_dir / 'metrics.jsonl'}")
     print(f"  tensorboard   : tensorboard --logdir {run_dir / 'tensorboard'}")

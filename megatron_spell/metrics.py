@@ -1,7 +1,8 @@
 """One door for scalars: console line, TensorBoard and JSONL; timing spans per phase (docs/style.md,
 "logging").
 
-Keys are `section/name` (`questioner/bad_format_frac`, `timing/generate_s`). Only the rank that owns the logger
+Keys are `section/name` (`questioner/bad_format_frac`, `timing/generate_s`); a timed phase also records the
+peak resident memory of the process tree during it (`memory/peak_rss_gb/<phase>`, `memory.PeakTracker`). Only the rank that owns the logger
 (rank 0) writes; the others get a logger whose sinks are disabled but whose timers still work, so the loop code
 is the same on every rank.
 
@@ -20,6 +21,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_spell.memory import GB, TRACKER, PeakTracker
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,9 @@ class MetricsLogger:
         enabled: bool = True,
         tensorboard: bool = True,
         jsonl: bool = True,
+        memory: PeakTracker | None = None,
     ) -> None:
+        self._memory = memory or TRACKER
         self.enabled = enabled and run_dir is not None
         self._pending: dict[str, float] = {}
         self._tb = None
@@ -124,13 +129,17 @@ class MetricsLogger:
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
-        """Time a phase; adds `timing/<name>_s` (accumulating over repeated spans within a step)."""
+        """Time a phase; adds `timing/<name>_s` (accumulating over repeated spans within a step) and
+        `memory/peak_rss_gb/<name>` (the largest peak of those spans)."""
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = f"timing/{name}_s"
-            self._pending[key] = self._pending.get(key, 0.0) + time.perf_counter() - start
+        with self._memory.span() as peak:
+            try:
+                yield
+            finally:
+                key = f"timing/{name}_s"
+                self._pending[key] = self._pending.get(key, 0.0) + time.perf_counter() - start
+        key = f"memory/peak_rss_gb/{name}"
+        self._pending[key] = max(self._pending.get(key, 0.0), peak() / GB)
 
     def flush(self, step: int) -> dict[str, float]:
         """Write the queued scalars for `step` and return them."""

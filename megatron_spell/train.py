@@ -11,6 +11,11 @@ ranks, kills them after `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds (default 30, to
 non-zero whatever their codes; examples/slurm/spell.sbatch therefore raises that timeout and requeues when it
 forwarded a SIGTERM (or saw code 42). Resume is automatic from the latest complete checkpoint of the run
 directory; a kill during the save leaves the previous checkpoint loadable.
+
+`checkpoint.export_hf`: after the final checkpoint the run also writes `<run_dir>/hf/`, streamed from
+the live shards (`MegatronPolicy.export_hf`: the gather of the per-step vLLM weight sync, rank 0 writing
+the safetensors) rather than re-read from the checkpoint just saved, which would need one rank to
+build the whole model a second time next to the training state.
 """
 
 from __future__ import annotations
@@ -231,6 +236,8 @@ def run(config: Config, *, replay_dir: str | None = None) -> int:
             save()
     else:
         save()
+        if config.checkpoint.export_hf:
+            policy.export_hf(run_dir / "hf")
     run_.metrics.close()
     if rank == 0 and exit_code == 0:
         from megatron_spell.report import write_report

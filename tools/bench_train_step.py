@@ -3,6 +3,7 @@
     python tools/bench_train_step.py --model tiny --seq-lens 256,512 --num-seqs 4 --steps 3
     python tools/bench_train_step.py --model qwen3-0.6b --seq-lens 8192,32768 --peak-tflops 989 --dtype bf16
     torchrun --nproc-per-node 2 tools/bench_train_step.py --model tiny --tp 2     (Megatron side only)
+    python tools/bench_train_step.py --shared-prefix --prompt-len 4096 --response-len 256 --group-size 8
 
 Builds a model of the given HF-config shape (a preset, a config.json path or a JSON string) with random
 weights, and for each sequence length runs `--steps` timed GRPO steps (after one warm-up) on the same
@@ -18,6 +19,14 @@ peak memory for
 FLOPs per step (the same formula for both, so MFU ratios equal throughput ratios): 6 x non-embedding params
 x tokens + 6 x layers x L^2 x q_dim per sequence (causal attention) + 6 x vocab x hidden x response tokens.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process peak RSS increase (coarse).
+
+`--shared-prefix` instead runs one update of a responder-shaped batch (`--groups` groups of
+`--group-size` responses of `--response-len` tokens to one `--prompt-len`-token prompt each; response
+lengths vary by up to 1/8 below R so that units are ragged) packed unshared and with the shared prefix
+(`train.shared_prefix`), on the same weights, in one process (Megatron side only, world size 1), and
+prints for each the tokens through the model, micro-batches, wall time of the update and peak memory (GPU:
+max allocated; CPU: peak RSS above the pre-step level, sampled every 2 ms), then the largest difference of
+the loss and of any parameter's gradient. The last line is `shared-prefix speedup: X.XXx, max grad diff: Y`.
 """
 
 from __future__ import annotations
@@ -212,6 +221,132 @@ def timed(fn, steps: int, cuda: bool) -> dict:
     return {"step_s": dt, "peak_bytes": m.peak}
 
 
+class RssPeak:
+    """Peak resident memory (bytes) above the level at entry, sampled by a thread (CPU, Linux)."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss()) - self.base
+
+
+def responder_batch(cfg, args):
+    import torch
+
+    from megatron_spell.mcore.packing import TrainSample
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(args.groups):
+        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
+        for i in range(args.group_size):
+            r = args.response_len - (i * args.response_len) // (8 * args.group_size)
+            out.append(
+                TrainSample(
+                    prompt_ids=prompt,
+                    response_ids=torch.randint(0, cfg.vocab_size, (r,), generator=g).tolist(),
+                    advantage=1.0 if i % 2 == 0 else -1.0,
+                    old_logprobs=(-torch.rand(r, generator=g) * 3 - 5).tolist(),
+                )
+            )
+    return out
+
+
+def run_shared_prefix(cfg, args, dtype) -> int:
+    """Unshared vs shared-prefix packing of one responder-shaped update on the same weights."""
+    import torch
+
+    from megatron_spell.config import ParallelConfig, TrainConfig
+    from megatron_spell.mcore.attention import PackedCPAttention
+    from megatron_spell.mcore.model import build_model
+    from megatron_spell.mcore.optimizer import build_optimizer, wrap_ddp
+    from megatron_spell.mcore.parallel import init_parallel
+    from megatron_spell.mcore.train_step import PolicyEngine
+
+    cuda = torch.cuda.is_available()
+    ctx = init_parallel(ParallelConfig())
+    models = build_model(cfg, ctx, dtype=dtype, core_attention=PackedCPAttention, use_te=False)
+    ddp = wrap_ddp(models, ctx, use_distributed_optimizer=False)
+    samples = responder_batch(cfg, args)
+    longest = args.prompt_len + args.response_len
+    budget = max(args.budget, args.prompt_len + args.group_size * args.response_len)
+    train = TrainConfig(
+        lr=1e-6, use_distributed_optimizer=False, logprob_chunk_size=args.chunk,
+        max_tokens_per_microbatch=max(budget, longest), recompute="none",
+    )  # fmt: skip
+    opt = build_optimizer(ddp, train, ctx)
+    params = [p for m in ddp for p in m.parameters()]
+    start = [p.detach().clone() for p in params]
+
+    def update(shared: bool, batch: list) -> dict:
+        engine = PolicyEngine(
+            ddp, ctx, train, temperature=0.7, vocab_size=cfg.vocab_size, pad_token_id=0,
+            optimizer=opt, shared_prefix=shared,
+        )  # fmt: skip
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        meter = Meter(True) if cuda else RssPeak()
+        with meter:
+            t0 = time.perf_counter()
+            metrics = engine.train_step(batch)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        grads = [p.main_grad.detach().float().clone() for p in params]
+        return {"metrics": metrics, "wall": wall, "peak": meter.peak, "grads": grads}
+
+    # warm-up (kernels, allocator, lazy init) on two responses, then the measured updates
+    update(False, samples[:2])
+    update(True, samples[:2])
+    runs = {"unshared": update(False, samples), "shared": update(True, samples)}
+    if ctx.rank != 0:
+        return 0
+    print(
+        f"model={args.model} dtype={args.dtype} groups={args.groups} n={args.group_size} "
+        f"P={args.prompt_len} R={args.response_len} (responses {args.response_len * 7 // 8}.."
+        f"{args.response_len} tokens)"
+    )
+    print(f"{'packing':>9} {'tokens':>8} {'micro':>6} {'wall_s':>8} {'peak_MiB':>9} {'loss':>12}")
+    for name, r in runs.items():
+        m = r["metrics"]
+        print(
+            f"{name:>9} {m['train/num_model_tokens']:>8.0f} {m['train/num_microbatches']:>6.0f} "
+            f"{r['wall']:>8.3f} {r['peak'] / 2**20:>9.0f} {m['train/loss']:>12.8f}"
+        )
+    a, b = runs["unshared"], runs["shared"]
+    loss_diff = abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"])
+    grad_diff = max(float((x - y).abs().max()) for x, y in zip(a["grads"], b["grads"]))
+    grad_max = max(float(x.abs().max()) for x in a["grads"])
+    print(f"max |loss diff| {loss_diff:.3e}; max |grad diff| {grad_diff:.3e}", end=" ")
+    print(f"(largest |grad| {grad_max:.3e})")
+    if not cuda:
+        print("CPU: peak_MiB is the resident memory above the level before the update")
+    print(f"shared-prefix speedup: {a['wall'] / b['wall']:.2f}x, max grad diff: {grad_diff:.3e}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -236,12 +371,27 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--hf-only", action="store_true", help="only the HF baseline (a clean CPU peak RSS for it)"
     )
+    ap.add_argument(
+        "--shared-prefix",
+        action="store_true",
+        help="compare one responder-shaped update packed unshared vs with the shared prefix",
+    )
+    ap.add_argument("--prompt-len", type=int, default=4096, help="--shared-prefix: prompt tokens P")
+    ap.add_argument(
+        "--response-len", type=int, default=256, help="--shared-prefix: longest response R"
+    )
+    ap.add_argument("--group-size", type=int, default=8, help="--shared-prefix: responses n")
+    ap.add_argument("--groups", type=int, default=1, help="--shared-prefix: groups in the batch")
     args = ap.parse_args(argv)
 
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.shared_prefix:
+        return run_shared_prefix(
+            hf_config(args.model, args.prompt_len + args.response_len), args, dtype
+        )
     lens = [int(x) for x in args.seq_lens.split(",")]
     cfg = hf_config(args.model, max(lens))
     response = {L: max(1, int(L * args.response_frac)) for L in lens}

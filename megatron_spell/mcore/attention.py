@@ -20,6 +20,18 @@ Attention itself is `torch.nn.functional.scaled_dot_product_attention` (flash / 
 GPU, the math kernel on CPU). Grouped-query attention expands the KV heads. `attention_mask` is ignored: the
 mask is always causal per sequence (padding is handled by packing), which is all the GPT models here need.
 
+Shared prefix (`packing` module docstring): `SharedPrefixSeqParams.unit_segments` gives, per packed
+sequence (unit), the boundaries of its segments: segment 0 is the prompt stored once, every later segment
+(a response, or the padding) sees segment 0 and itself, causally, and never a sibling; the mask is
+`shared_prefix_mask` (segment ids and positions). It is applied block by block: the queries of one segment
+inside one local chunk see a contiguous key prefix of [prompt ; own segment], so each block is one SDPA
+call with a lower-right causal mask (no [t, t] mask, no sibling keys computed). Under CP each rank keeps
+its two load-balanced chunks of the unit and gathers the unit's full K/V, so every response query sees the
+whole prompt. Per layer a CP rank holds its (P - 1 + sum R) / cp queries and the K/V of the whole unit
+(P - 1 + sum R tokens, GQA-expanded to all heads, as for an ordinary sequence of that length), plus one
+transient [prompt ; segment] K/V copy per block. RoPE takes explicit per-token positions
+(`set_rope_positions`): every response continues from the end of the prompt.
+
 Deviation: the all-gather CP keeps the full K/V of each sequence on every CP rank (O(L) memory per layer, like
 Megatron's `cp_comm_type="all_gather"`), not a ring; with Transformer Engine, Megatron's own TE attention and
 CP are used instead (see `core_attention_class`).
@@ -28,15 +40,59 @@ CP are used instead (see `core_attention_class`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.bias import causal_lower_right
 
 from megatron_spell.mcore.packing import cp_split_index
+
+
+@dataclass
+class SharedPrefixSeqParams(PackedSeqParams):
+    """`PackedSeqParams` plus, per unit, its segment boundaries (`MicroBatch.unit_segments`)."""
+
+    unit_segments: tuple[tuple[int, ...], ...] | None = None
+
+
+def set_rope_positions(model: torch.nn.Module, positions: torch.Tensor | None) -> None:
+    """Make the rotary embeddings of `model` use explicit per-token positions for the next forward.
+
+    `positions` is the int64 [padded pack] RoPE position of every token of the unsplit pack (None:
+    Megatron's own positions, 0.. in every packed sequence). Megatron's THD RoPE
+    (`_apply_rotary_pos_emb_thd`) accepts frequencies for the whole packed batch (one row per packed
+    token, "has_packed_freqs") and picks each CP rank's load-balanced chunks from them; the patched
+    `RotaryEmbedding.forward` returns exactly that table. Needs the unfused RoPE (the model builder
+    sets `apply_rope_fusion=False`).
+    """
+    for m in model.modules():
+        if not isinstance(m, RotaryEmbedding):
+            continue
+        if not hasattr(m, "_packed_positions"):
+            m.forward = _positioned_rope_forward(m, m.forward)
+        m._packed_positions = positions
+        m._packed_max = int(positions.max()) + 1 if positions is not None else 0
+
+
+def _positioned_rope_forward(module, orig):
+    def forward(max_seq_len, offset=0, packed_seq=False, cp_group=None):
+        positions = module._packed_positions
+        if positions is None:
+            return orig(max_seq_len, offset, packed_seq, cp_group)
+        # packed_seq=True: the full table, not CP-sliced (THD RoPE selects the local chunks)
+        out = orig(max(module._packed_max, max_seq_len), 0, True, cp_group)
+        emb = out[0] if isinstance(out, tuple) else out
+        emb = emb[positions.to(emb.device)]
+        return (emb, *out[1:]) if isinstance(out, tuple) else emb
+
+    return forward
 
 
 class _AllGatherCP(torch.autograd.Function):
@@ -90,8 +146,41 @@ def _sdpa(q, k, v, *, scale, dropout, causal_offset):
     return out.squeeze(0).permute(1, 0, 2)
 
 
+def key_ranges(segs: Sequence[int], segment: int, end: int) -> list[tuple[int, int]]:
+    """Keys (unit positions, as [a, b) ranges) that a query of `segment` at unit positions < `end` may
+    see: the shared prompt (segment 0) and its own segment up to `end`, never a sibling response."""
+    if segment == 0:
+        return [(segs[0], end)]
+    prompt = (segs[0], segs[1])
+    own = (segs[segment], end)
+    return [prompt, own] if prompt[1] > prompt[0] else [own]
+
+
+def _query_pieces(segs: Sequence[int], qa: int, qb: int):
+    """Split the unit positions [qa, qb) of a query chunk by segment (boundaries `segs`, relative to the
+    unit start): (piece start, piece end, key ranges). Within a piece every query sees a contiguous key
+    suffix ending at its own position, so the lower-right causal mask of `_sdpa` is exact."""
+    for i, (a, b) in enumerate(zip(segs[:-1], segs[1:])):
+        pa, pb = max(a, qa), min(b, qb)
+        if pa < pb:
+            yield pa, pb, key_ranges(segs, i, pb)
+
+
+def shared_prefix_mask(
+    seg_q: torch.Tensor, pos_q: torch.Tensor, seg_k: torch.Tensor, pos_k: torch.Tensor
+) -> torch.Tensor:
+    """Boolean [q, k] mask of a shared unit (True = attend) from segment ids (prompt 0, response i,
+    padding last) and RoPE positions: causal in position, and a key is visible when it is in the
+    prompt or in the query's own segment. `PackedCPAttention` computes exactly this mask block by
+    block (`key_ranges`) without building it; tests use it as the reference."""
+    causal = pos_k[None, :] <= pos_q[:, None]
+    same = (seg_k[None, :] == 0) | (seg_k[None, :] == seg_q[:, None])
+    return causal & same
+
+
 class PackedCPAttention(MegatronModule):
-    """Drop-in core attention for the local spec: causal, THD packing, exact context parallelism."""
+    """Drop-in core attention for the local spec: causal, THD packing, exact context parallelism,
+    shared-prefix units (`SharedPrefixSeqParams.unit_segments`)."""
 
     def __init__(
         self,
@@ -150,44 +239,47 @@ class PackedCPAttention(MegatronModule):
         cp = self._cp_size()
         dropout = self.dropout if self.training else 0.0
         bounds = _seq_bounds(packed_seq_params, q.size(0) * cp)
+        segments = getattr(packed_seq_params, "unit_segments", None)
+        if segments is None:
+            segments = [(0, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
         if cp > 1:
             k, v = self._gather_kv(k, v, bounds, cp)
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
+        rank = dist.get_rank(self.cp_group) if cp > 1 else 0
         outs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end, segs in zip(bounds[:-1], bounds[1:], segments):
             length = end - start
             if length == 0:
                 continue
+            # local query chunks: (index in local q, first and last+1 unit position)
             if cp == 1:
-                outs.append(
-                    _sdpa(
-                        q[start:end],
-                        k[start:end],
-                        v[start:end],
-                        scale=self.softmax_scale,
-                        dropout=dropout,
-                        causal_offset=0,
+                chunks = [(start, 0, length)]
+            else:
+                chunk = length // (2 * cp)
+                local_start = start // cp
+                chunks = [
+                    (local_start + j * chunk, c * chunk, (c + 1) * chunk)
+                    for j, c in enumerate((rank, 2 * cp - 1 - rank))
+                ]
+            for q_at, qa, qb in chunks:
+                for pa, pb, key_ranges in _query_pieces(segs, qa, qb):
+                    q_p = q[q_at + pa - qa : q_at + pb - qa]
+                    ks = [k[start + a : start + b] for a, b in key_ranges]
+                    vs = [v[start + a : start + b] for a, b in key_ranges]
+                    k_p = ks[0] if len(ks) == 1 else torch.cat(ks)
+                    v_p = vs[0] if len(vs) == 1 else torch.cat(vs)
+                    outs.append(
+                        _sdpa(
+                            q_p,
+                            k_p,
+                            v_p,
+                            scale=self.softmax_scale,
+                            dropout=dropout,
+                            causal_offset=k_p.size(0) - q_p.size(0),
+                        )
                     )
-                )
-                continue
-            rank = dist.get_rank(self.cp_group)
-            chunk = length // (2 * cp)
-            local_start = start // cp
-            for j, c in enumerate((rank, 2 * cp - 1 - rank)):
-                q_c = q[local_start + j * chunk : local_start + (j + 1) * chunk]
-                key_end = start + (c + 1) * chunk
-                outs.append(
-                    _sdpa(
-                        q_c,
-                        k[start:key_end],
-                        v[start:key_end],
-                        scale=self.softmax_scale,
-                        dropout=dropout,
-                        causal_offset=c * chunk,
-                    )
-                )
         return torch.cat(outs, dim=0)
 
     def _gather_kv(self, k, v, bounds, cp):

@@ -8,6 +8,10 @@ Checkpoint directory layout (Megatron-LM's, so a Megatron-LM run can `--load` it
     CKPT/hf/                                 config.json, generation_config.json, tokenizer files
     CKPT/conversion.json                     source dir, dtype, tensor count, megatron-core version
 
+Training checkpoints (`<run_dir>/checkpoints/step_N/model/`, megatron_spell/checkpointing.py) are the
+same format with the optimizer and scheduler beside the model; `export_run` (`megatron-spell export`)
+reads only their model tensors, with the HF config and tokenizer of the run's `model.hf_dir`.
+
 How the keys are made exact: `convert_hf_to_megatron` builds the model at TP=PP=EP=1 in this process
 (`build_model`), copies the streamed, converted tensors into its parameters and saves
 `model.sharded_state_dict()`. So the keys, global shapes and layer/expert stacking are by construction what
@@ -268,18 +272,121 @@ def convert_megatron_to_hf(
 
     dtype: output dtype (default: the checkpoint's). Memory: the TP=1 model + one output shard.
     """
-    from megatron_spell.mcore.model import load_hf_config
-    from megatron_spell.mcore.parallel import destroy_parallel
-
     resolve_release_dir(ckpt_dir)
-    hf_src = hf_dir_of(ckpt_dir)
-    hf_config = load_hf_config(hf_src)
-    get_family(hf_config)
     meta_path = Path(ckpt_dir) / "conversion.json"
     ck_dtype = torch.float32
     if meta_path.is_file():
         ck_dtype = getattr(torch, json.loads(meta_path.read_text()).get("dtype", "float32"))
-    out_dtype = dtype or ck_dtype
+    return _export_to_hf(
+        ckpt_dir,
+        hf_dir_of(ckpt_dir),
+        out_dir,
+        ck_dtype,
+        dtype or ck_dtype,
+        max_shard_bytes,
+        progress,
+    )
+
+
+def export_checkpoint(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = True,
+) -> ConversionStats:
+    """`convert_megatron_to_hf` for a converted checkpoint (`TRACKER` or `metadata.json` in `path`),
+    else `export_run` for a training run directory or one of its step directories."""
+    p = Path(path)
+    if (p / TRACKER).is_file() or (p / "metadata.json").is_file():
+        if step is not None:
+            raise ValueError(
+                f"--step {step}: {str(p)!r} is a converted checkpoint, it has no steps"
+            )
+        return convert_megatron_to_hf(
+            p, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress
+        )
+    if p.is_dir() and not (p / "config.yaml").is_file() and not (p / "model").is_dir():
+        raise FileNotFoundError(
+            f"{str(p)!r} is neither a converted checkpoint (no {TRACKER}) nor a training run "
+            "directory (no config.yaml) nor one of its checkpoints/step_XXXXXXXX directories"
+        )
+    return export_run(
+        p, out_dir, step=step, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress
+    )
+
+
+def export_run(
+    run_or_step_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = True,
+) -> ConversionStats:
+    """Export a training run's checkpoint (`<run_dir>/checkpoints/step_N/model`) to an HF directory.
+
+    `run_or_step_dir`: the run directory (then `step`, default the latest complete one) or a step
+    directory in it. The checkpoint holds model, optimizer and scheduler at the layout the run saved
+    (any TP/PP/EP); only the model tensors are read, resharded to one rank. Config and tokenizer come
+    from the run's `model.hf_dir` (or the `hf/` inside `model.load`); dtype: the output dtype
+    (default: the run's `model.dtype`, the dtype the model was trained in). Memory: as
+    `convert_megatron_to_hf`.
+    """
+    from megatron_spell.checkpointing import find_checkpoint
+    from megatron_spell.config import load_config
+
+    run_dir, ckpt = find_checkpoint(run_or_step_dir, step)
+    try:
+        config = load_config(run_dir / "config.yaml")
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{str(run_dir / 'config.yaml')!r} does not load: {e}") from e
+    model_dtype = DTYPES[config.model.dtype]
+    return _export_to_hf(
+        ckpt / "model",
+        run_hf_dir(config.model.hf_dir, config.model.load),
+        out_dir,
+        model_dtype,
+        dtype or model_dtype,
+        max_shard_bytes,
+        progress,
+    )
+
+
+def run_hf_dir(hf_dir: str, load: str) -> Path:
+    """The HF directory giving a run's config and tokenizer: `model.hf_dir`, else `model.load`/hf."""
+    tried = [Path(hf_dir)] + ([Path(load) / HF_SUBDIR] if load else [])
+    for path in tried:
+        if (path / "config.json").is_file():
+            return path
+    raise FileNotFoundError(
+        f"the run's HF config is not found: no config.json in {', '.join(map(repr, map(str, tried)))}"
+        " (model.hf_dir, model.load/hf of its config.yaml); the export needs its config and tokenizer"
+    )
+
+
+def _export_to_hf(
+    ckpt_dir: str | os.PathLike[str],
+    hf_src: Path,
+    out_dir: str | os.PathLike[str],
+    ck_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    max_shard_bytes: int,
+    progress: bool,
+) -> ConversionStats:
+    """Load the model tensors of a dist checkpoint at TP=1 and write them as an HF directory."""
+    from megatron_spell.mcore.model import load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel
+
+    resolve_release_dir(ckpt_dir)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output directory {str(out)!r} is not empty; remove it or choose another")
+    hf_config = load_hf_config(hf_src)
+    get_family(hf_config)
     baseline, t0 = _current_rss_mb(), time.perf_counter()
     model = _build_single_rank_model(hf_config, ck_dtype)
     try:
@@ -294,9 +401,16 @@ def convert_megatron_to_hf(
         writer.close()
     finally:
         destroy_parallel()
-    copy_hf_side_files(hf_src, out_dir)
-    _set_config_dtype(Path(out_dir) / "config.json", out_dtype)
+    write_hf_side_files(hf_src, out_dir, out_dtype)
     return ConversionStats(n, writer.total_bytes, time.perf_counter() - t0, baseline, _rss_mb())
+
+
+def write_hf_side_files(
+    hf_src: str | os.PathLike[str], out_dir: str | os.PathLike[str], dtype: torch.dtype
+) -> None:
+    """Config (its dtype set to `dtype`), generation config and tokenizer files from `hf_src`."""
+    copy_hf_side_files(hf_src, out_dir)
+    _set_config_dtype(Path(out_dir) / "config.json", dtype)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

@@ -57,6 +57,7 @@ def apply_cpu_patches() -> None:
     _patch_torch_cuda()
     _enter_cuda_to_cpu_mode()
     _patch_rng_tracker()
+    _patch_recompute_rng_state()
     _patch_default_causal_mask()
     _patch_torch_norm_for_sequence_parallel()
     _patch_moe_split_sizes()
@@ -193,6 +194,23 @@ def _patch_rng_tracker() -> None:
 
     cpu_model_parallel_manual_seed.__wrapped__ = original  # type: ignore[attr-defined]
     _replace(mrandom, "model_parallel_cuda_manual_seed", cpu_model_parallel_manual_seed)
+
+
+def _patch_recompute_rng_state() -> None:
+    """Activation recompute (`train.recompute=full|selective`) saves the CUDA RNG state before each
+    checkpointed block and restores it for the recomputation: on CPU there is no CUDA generator
+    (torch.cuda.get_rng_state raises), and the CPU generator, which is the one used here, is saved and
+    restored by the same functions already. The CUDA state becomes an empty tensor, set as a no-op."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def cpu_get_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)
+
+    def cpu_set_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    _replace(mrandom, "_get_cuda_rng_state", cpu_get_cuda_rng_state)
+    _replace(mrandom, "_set_cuda_rng_state", cpu_set_cuda_rng_state)
 
 
 def _patch_default_causal_mask() -> None:

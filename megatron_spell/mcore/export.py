@@ -21,6 +21,10 @@ twice. Tied embeddings: the last stage's `output_layer.weight` copy is skipped; 
 `lm_head.weight` from the embedding. Process groups come from the `ParallelContext`; this module reads no
 `parallel_state` globals. Context-parallel ranks hold replicas and need nothing.
 
+`write_hf_dir` writes the same stream as a Hugging Face directory (`checkpoint.export_hf`, the end of a
+run): every rank drives the collectives, world rank 0 writes the safetensors shards as the tensors come,
+so no rank holds more than one full tensor plus one output shard.
+
 Aliasing: where nothing is gathered or cast (TP=1, replicated params) the yielded tensors are views of the
 live Megatron parameters (zero-copy); a consumer that keeps them past the next optimizer step must copy.
 """
@@ -28,15 +32,19 @@ live Megatron parameters (zero-copy); a consumer that keeps them past the next o
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_spell.convert import canonical_megatron_name, megatron_to_hf
+from megatron_spell.convert.hf_io import ShardedSafetensorsWriter
 from megatron_spell.convert.transforms import merge_tp_shards
 from megatron_spell.families import find_family, tied_embeddings
 
@@ -218,3 +226,39 @@ def export_hf_weights(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def write_hf_dir(
+    model_chunks: Sequence[torch.nn.Module],
+    ctx: ParallelContext,
+    hf_config: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    hf_src: str | os.PathLike[str],
+    dtype: torch.dtype,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
+    """Write the live model as an HF directory at `out_dir` (replaced if it exists); every rank calls it.
+
+    World rank 0 writes `out_dir.tmp/` (safetensors in `dtype`, config with that dtype, generation
+    config and tokenizer files of `hf_src`) and renames it into place once complete, so an interrupted
+    export never leaves a partial `out_dir`.
+    """
+    from megatron_spell.mcore.checkpoint import write_hf_side_files
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = None
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+    for name, tensor in iter_hf_tensors(model_chunks, ctx, hf_config, dtype=dtype):
+        if writer is not None:
+            writer.add(name, tensor)
+    if writer is not None:
+        writer.close()
+        write_hf_side_files(hf_src, tmp, dtype)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        logger.info("wrote %s (%.1f MB)", out, writer.total_bytes / 1e6)
+    dist.barrier()

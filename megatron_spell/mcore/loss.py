@@ -121,14 +121,21 @@ def policy_loss(
     *,
     entropy: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the per-token loss `train.loss`, plus KL and entropy terms; inputs are 1-D.
 
-    `weights` is zero on non-response tokens (see `token_weights`). Returns (loss, metrics) where
-    each metric is a weighted sum (a 0-d tensor, detached): the loss's own (grpo: `pg_loss`,
-    `clip_frac`, `dual_clip_frac`, `ppo_kl`), `entropy`, `kl`.
+    `weights` is zero on non-response tokens (see `token_weights`). `rollout_weights` (the rollout
+    correction's detached factor, mcore/rollout_correction.py) multiplies the policy-gradient term
+    only, as verl's `compute_policy_loss_vanilla` does; a token it zeroes still counts in `weights`
+    (the token-mean denominator). Returns (loss, metrics) where each metric is a weighted sum (a 0-d
+    tensor, detached): the loss's own (grpo: `pg_loss`, after the correction, `clip_frac`,
+    `dual_clip_frac`, `ppo_kl`), `entropy`, `kl`.
     """
     per_token, metrics = POLICY_LOSSES[cfg.loss](logprobs, old_logprobs, advantages, weights, cfg)
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights.detach()
+        metrics["pg_loss"] = (weights * per_token).sum().detach()
     if ref_logprobs is not None and cfg.kl_coef != 0.0:
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_loss_type)
         per_token = per_token + cfg.kl_coef * kl

@@ -22,12 +22,33 @@ response tokens of the full sequences, whatever the CP size (the bug class of ve
 
 Deviation from the reference (verl): sequences are balanced by padded token count rather than by
 `sum(L^2)`-style compute estimates; dummy micro-batches instead of splitting real ones keep every pack intact.
+
+Shared prefix (`shared_prefix=True`, `train.shared_prefix`): samples whose `prompt_ids` are identical (a
+responder group's n answers, a verifier group's votes) form one *unit*, packed as one THD sequence
+
+    prompt[:-1] | prompt[-1], r_1[:-1] | prompt[-1], r_2[:-1] | ... | padding
+
+The prompt minus its last token is stored once (segment 0); response i is segment i+1 and starts with its own
+copy of the last prompt token, so that every position predicts exactly one response token (labels, loss mask,
+advantages and log-probs keep their per-position layout; the last response token predicts nothing and is
+dropped). Positions of segment i run P-1, P, ..., P+R_i-2, exactly the positions these tokens have in the
+unshared sequence (P = prompt length). The attention (`attention.PackedCPAttention`, given
+`unit_segments`) lets segment i see segment 0 and itself, causally, never a sibling; padding is one more
+segment. A unit costs P-1 + sum R_i tokens instead of n*P + sum R_i. Units are split for CP, balanced over
+DP and binned by that real cost; a unit over the micro-batch budget is split into several units that each
+carry the prompt and a subset of the responses (first-fit decreasing); a part left with one response is
+packed as an ordinary sequence (counted in `num_unshared_fallback`).
+
+Routing replay (MoE, `train.routing_replay`): `MicroBatch.routing` holds this CP rank's rows of the
+rollout's expert choice, laid out like the tokens. The caller gives, per unit, the CP-local rows of
+the padded unit (mcore/routing_exchange.py builds them: in a shared unit the prompt[:-1] rows once,
+then each response segment's own rows of prompt[-1] and r_i[:-1]); -1 where there is none.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +57,13 @@ import torch
 _NO_LABEL = 0  # label value at positions without a target (masked out; any valid id works)
 
 
-def routing_rows(routing: Any, num_tokens: int | None) -> torch.Tensor:
+def routing_rows(routing: Any, num_tokens: int) -> torch.Tensor:
     """A sample's routing as int16 [num_tokens, MoE layers, top-k], -1 where there is none."""
     t = torch.as_tensor(routing)
     if t.dtype == torch.uint8:
         t = torch.where(t == 255, -1, t.to(torch.int16))
     t = t.to(torch.int16)
-    if t.dim() != 3 or (num_tokens is not None and t.shape[0] != num_tokens):
+    if t.dim() != 3 or t.shape[0] != num_tokens:
         raise ValueError(
             f"TrainSample.routing has shape {tuple(t.shape)}; expected [{num_tokens} prompt + "
             "response tokens, MoE layers, top-k]"
@@ -68,16 +89,13 @@ class TrainSample:
     ref_logprobs: tuple[float, ...] | None = None
     role: str = ""
     routing: Any = field(default=None, compare=False, repr=False)
-    # `routing` holds only this CP rank's rows of the padded sample (routing_exchange.cp_local_rows)
-    routing_local: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
         object.__setattr__(self, "response_ids", tuple(int(t) for t in self.response_ids))
         n = len(self.response_ids)
         if self.routing is not None:
-            rows = None if self.routing_local else self.num_tokens
-            object.__setattr__(self, "routing", routing_rows(self.routing, rows))
+            object.__setattr__(self, "routing", routing_rows(self.routing, self.num_tokens))
         if not self.prompt_ids:
             raise ValueError(
                 "TrainSample.prompt_ids is empty: the first response token needs a prompt"
@@ -135,6 +153,11 @@ class MicroBatch:
     response_spans: tuple[
         tuple[int, int], ...
     ] = ()  # per sample: [start, end) label positions in the pack
+    # per unit (THD sequence): segment boundaries relative to its start, (0, end of the shared prompt,
+    # end of response 1, ..., padded length); None when every unit is an ordinary sequence
+    unit_segments: tuple[tuple[int, ...], ...] | None = None
+    # int64 [padded pack]: RoPE position of every token of the unsplit pack (None: 0.. per sequence)
+    rope_positions: torch.Tensor | None = None
     # routing replay: int16 [t_local, MoE layers, top-k] of this rank's tokens (-1: none), or None
     routing: torch.Tensor | None = None
 
@@ -155,6 +178,12 @@ class PackedBatch:
     global_num_loss_tokens: int  # response tokens of the whole global batch (all DP ranks)
     global_num_sequences: int  # sequences with at least one response token (for seq-mean)
     dp_assignment: tuple[tuple[int, ...], ...] = field(default=())  # sample ids per DP rank
+    # shared prefix: units holding more than one response, extra units made by splitting a group over the
+    # micro-batch budget, group parts packed as an ordinary sequence, padded tokens through the model
+    num_shared_units: int = 0
+    num_split_units: int = 0
+    num_unshared_fallback: int = 0
+    global_num_tokens: int = 0
 
 
 def pad_multiple(cp_size: int, tp_size: int, sequence_parallel: bool) -> int:
@@ -244,44 +273,55 @@ def _sequence_fields(sample: TrainSample, length: int, pad_id: int) -> dict[str,
     return out
 
 
-def _pack_routing(
-    seqs: Sequence[TrainSample], padded: Sequence[int], index: torch.Tensor, cp_size: int
-) -> torch.Tensor | None:
-    """This CP rank's routing rows of the pack (-1 on padding and where a sample has none), or None.
+def response_positions(prompt_len: int, response_len: int) -> torch.Tensor:
+    """RoPE positions of a response segment of a shared unit: those of the last prompt token and of the
+    first `response_len - 1` response tokens in the unshared sequence."""
+    return torch.arange(prompt_len - 1, prompt_len - 1 + response_len, dtype=torch.int64)
 
-    Samples carry either all their rows (split here with the tokens' `index`) or, from the routing
-    exchange, only this CP rank's rows of the padded sample, which are already in pack order
-    (`cp_split_index` keeps each sequence's two chunks in turn).
-    """
-    have = [s for s in seqs if s.routing is not None]
-    if not have:
-        return None
-    shape = tuple(have[0].routing.shape[1:])
-    if any(tuple(s.routing.shape[1:]) != shape for s in have):
-        raise ValueError("TrainSample.routing: samples of one batch differ in MoE layers or top-k")
-    if any(s.routing_local for s in have):
-        if not all(s.routing_local for s in have):
-            raise ValueError("TrainSample.routing: a batch mixes CP-local and whole routing")
-        parts = []
-        for i, n in enumerate(padded):
-            s = seqs[i] if i < len(seqs) else None
-            if s is None or s.routing is None:
-                parts.append(torch.full((n // cp_size, *shape), -1, dtype=torch.int16))
-            elif s.routing.shape[0] != n // cp_size:
-                raise ValueError(
-                    f"TrainSample.routing: {s.routing.shape[0]} CP-local rows for a sample of "
-                    f"{n} padded tokens at cp={cp_size}"
-                )
-            else:
-                parts.append(s.routing)
-        return torch.cat(parts)
-    out = torch.full((sum(padded), *shape), -1, dtype=torch.int16)
-    start = 0
-    for s, n in zip(seqs, padded):
-        if s.routing is not None:
-            out[start : start + s.num_tokens] = s.routing
-        start += n
-    return out[index]
+
+def _shared_unit_fields(
+    unit: Sequence[TrainSample], length: int, pad_id: int
+) -> tuple[dict[str, torch.Tensor], tuple[int, ...], list[int]]:
+    """Full per-position fields of one shared unit padded to `length`, its segment boundaries and the
+    start of every sample's response segment (see the module docstring for the layout)."""
+    prompt = unit[0].prompt_ids
+    p = len(prompt)
+    head = p - 1  # tokens stored once
+    out = {
+        "tokens": torch.full((length,), pad_id, dtype=torch.int64),
+        "position_ids": torch.zeros(length, dtype=torch.int64),
+        "labels": torch.full((length,), _NO_LABEL, dtype=torch.int64),
+        "loss_mask": torch.zeros(length),
+        "advantages": torch.zeros(length),
+        "seq_num_loss_tokens": torch.zeros(length),
+        "old_logprobs": torch.zeros(length),
+        "ref_logprobs": torch.zeros(length),
+    }
+    out["tokens"][:head] = torch.tensor(prompt[:head], dtype=torch.int64)
+    out["position_ids"][:head] = torch.arange(head)
+    bounds, starts, c = [0, head], [], head
+    for s in unit:
+        r = len(s.response_ids)
+        starts.append(c)
+        if r == 0:
+            continue
+        seg = slice(c, c + r)
+        out["tokens"][seg] = torch.tensor((prompt[-1], *s.response_ids[:-1]), dtype=torch.int64)
+        out["position_ids"][seg] = response_positions(p, r)
+        out["labels"][seg] = torch.tensor(s.response_ids, dtype=torch.int64)
+        out["loss_mask"][seg] = 1.0
+        out["advantages"][seg] = torch.as_tensor(s.advantage, dtype=torch.float32)
+        out["seq_num_loss_tokens"][seg] = float(r)
+        for name in ("old_logprobs", "ref_logprobs"):
+            if getattr(s, name) is not None:
+                out[name][seg] = torch.tensor(getattr(s, name), dtype=torch.float32)
+        c += r
+        bounds.append(c)
+    # padding: one more segment (it sees the prompt and itself, nothing sees it)
+    out["position_ids"][c:] = torch.arange(c, length)
+    if length > c:
+        bounds.append(length)
+    return out, tuple(bounds), starts
 
 
 def build_micro_batch(
@@ -293,35 +333,71 @@ def build_micro_batch(
     cp_rank: int = 0,
     pad_id: int = 0,
     pad_to: int | None = None,
+    units: Sequence[Sequence[int]] | None = None,
+    routing: Sequence[torch.Tensor | None] | None = None,
 ) -> MicroBatch:
     """THD-pack `samples` (the ones listed in `sample_ids`) and keep this CP rank's share.
 
     An empty `sample_ids` gives a dummy micro-batch: one pad sequence of `multiple` tokens, zero loss mask.
     `pad_to` (a multiple of `multiple`) appends one pad sequence so the pack has exactly that many tokens.
+    `units` partitions `sample_ids` into packed sequences: a unit of several samples (which must share
+    `prompt_ids`) is packed with the prompt once (module docstring); default: one sample per unit.
+    `routing`, one entry per unit: this CP rank's rows of the padded unit (None: no routing).
     """
-    seqs = [samples[i] for i in sample_ids]
-    if not seqs:
-        dummy = TrainSample(prompt_ids=(pad_id,), response_ids=())
-        fields = [_sequence_fields(dummy, multiple, pad_id)]
-        lengths, padded = [1], [multiple]
-    else:
-        lengths = [s.num_tokens for s in seqs]
-        padded = [padded_length(n, multiple) for n in lengths]
-        fields = [_sequence_fields(s, n, pad_id) for s, n in zip(seqs, padded)]
+    if units is None:
+        units = [[i] for i in sample_ids]
+    units = [list(u) for u in units if u]
+    order = [i for u in units for i in u]
+    if sorted(order) != sorted(sample_ids):
+        raise ValueError("build_micro_batch: units must partition sample_ids")
+    seqs = [samples[i] for i in order]
+    fields, lengths, padded, segments, spans = [], [], [], [], []
+    offset = 0
+    for u in units:
+        group = [samples[i] for i in u]
+        if len(group) == 1:
+            s = group[0]
+            n = s.num_tokens
+            length = padded_length(n, multiple)
+            fields.append(_sequence_fields(s, length, pad_id))
+            p = len(s.prompt_ids)
+            spans.append((offset + p - 1, offset + p - 1 + len(s.response_ids)))
+            segments.append((0, length))
+        else:
+            if any(s.prompt_ids != group[0].prompt_ids for s in group):
+                raise ValueError("build_micro_batch: the samples of a shared unit differ in prompt")
+            n = len(group[0].prompt_ids) - 1 + sum(len(s.response_ids) for s in group)
+            length = padded_length(n, multiple)
+            f, bounds, starts = _shared_unit_fields(group, length, pad_id)
+            fields.append(f)
+            spans.extend(
+                (offset + a, offset + a + len(s.response_ids)) for s, a in zip(group, starts)
+            )
+            segments.append(bounds)
+        lengths.append(n)
+        padded.append(length)
+        offset += length
+    dummy = TrainSample(prompt_ids=(pad_id,), response_ids=())
+    if not seqs:  # a dummy micro-batch: one pad sequence
+        fields.append(_sequence_fields(dummy, multiple, pad_id))
+        lengths, padded, segments = [1], [multiple], [(0, multiple)]
     if pad_to is not None and pad_to > sum(padded):
         extra = pad_to - sum(padded)
         if extra % multiple:
             raise ValueError(f"pad_to={pad_to} is not a multiple of {multiple}")
-        dummy = TrainSample(prompt_ids=(pad_id,), response_ids=())
         fields.append(_sequence_fields(dummy, extra, pad_id))
         lengths, padded = [*lengths, 1], [*padded, extra]
+        segments.append((0, extra))
     full = {k: torch.cat([f[k] for f in fields]) for k in fields[0]}
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     cu_padded = torch.tensor([0, *torch.tensor(padded).cumsum(0).tolist()], dtype=torch.int32)
     index = cp_split_index(cu_padded.tolist(), cp_size, cp_rank)
     local = {k: v[index] for k, v in full.items()}
-    routing = _pack_routing(seqs, padded, index, cp_size)
     has_ref = bool(seqs) and all(s.ref_logprobs is not None for s in seqs)
+    shared = any(len(b) > 2 for b in segments)
+    local_routing = None
+    if routing is not None and any(r is not None for r in routing):
+        local_routing = _pack_routing(routing, padded, cp_size, len(index))
     return MicroBatch(
         tokens=local["tokens"],
         position_ids=local["position_ids"],
@@ -331,18 +407,136 @@ def build_micro_batch(
         old_logprobs=local["old_logprobs"],
         ref_logprobs=local["ref_logprobs"] if has_ref else None,
         seq_num_loss_tokens=local["seq_num_loss_tokens"],
-        routing=routing,
         global_positions=index,
         cu_seqlens=cu,
         cu_seqlens_padded=cu_padded,
         max_seqlen=max(padded),
-        sample_ids=tuple(sample_ids),
+        sample_ids=tuple(order),
         num_loss_tokens=sum(len(s.response_ids) for s in seqs),
-        response_spans=tuple(
-            (c + len(s.prompt_ids) - 1, c + len(s.prompt_ids) - 1 + len(s.response_ids))
-            for s, c in zip(seqs, cu_padded.tolist())
-        ),
+        response_spans=tuple(spans),
+        unit_segments=tuple(segments) if shared else None,
+        rope_positions=full["position_ids"] if shared else None,
+        routing=local_routing,
     )
+
+
+def _pack_routing(
+    per_unit: Sequence[torch.Tensor | None], padded: Sequence[int], cp_size: int, total: int
+) -> torch.Tensor:
+    """The units' CP-local rows in pack order, -1 for units without routing and pad sequences.
+
+    `cp_split_index` keeps each sequence's two chunks in turn, so the local rows of a pack are the
+    local rows of its sequences, concatenated."""
+    shape = next(tuple(r.shape[1:]) for r in per_unit if r is not None)
+    out = torch.full((total, *shape), -1, dtype=torch.int16)
+    start = 0
+    for k, n in enumerate(padded):
+        rows = per_unit[k] if k < len(per_unit) else None
+        local = n // cp_size
+        if rows is not None:
+            if tuple(rows.shape) != (local, *shape):
+                raise ValueError(
+                    f"routing of unit {k}: shape {tuple(rows.shape)}, expected {(local, *shape)} "
+                    f"(the CP-local rows of {n} padded tokens at cp={cp_size})"
+                )
+            out[start : start + local] = rows
+        start += local
+    return out
+
+
+def plan_units(
+    samples: Sequence[TrainSample], *, multiple: int, budget: int
+) -> tuple[list[list[int]], int, int]:
+    """Group samples with identical prompts into shared units that fit `budget` padded tokens.
+
+    Returns the units (lists of sample ids, in order of first appearance), how many extra units the
+    budget split made and how many parts of a group were left with one response (packed as an ordinary
+    sequence). A group over the budget is split first-fit decreasing by response length into parts
+    that each carry the prompt.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.prompt_ids, []).append(i)
+    units: list[list[int]] = []
+    split = fallback = 0
+    for prompt, ids in groups.items():
+        head = len(prompt) - 1
+        if (
+            len(ids) == 1
+            or padded_length(head + sum(len(samples[i].response_ids) for i in ids), multiple)
+            <= budget
+        ):
+            units.append(ids)
+            continue
+        parts: list[list[int]] = []
+        loads: list[int] = []
+        for i in sorted(ids, key=lambda i: (-len(samples[i].response_ids), i)):
+            r = len(samples[i].response_ids)
+            for k, load in enumerate(loads):
+                if padded_length(head + load + r, multiple) <= budget:
+                    parts[k].append(i)
+                    loads[k] += r
+                    break
+            else:
+                parts.append([i])
+                loads.append(r)
+        split += len(parts) - 1
+        fallback += sum(1 for p in parts if len(p) == 1)
+        units.extend(sorted(p) for p in parts)
+    return units, split, fallback
+
+
+def unit_cost(samples: Sequence[TrainSample], unit: Sequence[int], multiple: int) -> int:
+    """Padded tokens of a unit through the model: P + R for one sample, P - 1 + sum R for a shared one."""
+    if len(unit) == 1:
+        return padded_length(samples[unit[0]].num_tokens, multiple)
+    head = len(samples[unit[0]].prompt_ids) - 1
+    return padded_length(head + sum(len(samples[i].response_ids) for i in unit), multiple)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The global layout of a batch: units, their padded lengths and their DP ranks (every rank
+    computes the same)."""
+
+    # sample ids per unit (one THD sequence each)
+    units: list[list[int]]
+    # padded tokens of each unit (its THD sequence length)
+    costs: list[int]
+    # unit indices per DP rank
+    assignment: list[list[int]]
+    multiple: int
+    budget: int
+    num_split: int = 0
+    num_fallback: int = 0
+
+
+def plan_batch(
+    samples: Sequence[TrainSample],
+    *,
+    max_tokens_per_microbatch: int,
+    dp_size: int = 1,
+    cp_size: int = 1,
+    tp_size: int = 1,
+    sequence_parallel: bool = False,
+    shared_prefix: bool = False,
+) -> BatchPlan:
+    """Units (shared prefix or one sample each), their padded lengths and the DP balance."""
+    if not samples:
+        raise ValueError("pack_batch got no samples: the update batch is empty")
+    if max_tokens_per_microbatch <= 0:
+        raise ValueError(
+            f"train.max_tokens_per_microbatch must be > 0, got {max_tokens_per_microbatch}"
+        )
+    multiple = pad_multiple(cp_size, tp_size, sequence_parallel)
+    budget = max_tokens_per_microbatch * cp_size
+    if shared_prefix:
+        units, num_split, num_fallback = plan_units(samples, multiple=multiple, budget=budget)
+    else:
+        units, num_split, num_fallback = [[i] for i in range(len(samples))], 0, 0
+    costs = [unit_cost(samples, u, multiple) for u in units]
+    assignment = balance_across_dp(costs, dp_size)
+    return BatchPlan(units, costs, assignment, multiple, budget, num_split, num_fallback)
 
 
 def pack_batch(
@@ -358,46 +552,64 @@ def pack_batch(
     microbatch_multiple: int = 1,
     pad_id: int = 0,
     equal_length: bool = False,
+    shared_prefix: bool = False,
+    plan: BatchPlan | None = None,
+    routing: Mapping[int, torch.Tensor] | None = None,
 ) -> PackedBatch:
     """Plan the whole global batch (same result on every rank) and build this rank's micro-batches.
 
     `max_tokens_per_microbatch` counts padded tokens per CP rank (a pack holds up to that times cp tokens).
     `equal_length` pads every micro-batch of every rank to the longest pack (a fixed pipeline tensor shape).
+    `shared_prefix` packs samples with identical prompts as shared units (module docstring).
+    `plan`: the `plan_batch` of these arguments, when the caller has it already. `routing` (routing
+    replay): {unit index of the plan: this CP rank's rows of the padded unit} for this DP rank's units.
     """
-    if not samples:
-        raise ValueError("pack_batch got no samples: the update batch is empty")
-    if max_tokens_per_microbatch <= 0:
-        raise ValueError(
-            f"train.max_tokens_per_microbatch must be > 0, got {max_tokens_per_microbatch}"
+    if plan is None:
+        plan = plan_batch(
+            samples,
+            max_tokens_per_microbatch=max_tokens_per_microbatch,
+            dp_size=dp_size,
+            cp_size=cp_size,
+            tp_size=tp_size,
+            sequence_parallel=sequence_parallel,
+            shared_prefix=shared_prefix,
         )
-    multiple = pad_multiple(cp_size, tp_size, sequence_parallel)
-    lengths = [padded_length(s.num_tokens, multiple) for s in samples]
-    assignment = balance_across_dp(lengths, dp_size)
-    budget = max_tokens_per_microbatch * cp_size
-    bins_per_rank = [pack_into_bins(ids, lengths, budget) for ids in assignment]
+    units, costs, assignment = plan.units, plan.costs, plan.assignment
+    multiple, budget = plan.multiple, plan.budget
+    num_split, num_fallback = plan.num_split, plan.num_fallback
+    bins_per_rank = [pack_into_bins(ids, costs, budget) for ids in assignment]
     num_micro = max(len(b) for b in bins_per_rank)
     num_micro = -(-num_micro // microbatch_multiple) * microbatch_multiple
     my_bins = bins_per_rank[dp_rank] + [[]] * (num_micro - len(bins_per_rank[dp_rank]))
     pad_to = None
     if equal_length:
-        pad_to = max(sum(lengths[i] for i in b) for bins in bins_per_rank for b in bins)
-    micro = [
-        build_micro_batch(
-            samples,
-            ids,
-            multiple=multiple,
-            cp_size=cp_size,
-            cp_rank=cp_rank,
-            pad_id=pad_id,
-            pad_to=pad_to,
+        pad_to = max(sum(costs[i] for i in b) for bins in bins_per_rank for b in bins)
+    micro = []
+    for b in my_bins:
+        my_units = [units[u] for u in b]
+        rows = None if routing is None else [routing.get(u) for u in b]
+        micro.append(
+            build_micro_batch(
+                samples,
+                [i for u in my_units for i in u],
+                multiple=multiple,
+                cp_size=cp_size,
+                cp_rank=cp_rank,
+                pad_id=pad_id,
+                pad_to=pad_to,
+                units=my_units,
+                routing=rows,
+            )
         )
-        for ids in my_bins
-    ]
     return PackedBatch(
         micro_batches=micro,
         global_num_loss_tokens=sum(len(s.response_ids) for s in samples),
         global_num_sequences=sum(1 for s in samples if s.response_ids),
-        dp_assignment=tuple(tuple(a) for a in assignment),
+        dp_assignment=tuple(tuple(sorted(i for u in a for i in units[u])) for a in assignment),
+        num_shared_units=sum(1 for u in units if len(u) > 1),
+        num_split_units=num_split,
+        num_unshared_fallback=num_fallback,
+        global_num_tokens=sum(costs),
     )
 
 

@@ -7,9 +7,12 @@ Megatron checkpoint, wraps them in DDP with the (distributed) optimizer and the 
 * `update(batch)`: exactly one GRPO optimizer step on all three roles. Deviation (a speed-up with the same
   numbers): the batch is on-policy and gets one step, so the PPO old log-probs equal the current weights'
   log-probs; they are taken from the training pass itself (detached) instead of a forward-only recompute
-  pass first, as verl does (`train.recompute_old_logprobs=true` restores that). The vLLM log-probs only feed
-  the train/infer mismatch metric either way;
+  pass first, as verl does (`train.recompute_old_logprobs=true` restores that). The vLLM log-probs feed
+  the train/infer mismatch metric and, when configured, the rollout correction (on the training pass
+  only, mcore/rollout_correction.py);
 * `export_weights()`: (HF name, full tensor) pairs gathered over PP/TP/EP, streamed bucket by bucket;
+* `export_hf(dir)`: the same stream written as a Hugging Face directory (the end of a run,
+  `checkpoint.export_hf`);
 * `save(dir)` / `load(dir)`: model, optimizer and scheduler in one Megatron distributed checkpoint, loadable
   at the same layout (optimizer state resharding follows Megatron's `dp_reshardable` format).
 
@@ -31,30 +34,25 @@ import torch
 from megatron_spell.config import Config
 from megatron_spell.mcore.attention import core_attention_class
 from megatron_spell.mcore.checkpoint import DTYPES, load_checkpoint
-from megatron_spell.mcore.export import export_hf_weights
+from megatron_spell.mcore.export import export_hf_weights, write_hf_dir
 from megatron_spell.mcore.model import build_model, use_transformer_engine
 from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_spell.mcore.packing import TrainSample
 from megatron_spell.mcore.parallel import ParallelContext
-from megatron_spell.mcore.routing_exchange import exchange_routing
+from megatron_spell.mcore.routing_exchange import UnitRouting, exchange_routing
 from megatron_spell.mcore.train_step import PolicyEngine, recompute_overrides
 from megatron_spell.types import RoutedExperts, TrainBatch, Trajectory
 
 log = logging.getLogger(__name__)
 
 
-def to_sample(
-    t: Trajectory, old_logprobs: tuple[float, ...] | None = None, routing: Any = None
-) -> TrainSample:
-    """`routing`: this rank's CP-local rows of the rollout's expert choice (routing replay)."""
+def to_sample(t: Trajectory, old_logprobs: tuple[float, ...] | None = None) -> TrainSample:
     return TrainSample(
         prompt_ids=t.prompt_ids,
         response_ids=t.completion.token_ids,
         advantage=t.advantage,
         old_logprobs=old_logprobs,
         role=t.role.value,
-        routing=routing,
-        routing_local=routing is not None,
     )
 
 
@@ -88,6 +86,14 @@ class MegatronPolicy:
         )
         self.optimizer = build_optimizer(self.ddp, train, ctx)
         self.scheduler = build_scheduler(self.optimizer, train)
+        shared_prefix = train.shared_prefix and not use_te
+        if train.shared_prefix and use_te:
+            # TE's fused attention takes one causal mask per THD sequence; the shared-prefix mask
+            # needs PackedCPAttention (model.attention_backend=local)
+            log.warning(
+                "train.shared_prefix=true with Transformer Engine attention: packing unshared; "
+                "set model.attention_backend=local to share prompts"
+            )
         self.engine = PolicyEngine(
             self.ddp,
             ctx,
@@ -97,6 +103,7 @@ class MegatronPolicy:
             pad_token_id=int(getattr(hf_config, "pad_token_id", None) or 0),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
+            shared_prefix=shared_prefix,
         )
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -113,21 +120,19 @@ class MegatronPolicy:
         finally:
             RoutedExperts.release_all()  # this step's rollout routing is spent
 
-    def _routing(self, trajs: list[Trajectory]) -> list[Any]:
-        """Per trajectory: this rank's CP-local routing rows (its DP share only), else None."""
+    def _routing(self, trajs: list[Trajectory]) -> UnitRouting | None:
+        """This rank's routing rows of its DP share (routing replay), laid out like the packs."""
         if not self.config.train.routing_replay:
-            return [None] * len(trajs)
-        n = [len(t.prompt_ids) + len(t.completion.token_ids) for t in trajs]
-        padded, assignment = self.engine.dp_plan(n)
+            return None
+        samples = [to_sample(t) for t in trajs]
         refs = [t.completion.routed_experts for t in trajs]
-        mine = exchange_routing(refs, n, padded, assignment, self.ctx)
-        return [mine.get(i) for i in range(len(trajs))]
+        return exchange_routing(refs, samples, self.engine.plan(samples), self.ctx)
 
     def _update(self, trajs: list[Trajectory]) -> dict[str, float]:
         r3 = self._routing(trajs)
         if self.config.train.recompute_old_logprobs:
             metrics = self._update_recomputed(trajs, r3)
-        else:  # the engine compares its log-probs with the rollout's (vLLM's) for the mismatch metric
+        else:  # the engine compares its log-probs with the rollout's (vLLM's): mismatch, correction
             rollout = [
                 t.completion.logprobs
                 if len(t.completion.logprobs) == len(t.completion.token_ids)
@@ -135,20 +140,22 @@ class MegatronPolicy:
                 for t in trajs
             ]
             metrics = self.engine.train_step(
-                [to_sample(t, lp, r) for t, lp, r in zip(trajs, rollout, r3)], on_policy=True
+                [to_sample(t, lp) for t, lp in zip(trajs, rollout)], on_policy=True, routing=r3
             )
         return {k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()}
 
-    def _update_recomputed(self, trajs: list[Trajectory], r3: list[Any]) -> dict[str, float]:
+    def _update_recomputed(
+        self, trajs: list[Trajectory], r3: UnitRouting | None
+    ) -> dict[str, float]:
         """Forward-only recompute of the old log-probs, then the step; the mismatch is computed here."""
-        old = self.engine.compute_logprobs([to_sample(t, None, r) for t, r in zip(trajs, r3)])
+        old = self.engine.compute_logprobs([to_sample(t) for t in trajs], r3)
         diffs = [
             (o - torch.tensor(t.completion.logprobs, dtype=o.dtype)).abs()
             for t, o in zip(trajs, old)
             if len(t.completion.logprobs) == o.numel() and o.numel()
         ]
         metrics = self.engine.train_step(
-            [to_sample(t, tuple(o.tolist()), r) for t, o, r in zip(trajs, old, r3)]
+            [to_sample(t, tuple(o.tolist())) for t, o in zip(trajs, old)], routing=r3
         )
         if diffs:
             flat = torch.cat(diffs)
@@ -165,6 +172,17 @@ class MegatronPolicy:
             self.hf_config,
             bucket_mb=self.config.rollout.weight_sync_bucket_mb,
             dtype=dtype,
+        )
+
+    def export_hf(self, out_dir: str | Path) -> None:
+        """Write the current weights as an HF directory in `model.dtype` (every rank calls it)."""
+        write_hf_dir(
+            self.chunks,
+            self.ctx,
+            self.hf_config,
+            out_dir,
+            hf_src=self.config.model.hf_dir,
+            dtype=DTYPES[self.config.model.dtype],
         )
 
     # --- checkpoints -------------------------------------------------------------------------------

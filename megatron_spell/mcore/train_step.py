@@ -11,7 +11,16 @@ one mini-batch, as the reference):
    final hidden states into response-token log-probs and entropies with `logprobs.chunked_logprobs`
    (vocab-parallel, chunked), so no [tokens, vocab] logits tensor is built;
 3. `loss.policy_loss` with per-token weights normalised by the *global* response-token count (or sequence
-   count for seq_mean); gradients are summed over DP x CP by Megatron DDP (optimizer.wrap_ddp);
+   count for seq_mean); gradients are summed over DP x CP by Megatron DDP (optimizer.wrap_ddp). With a
+   rollout correction configured (`train.rollout_is` / `rollout_rs` / `rollout_token_veto_threshold`, on
+   the on-policy step), `rollout_correction` turns the training pass's log-probs and the rollout's into
+   the per-token factor of the policy-gradient term; its sequence sums are all-reduced over the CP group
+   inside the loss function (every CP rank runs every micro-batch), and its metrics per role are summed
+   (maxima: max) over micro-batches and ranks like the others. Its "sequence" is one response (a
+   `response_spans` entry), so it composes with shared-prefix units. Off, none of this runs.
+   With MoE routing replay (a model built with `moe_enable_routing_replay`), each micro-batch's
+   routing rows (`MicroBatch.routing`) are set on its chunk's routers before its forward
+   (mcore/replay.py);
 4. non-finite loss or gradients on any rank skip the step everywhere (counted in `train/num_skipped_steps`);
    otherwise the optimizer clips and steps, and the LR scheduler advances.
 
@@ -24,12 +33,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
@@ -37,20 +46,28 @@ from megatron.core.tensor_parallel import (
 )
 
 from megatron_spell.config import TrainConfig
+from megatron_spell.mcore.attention import SharedPrefixSeqParams, set_rope_positions
 from megatron_spell.mcore.logprobs import chunked_logprobs
 from megatron_spell.mcore.loss import policy_loss, token_weights
 from megatron_spell.mcore.packing import (
+    BatchPlan,
     MicroBatch,
     PackedBatch,
     TrainSample,
-    balance_across_dp,
     pack_batch,
-    pad_multiple,
-    padded_length,
+    plan_batch,
     response_values,
 )
 from megatron_spell.mcore.parallel import ParallelContext
 from megatron_spell.mcore.replay import RoutingReplay
+from megatron_spell.mcore.rollout_correction import (
+    SUM_KEYS,
+    CorrectionSpec,
+    correction_metrics,
+    correction_sums,
+    rollout_correction,
+)
+from megatron_spell.mcore.routing_exchange import UnitRouting, local_routing
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +101,15 @@ class _Micro:
     old: torch.Tensor | None = None
     adv: torch.Tensor | None = None
     ref: torch.Tensor | None = None
-    # the loss's old log-probs are the current ones; `old` then holds the rollout's (mismatch metric only)
+    # the loss's old log-probs are the current ones; `old` then holds the rollout's (mismatch metric and
+    # rollout correction)
     on_policy: bool = False
+    # rollout correction only: each response token's response in the pack, that response's length,
+    # the pack's response count, each token's role index
+    seq_index: torch.Tensor | None = None
+    seq_len: torch.Tensor | None = None
+    num_seqs: int = 0
+    group: torch.Tensor | None = None
 
 
 class PolicyEngine:
@@ -94,7 +118,9 @@ class PolicyEngine:
     `train` is the run's `train` section (loss, micro-batching, log-prob chunks). The rest is not in
     it: `temperature` is the rollout's (log-probs are taken of softmax(logits / temperature)),
     `vocab_size` the true (HF) vocabulary (padded output rows are masked) and `pad_token_id` fills
-    the packs.
+    the packs. `shared_prefix` (default `train.shared_prefix`) packs samples with identical prompts
+    with the prompt once (`packing` module docstring); it needs our core attention
+    (`attention.PackedCPAttention`), so the caller passes False with Transformer Engine's.
     """
 
     def __init__(
@@ -108,14 +134,19 @@ class PolicyEngine:
         pad_token_id: int,
         optimizer: Any = None,
         scheduler: Any = None,
+        shared_prefix: bool | None = None,
     ):
         self.models, self.ctx, self.cfg = models, ctx, train
+        self.shared_prefix = train.shared_prefix if shared_prefix is None else shared_prefix
         self.temperature, self.vocab_size, self.pad_token_id = temperature, vocab_size, pad_token_id
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_skipped_steps = 0
         self._device = ctx.device
+        self.correction = CorrectionSpec.from_train(train)
+        self._roles: list[str] = []  # role names of the current batch (rollout-correction metrics)
         # MoE routing replay: active when the model was built with moe_enable_routing_replay
         self.replay = RoutingReplay(models, ctx)
+        self._prompt_differ = 0  # of the last pack (UnitRouting.num_prompt_differ)
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
             # padded to one length instead (pack(equal_length=True)) and shapes are fixed.
@@ -124,8 +155,40 @@ class PolicyEngine:
 
     # --- packing -------------------------------------------------------------------------------
 
-    def pack(self, samples: list[TrainSample]) -> PackedBatch:
+    def plan(self, samples: Sequence[TrainSample]) -> BatchPlan:
+        """The batch's units and DP balance, as `pack` plans them (the routing exchange's plan)."""
         c = self.ctx
+        return plan_batch(
+            samples,
+            max_tokens_per_microbatch=self.cfg.max_tokens_per_microbatch,
+            dp_size=c.dp,
+            cp_size=c.cp,
+            tp_size=c.tp,
+            sequence_parallel=c.sequence_parallel,
+            shared_prefix=self.shared_prefix,
+        )
+
+    def _unit_routing(
+        self, samples: Sequence[TrainSample], plan: BatchPlan, routing: UnitRouting | None
+    ) -> UnitRouting | None:
+        """`routing` as given (exchanged), else laid out from the samples' whole routing."""
+        if routing is not None and not self.replay.enabled:
+            raise ValueError(
+                "routing given for a model built without routing replay: build it with "
+                "config_overrides={'moe_enable_routing_replay': True} (train.routing_replay)"
+            )
+        if routing is None and self.replay.enabled and any(s.routing is not None for s in samples):
+            c = self.ctx
+            routing = local_routing(samples, plan, c.cp, c.cp_rank, c.dp_rank)
+        return routing
+
+    def pack(self, samples: list[TrainSample], routing: UnitRouting | None = None) -> PackedBatch:
+        """This rank's micro-batches; `routing` (routing replay) as `exchange_routing` gives it, or
+        None to take the samples' own `routing`."""
+        c = self.ctx
+        plan = self.plan(samples)
+        routing = self._unit_routing(samples, plan, routing)
+        self._prompt_differ = 0 if routing is None else routing.num_prompt_differ
         return pack_batch(
             samples,
             max_tokens_per_microbatch=self.cfg.max_tokens_per_microbatch,
@@ -138,19 +201,28 @@ class PolicyEngine:
             microbatch_multiple=c.pp if c.vpp > 1 else 1,
             pad_id=self.pad_token_id,
             equal_length=c.vpp > 1,
+            shared_prefix=self.shared_prefix,
+            plan=plan,
+            routing=None if routing is None else routing.rows,
         )
 
-    def dp_plan(self, num_tokens: list[int]) -> tuple[list[int], list[list[int]]]:
-        """(padded lengths, sample ids per DP rank) of samples of `num_tokens`, as `pack` plans."""
-        c = self.ctx
-        multiple = pad_multiple(c.cp, c.tp, c.sequence_parallel)
-        padded = [padded_length(n, multiple) for n in num_tokens]
-        return padded, balance_across_dp(padded, c.dp)
-
-    def _micro(self, mb: MicroBatch, packed: PackedBatch | None, train: bool) -> _Micro:
+    def _micro(
+        self, mb: MicroBatch, packed: PackedBatch | None, train: bool, role_ids: Sequence[int] = ()
+    ) -> _Micro:
         d = self._device
         select = torch.nonzero(mb.loss_mask > 0, as_tuple=False).flatten()
         m = _Micro(mb=mb, select=select.to(d), labels=mb.labels[select].to(d))
+        if train and self.correction is not None:
+            # a token's "sequence" is its response (a shared-prefix unit holds several): the k-th
+            # response span of the unsplit pack, numbered alike on every CP rank
+            owner = torch.zeros(mb.num_padded_tokens, dtype=torch.long)
+            for k, (start, end) in enumerate(mb.response_spans):
+                owner[start:end] = k
+            seq = owner[mb.global_positions[select]]
+            m.seq_index, m.seq_len = seq.to(d), mb.seq_num_loss_tokens[select].to(d)
+            m.num_seqs = max(len(mb.response_spans), 1)
+            roles = torch.tensor([role_ids[i] for i in mb.sample_ids] or [0], dtype=torch.long)
+            m.group = roles[seq].to(d)
         if train:
             assert packed is not None
             w = token_weights(
@@ -195,7 +267,7 @@ class PolicyEngine:
         m: _Micro = micros[next(data_iterator)]
         d = self._device
         mb = m.mb
-        params = PackedSeqParams(
+        params = SharedPrefixSeqParams(
             qkv_format="thd",
             cu_seqlens_q=mb.cu_seqlens.to(d),
             cu_seqlens_kv=mb.cu_seqlens.to(d),
@@ -204,7 +276,10 @@ class PolicyEngine:
             max_seqlen_q=mb.max_seqlen,
             max_seqlen_kv=mb.max_seqlen,
             cp_group=self.ctx.cp_group,
+            unit_segments=mb.unit_segments,
         )
+        if self.shared_prefix:
+            set_rope_positions(model, mb.rope_positions)
         if self.replay.enabled:
             self.replay.before_forward(model, mb.routing)
         out = model(
@@ -223,9 +298,21 @@ class PolicyEngine:
     def _train_loss(self, m: _Micro, output: torch.Tensor):
         lp, ent = output[0], output[1]
         old = lp.detach() if m.on_policy else m.old
+        factor = None
+        corr_metrics: dict[str, torch.Tensor] = {}
+        if self.correction is not None:
+            factor, corr_metrics = self._correction(m, lp)
         loss, metrics = policy_loss(
-            lp, old, m.adv, m.weights, self.cfg, entropy=ent, ref_logprobs=m.ref
+            lp,
+            old,
+            m.adv,
+            m.weights,
+            self.cfg,
+            entropy=ent,
+            ref_logprobs=m.ref,
+            rollout_weights=factor,
         )
+        metrics.update(corr_metrics)
         if (
             m.on_policy and m.old is not None
         ):  # train/infer mismatch against the rollout's log-probs
@@ -235,6 +322,24 @@ class PolicyEngine:
             metrics["mismatch_max"] = diff.max() if diff.numel() else diff.new_zeros(())
         n = torch.tensor(int(m.select.numel()), dtype=torch.int)
         return loss, n, {"loss": loss.detach(), **metrics}
+
+    def _correction(self, m: _Micro, lp: torch.Tensor):
+        """Rollout-correction factor of the micro-batch's tokens and its metric sums."""
+        c = self.ctx
+        corr = rollout_correction(
+            lp.detach() - m.old,
+            self.correction,
+            seq_index=m.seq_index,
+            seq_len=m.seq_len,
+            num_seqs=m.num_seqs,
+            all_reduce_sum=self._cp_sum if c.cp > 1 else None,
+        )
+        sums, top = correction_sums(corr, m.group, len(self._roles))
+        return corr.factor, {"corr_sums": sums.cpu(), "corr_max": top.cpu()}
+
+    def _cp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.ctx.cp_group)
+        return t
 
     @staticmethod
     def _collect_logprobs(m: _Micro, output: torch.Tensor):
@@ -266,7 +371,11 @@ class PolicyEngine:
     # --- public ------------------------------------------------------------------------------
 
     def train_step(
-        self, samples: list[TrainSample], *, on_policy: bool = False
+        self,
+        samples: list[TrainSample],
+        *,
+        on_policy: bool = False,
+        routing: UnitRouting | None = None,
     ) -> dict[str, float]:
         """One optimizer step on the whole batch; returns globally reduced metrics (same on all ranks).
 
@@ -275,13 +384,25 @@ class PolicyEngine:
         loss then takes the current log-probs, detached, as the old ones (the same values a forward-only
         recompute gives, one forward pass fewer), and `old_logprobs` of the samples, where given, are the
         rollout engine's: they only feed `train/logprob_mismatch_mean` / `_max` (reported when every sample
-        has them).
+        has them). `routing`: see `pack` (routing replay).
         """
         if self.optimizer is None:
             raise ValueError("PolicyEngine.train_step needs an optimizer (build_optimizer)")
-        packed = self.pack(samples)
-        micros = [self._micro(mb, packed, train=True) for mb in packed.micro_batches]
+        packed = self.pack(samples, routing)
         with_rollout_lp = all(s.old_logprobs is not None for s in samples)
+        role_ids: list[int] = []
+        if self.correction is not None:
+            if not (on_policy and with_rollout_lp):
+                missing = sum(s.old_logprobs is None for s in samples)
+                raise ValueError(
+                    "the rollout correction (train.rollout_is / rollout_rs / "
+                    "rollout_token_veto_threshold) needs the on-policy step with the rollout's "
+                    f"log-probs of every sample as old_logprobs (on_policy={on_policy}, {missing} of "
+                    f"{len(samples)} samples without them); turn the correction off otherwise"
+                )
+            self._roles = sorted({s.role for s in samples})
+            role_ids = [self._roles.index(s.role) for s in samples]
+        micros = [self._micro(mb, packed, True, role_ids) for mb in packed.micro_batches]
         for m in micros:
             m.on_policy = on_policy
             if on_policy and not with_rollout_lp:
@@ -292,6 +413,8 @@ class PolicyEngine:
         self.optimizer.zero_grad()
         outputs = self._run(micros, forward_only=False)
         metrics = self._reduce_metrics(outputs)
+        if self.correction is not None:
+            metrics.update(self._reduce_correction(outputs))
         mismatch = {k: metrics.pop(k) for k in (*_MISMATCH_KEYS, "mismatch_max")}
         if on_policy and mismatch["mismatch_count"]:
             metrics["logprob_mismatch_mean"] = mismatch["mismatch_sum"] / mismatch["mismatch_count"]
@@ -316,17 +439,28 @@ class PolicyEngine:
                 "train/num_tokens": float(packed.global_num_loss_tokens),
                 "train/num_sequences": float(len(samples)),
                 "train/num_microbatches": float(len(micros)),
+                # padded tokens through the model (all DP ranks), and the shared-prefix packing
+                "train/num_model_tokens": float(packed.global_num_tokens),
+                # the trajectories' tokens as separate sequences, unpadded (what unshared costs)
+                "train/num_trajectory_tokens": float(sum(s.num_tokens for s in samples)),
+                "train/shared_prefix_units": float(packed.num_shared_units),
+                "train/shared_prefix_split_units": float(packed.num_split_units),
+                "train/shared_prefix_fallback": float(packed.num_unshared_fallback),
                 "train/num_skipped_steps": float(self.num_skipped_steps),
                 "train/skipped": float(not finite),
                 "train/lr": float(self.optimizer.param_groups[0]["lr"]),
             }
         )
+        if self.replay.enabled:  # shared-unit samples replayed with their source's prompt rows
+            out["train/routing_prompt_differ"] = float(self._prompt_differ)
         return out
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[TrainSample]) -> list[torch.Tensor]:
+    def compute_logprobs(
+        self, samples: list[TrainSample], routing: UnitRouting | None = None
+    ) -> list[torch.Tensor]:
         """Forward-only per-response-token log-probs (fp32, CPU) of every sample, on every rank."""
-        packed = self.pack(samples)
+        packed = self.pack(samples, routing)
         micros = [self._micro(mb, None, train=False) for mb in packed.micro_batches]
         for model in self.models:
             model.eval()
@@ -380,6 +514,23 @@ class PolicyEngine:
         dist.all_reduce(vec, group=c.dp_cp_group)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=c.dp_cp_group)
         return {**dict(zip(keys, vec.tolist())), "mismatch_max": float(top.item())}
+
+    def _reduce_correction(self, outputs: list[dict]) -> dict[str, float]:
+        """Rollout-correction metrics of the whole batch, per role (sums; maxima by max)."""
+        c = self.ctx
+        n = len(self._roles)
+        sums = torch.zeros(n, len(SUM_KEYS), dtype=torch.float64)
+        top = torch.zeros(n, dtype=torch.float64)
+        for o in outputs:
+            if "corr_sums" in o:
+                sums += o["corr_sums"]
+                top = torch.maximum(top, o["corr_max"])
+        sums, top = sums.to(self._device), top.to(self._device)
+        groups = [c.dp_cp_group] if c.pp == 1 else [c.pp_group, c.dp_cp_group]
+        for group in groups:  # with PP, only the last stage holds values
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        return correction_metrics(sums.cpu(), top.cpu(), self._roles)
 
     def _grads_finite(self) -> bool:
         """True when every rank's reduced gradients are finite (a nan/inf anywhere makes its sum so)."""

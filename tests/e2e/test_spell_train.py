@@ -4,14 +4,21 @@ The policy is the tiny Llama of `tests.helpers.spell_policy`, taught to emit par
 phase runs for real: questions parse, the grounding filter rejects some, responder groups have reward variance,
 verifier votes are valid, one GRPO update per step, and the weights are synced into vLLM after it.
 
-* `test_two_steps_two_ranks`: (with old log-probs from the training pass, and recomputed) two full steps with
-  Megatron TP=2 (the export gathers TP shards) and one vLLM
-  engine per rank (rollout data parallel 2); metrics finite, rollouts well formed, weights changed.
-* `test_resume_is_exact`: 2 steps straight vs 1 step, stop, resume, 1 step: the second step's loss, metrics and
-  final weights are identical.
+* `test_two_steps_two_ranks`: two full steps with Megatron TP=2 (the export gathers TP shards), old log-probs
+  from the training pass, and one vLLM engine per rank (rollout data parallel 2); metrics finite, rollouts
+  well formed, weights changed. The run has the rollout correction on: each step's loss equals the one
+  recomputed from its dumped rollout (advantages, lengths) and the logged train/rollout log-prob gap. It
+  also exports: `megatron-spell export` turns its TP=2 training checkpoint into an HF directory whose
+  transformers logits equal the Megatron model's (the checkpoint loaded at TP=2) and not the initial
+  model's, and the run's own end-of-training export (`checkpoint.export_hf`, streamed from the live
+  shards) is the same tensors.
+* `test_resume_is_exact`: the same 2 steps straight (one launch shared with the test above) vs 1 step, stop,
+  resume, 1 step (the correction on in all): the second step's loss, metrics and final weights are
+  identical; without `checkpoint.export_hf` no `hf/` is written.
 * `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
   preemption does): the step finishes, both ranks write the checkpoint and exit 42 (torchrun, as its agent
-  does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes.
+  does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes; this run
+  recomputes the old log-probs in a separate forward pass and its metrics get the same checks.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_spell.convert.hf_io import iter_hf_tensors
 from megatron_spell.metrics import read_jsonl
+from tests.dist.convert.workers import layouts_worker
+from tests.helpers.dist import run_distributed
 from tests.helpers.spell_policy import make_spell_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,15 +178,49 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recompute", [False, True], ids=["old_lp_in_pass", "old_lp_recomputed"])
-def test_two_steps_two_ranks(policy, tmp_path, recompute):
+# The rollout correction of the 30B preset (token level, mask band [0.5, 5], veto 1e-4) with a TIS lower
+# bound of 1.25: fp32 vLLM and Megatron agree to well within a factor 1.25, so every weight is exactly
+# 1.25, nothing is masked, and the corrected loss is 1.25 x the on-policy GRPO loss, whatever the gap.
+CORRECTION = [
+    "train.rollout_is=token",
+    "train.rollout_is_threshold=[1.25, 5.0]",
+    "train.rollout_rs=token",
+    "train.rollout_rs_threshold=[0.5, 5.0]",
+    "train.rollout_token_veto_threshold=1e-4",
+]
+
+
+def _check_corrected_loss(run_dir: Path, rows: list[dict]) -> None:
+    """Step k's loss from step k's dump: on-policy the GRPO token loss is -A (ratio 1), times the
+    factor 1.25, token mean over every response token of the batch (docs/spell-algorithm.md §5)."""
+    for step, row in enumerate(rows):
+        # the logged gap bounds every token's ratio inside (0.8, 1.25): below the TIS lower bound,
+        # inside the mask band, far above the veto
+        assert row["train/logprob_mismatch_max"] < math.log(1.25), row
+        lines = (run_dir / "rollouts" / f"step_{step:08d}.jsonl").read_text().splitlines()
+        trajs = [json.loads(x) for x in lines]
+        n = sum(len(t["response_ids"]) for t in trajs)
+        assert row["train/num_tokens"] == n
+        expect = sum(-1.25 * t["advantage"] * len(t["response_ids"]) for t in trajs) / n
+        assert row["train/loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6), (row, expect)
+        assert row["train/rollout_corr/weight_mean"] == pytest.approx(1.25)
+        assert row["train/rollout_corr/truncated_frac"] == 1.0
+        assert row["train/rollout_corr/masked_frac"] == row["train/rollout_corr/vetoed_frac"] == 0
+        for role in {t["role"] for t in trajs}:
+            assert row[f"train/rollout_corr/{role}/weight_max"] == pytest.approx(1.25), role
+
+
+@pytest.fixture(scope="module")
+def straight(policy, tmp_path_factory):
+    """Two steps in one launch: checked by `test_two_steps_two_ranks`, the reference of the resume test."""
     hf_dir, ckpt, corpus = policy
-    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "e2e", 2)
-    _train([*overrides, f"train.recompute_old_logprobs={str(recompute).lower()}"])
-    run_dir = tmp_path / "e2e"
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]
+    out = tmp_path_factory.mktemp("straight")
+    overrides = _overrides(hf_dir, ckpt, corpus, out, "straight", 2)
+    _train([*overrides, *CORRECTION, "checkpoint.export_hf=true"])  # also writes <run_dir>/hf/
+    return out / "straight"
+
+
+def _check_step_metrics(rows: list[dict]) -> None:
     for r in rows:
         bad = {k: v for k, v in r.items() if not math.isfinite(v)}
         assert not bad, bad
@@ -187,9 +231,17 @@ def test_two_steps_two_ranks(policy, tmp_path, recompute):
             == r["batch/num_responder"] + r["batch/num_questioner"] + r["batch/num_verifier"]
         )
         assert r["sync/bytes"] > 0 and r["sync/seconds"] > 0
-        assert (
-            r["train/logprob_mismatch_mean"] < 1e-3
-        )  # vLLM and Megatron agree on the sampled tokens
+        # vLLM and Megatron agree on the sampled tokens
+        assert r["train/logprob_mismatch_mean"] < 1e-3
+
+
+@pytest.mark.slow
+def test_two_steps_two_ranks(policy, straight, tmp_path):
+    run_dir = straight
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    _check_step_metrics(rows)
+    _check_corrected_loss(run_dir, rows)
     # rollouts are well formed: the dumped batch of every step
     for step in (0, 1):
         lines = (run_dir / "rollouts" / f"step_{step:08d}.jsonl").read_text().splitlines()
@@ -212,35 +264,81 @@ def test_two_steps_two_ranks(policy, tmp_path, recompute):
     w1, w2 = _weights(steps[0]), _weights(steps[1])
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     assert (run_dir / "report.png").is_file() and list((run_dir / "tensorboard").iterdir())
+    _check_export(policy[0], run_dir, steps[1], tmp_path / "exported")
+
+
+def _hf_logits(hf_dir: Path, tokens: list[int]):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def _check_export(hf_dir: Path, run_dir: Path, last: Path, out: Path) -> None:
+    """The run's latest checkpoint (saved at TP=2 with its optimizer) through `megatron-spell export`."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from megatron_spell.cli import main as cli_main
+
+    # in this process (it holds a one-rank group since `_weights`): the command's code without the
+    # seconds of a new interpreter's imports
+    assert cli_main(["export", str(run_dir), "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    exported, initial = dict(iter_hf_tensors(out)), dict(iter_hf_tensors(hf_dir))
+    assert exported.keys() == initial.keys()
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # the trained weights
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Which document names the city? Alpha or Beta."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    tokens = tok.encode(text, add_special_tokens=False)
+    layout = {"tp2": {"tensor_model_parallel_size": 2}}
+    per_rank = run_distributed(layouts_worker, 2, str(hf_dir), str(last / "model"), layout, tokens)
+    megatron = next(r["tp2"] for r in per_rank if r)
+    diff = float(np.abs(_hf_logits(out, tokens) - megatron).max())
+    drift = float(np.abs(_hf_logits(hf_dir, tokens) - megatron).max())
+    print(f"export: max |transformers - megatron| logits {diff:.2e}; initial model {drift:.2e}")
+    assert diff <= 5e-5, diff  # measured 4.8e-06 (fp32); the initial model is off by ~4e-02
+    assert drift > 10 * max(diff, 1e-6), (drift, diff)  # the Megatron model is the trained one
+    live = dict(iter_hf_tensors(run_dir / "hf"))  # checkpoint.export_hf, at the end of the run
+    assert live.keys() == exported.keys()
+    assert [k for k in live if not torch.equal(live[k], exported[k])] == []
 
 
 @pytest.mark.slow
-def test_resume_is_exact(policy, tmp_path):
+def test_resume_is_exact(policy, straight, tmp_path):
     hf_dir, ckpt, corpus = policy
-    straight = _overrides(hf_dir, ckpt, corpus, tmp_path, "straight", 2)
-    _train(straight)
-    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1))  # 1 step, checkpoint, exit
-    _train(_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2))  # resumes at step 1
-    a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    # as the straight run: 1 step, checkpoint, exit; then resume at step 1
+    _train([*_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1), *CORRECTION])
+    _train([*_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2), *CORRECTION])
+    a = read_jsonl(straight / "metrics.jsonl")
     b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     for ra, rb in zip(a, b, strict=True):
-        keys = {k for k in ra if not k.startswith("timing/") and not k.startswith("sync/")}
+        keys = {k for k in ra if not k.startswith(("timing/", "sync/", "memory/"))}
         diff = {k: (ra[k], rb.get(k)) for k in keys if ra[k] != rb.get(k)}
         assert not diff, diff
-    wa = _weights(tmp_path / "straight" / "checkpoints" / "step_00000002")
+    wa = _weights(straight / "checkpoints" / "step_00000002")
     wb = _weights(tmp_path / "resumed" / "checkpoints" / "step_00000002")
     assert wa and wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    assert not (tmp_path / "resumed" / "hf").exists()  # checkpoint.export_hf is off there
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
     hf_dir, ckpt, corpus = policy
-    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "preempted", 3)
+    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "preempted", 2)
     overrides = [o for o in overrides if not o.startswith("checkpoint.save_interval")]
     overrides.append("checkpoint.save_interval=0")  # only the preemption and the final step save
+    # this run also covers the old log-probs recomputed in a separate forward pass
+    overrides.append("train.recompute_old_logprobs=true")
     log_path = tmp_path / "preempted.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
@@ -275,7 +373,9 @@ def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     assert [p.name for p in steps] == ["step_00000001"], log[-6000:]
     assert (steps[0] / "COMPLETE").is_file()
-    # the requeued job: same command, resumes at step 1 and runs steps 2 and 3
+    # the requeued job: same command, resumes at step 1 and runs step 2
     _train(overrides)
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1] == "step_00000003"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    _check_step_metrics(rows)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1] == "step_00000002"

@@ -11,7 +11,7 @@ if torch.cuda.is_available():  # the patches are a no-op with CUDA; these checks
     pytest.skip("CPU-only checks", allow_module_level=True)
 
 
-def _tiny_gpt(moe: bool):  # noqa: ANN202
+def _tiny_gpt(moe: bool, **overrides):  # noqa: ANN202
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -36,6 +36,7 @@ def _tiny_gpt(moe: bool):  # noqa: ANN202
         moe_ffn_hidden_size=32 if moe else None,
         moe_token_dispatcher_type="alltoall",
         moe_router_load_balancing_type="none",
+        **overrides,
     )
     spec = get_gpt_layer_local_spec(
         num_experts=cfg.num_moe_experts, qk_layernorm=True, normalization="RMSNorm"
@@ -161,14 +162,38 @@ def _clip_rank() -> None:
     assert all(torch.equal(p.grad, g) for p, g in zip(params, before, strict=True))
 
 
+def _recompute_rank() -> None:
+    """Full activation recompute (train.recompute=full) runs on CPU and gives the same gradients."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from megatron_spell.mcore.train_step import recompute_overrides
+
+    ps.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    plain = _tiny_gpt(False)
+    again = _tiny_gpt(False, **recompute_overrides("full"))
+    again.load_state_dict(plain.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 12), generator=gen)
+    pos = torch.arange(12).expand(2, 12)
+    for model in (plain, again):
+        model.train()
+        model(ids, pos, None).float().square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), again.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    ps.destroy_model_parallel()
+
+
 def _all_checks_rank(rank: int, world_size: int) -> None:
     _import_has_no_side_effect_then_patch()
     _cuda_calls_rank(rank, world_size)
     _clip_rank()
     _fwd_bwd_rank(rank, world_size, False)
     _fwd_bwd_rank(rank, world_size, True)
+    _recompute_rank()
 
 
 def test_cpu_patches_gpt_dense_and_moe_forward_backward() -> None:
     # One spawned process for all checks: importing megatron dominates the time.
-    run_distributed(_all_checks_rank, 1, timeout=240)
+    run_distributed(_all_checks_rank, 1, timeout=240, fresh=True)

@@ -65,7 +65,8 @@ def test_report_time_breakdown_and_orchestration_overhead(tmp_path):
          "timing/sync_s": 4.0, "timing/score_s": 1.0},
         {"step": 2, "timing/step_s": 200.0, "timing/generate_s": 100.0, "timing/train_s": 80.0,
          "timing/generate_questioner_s": 50.0, "timing/generate_responder_s": 50.0,
-         "timing/sync_s": 6.0, "timing/score_s": 1.0, "timing/checkpoint_s": 10.0},
+         "timing/sync_s": 6.0, "timing/score_s": 1.0, "timing/checkpoint_s": 10.0,
+         "train/num_model_tokens": 900.0, "train/shared_prefix_units": 3.0},
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(tmp_path)
@@ -76,3 +77,35 @@ def test_report_time_breakdown_and_orchestration_overhead(tmp_path):
     assert "| other (batching, dumps, metrics) | 4.00 | 2.7% |" in md  # 150 - 80 - 1 - 55 - 5 - 5
     assert "| **step** | 150.00 | 100% |" in md
     assert "everything but generation and training): 10.00% of the step" in md  # (150-80-55)/150
+    # the update's tokens through the model, over the steps that report them
+    assert "Update: 900 tokens through the model per step (train.shared_prefix units 3.0" in md
+
+
+def test_report_labels_every_curve_by_role_and_shows_peak_memory_and_dtype(tmp_path):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from megatron_spell.report import plot
+
+    rows = [
+        {"step": s, "responder/reward_mean": 0.1 * s, "questioner/reward_mean": 0.2,
+         "verifier/reward_mean": 0.3, "timing/train_s": 5.0, "timing/step_s": 9.0,
+         "memory/peak_rss_gb/generate": 3.0 + s, "memory/peak_rss_gb/train": 7.5 - s}
+        for s in (1, 2)
+    ]  # fmt: skip
+    fig = plot(rows, "t")
+    legends = {ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes if ax.lines}
+    assert legends["Reward by role"] == ["responder", "questioner", "verifier"]
+    assert legends["Peak resident memory (GB, process tree)"] == ["generate", "update"]
+    for labels in legends.values():
+        assert len(set(labels)) == len(labels)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "config.yaml").write_text("model:\n  dtype: bf16\n")
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "model dtype bf16 (Megatron and vLLM)" in md
+    assert "| generate | 5.00 | 2 | 4.50 |" in md
+    assert "| train | 6.50 | 1 | 6.00 |" in md
+    assert "| **any phase** | 6.50 | | |" in md

@@ -16,8 +16,6 @@ yarn config attributes) at TP=1 and TP=2 over 256 tokens, where each scaling mov
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import pytest
 import torch
 
 from tests.dist.convert.workers import layouts_worker
+from tests.helpers.convert import convert_to_megatron
 from tests.helpers.dist import run_distributed
 from tests.helpers.tiny_models import make_tiny_hf_model
 
@@ -89,12 +88,7 @@ def converted(tmp_path_factory):
             root / f"{name}_hf", family, tied=tied, seed=3, num_hidden_layers=layers, **overrides
         )
         pairs[name] = (hf, root / f"{name}_ckpt")
-    args = [str(p) for hf, ck in pairs.values() for p in (hf, ck)]
-    script = ROOT / "tests" / "dist" / "convert" / "convert_many.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "to_megatron", *args], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    convert_to_megatron(pairs.values())
     return pairs
 
 

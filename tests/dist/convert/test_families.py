@@ -3,16 +3,14 @@
 Parametrised over the registry itself (megatron_spell/families.py), so a new entry is covered without an
 edit here. For each family a tiny random HF model is made from the registry record alone
 (tests/helpers/tiny_models.py `make_tiny_family_model`), converted to a Megatron checkpoint, built with
-`build_model` and loaded in one process (family_driver.py): its fp32 logits must match transformers' (max abs diff <= 1e-4,
-as in test_convert_logits.py). The checkpoint exported back to HF must hold exactly the original tensors.
+`build_model` and loaded in one rank (family_driver.py): its fp32 logits must match transformers' (max abs
+diff <= 1e-4, as in test_convert_logits.py). The checkpoint exported back to HF must hold exactly the original tensors.
 Extra cases: a tied head, and a throwaway family (a renamed Qwen3-MoE with a dense first layer) that is
-registered only inside the driver process, to show that a new entry needs no edit elsewhere.
+registered only inside the driver's rank, to show that a new entry needs no edit elsewhere.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +19,13 @@ import torch
 
 from megatron_spell.convert.hf_io import iter_hf_tensors
 from megatron_spell.families import FAMILIES
-from tests.dist.convert.family_driver import TOKENS
+from tests.dist.convert.family_driver import TOKENS, family_cases
+from tests.helpers.dist import run_distributed
 from tests.helpers.tiny_models import make_tiny_family_model, renamed_family
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-DRIVER = Path(__file__).resolve().parent / "family_driver.py"
-THROWAWAY = renamed_family(FAMILIES["qwen3_moe"])  # the driver registers it (--renamed)
+THROWAWAY = renamed_family(FAMILIES["qwen3_moe"])  # the driver's rank registers it (`renamed`)
 # case name -> (family, transformers model type, tied, config overrides)
 CASES = {
     **{name: (f, f.model_types[0], False, {}) for name, f in FAMILIES.items()},
@@ -46,14 +44,7 @@ def results(tmp_path_factory):
         )
         dirs[name] = (hf, root / f"{name}_back")
         cases.append((name, str(hf), str(root / f"{name}_ckpt"), str(root / f"{name}_back")))
-    args = [p for case in cases for p in case]
-    proc = subprocess.run(
-        [sys.executable, str(DRIVER), "--renamed", "qwen3_moe", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_distributed(family_cases, 1, ["qwen3_moe"], cases, timeout=900)
     return dirs
 
 

@@ -47,6 +47,29 @@ def fixed_batch(seed: int = 0, *, with_old: bool = True, vocab: int = 500) -> li
     return out
 
 
+def shared_batch(seed: int = 1, *, vocab: int = 500) -> list:
+    """Two groups sharing a prompt (4 responses of lengths 5, 11, 1, 8; 2 of lengths 13, 6) and one
+    single trajectory, mixed-sign advantages, random old log-probs (the first group is not contiguous)."""
+    from megatron_spell.mcore.packing import TrainSample
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = {
+        k: torch.randint(3, vocab, (n,), generator=g).tolist() for k, n in (("a", 19), ("b", 7))
+    }
+    prompts["c"] = torch.randint(3, vocab, (10,), generator=g).tolist()
+    shapes = [("a", 5, 1.0), ("b", 13, 2.0), ("a", 11, -1.0), ("a", 1, 0.5), ("c", 9, 1.0)]
+    shapes += [("a", 8, -0.5), ("b", 6, -1.5)]
+    return [
+        TrainSample(
+            prompt_ids=prompts[k],
+            response_ids=torch.randint(3, vocab, (r,), generator=g).tolist(),
+            advantage=a,
+            old_logprobs=(-torch.rand(r, generator=g) * 4 - 2).tolist(),
+        )
+        for k, r, a in shapes
+    ]
+
+
 def build_policy(
     hf_dir: str,
     ckpt: str,
@@ -97,7 +120,10 @@ def make_engine(
     grad_clip: float = 1.0,
     dist_opt: bool = False,
     temperature: float = 0.7,
+    shared_prefix: bool = False,
+    **train_kw: Any,
 ):
+    """`train_kw`: further TrainConfig fields (e.g. the rollout correction's)."""
     from megatron_spell.config import TrainConfig
 
     train = TrainConfig(
@@ -107,6 +133,8 @@ def make_engine(
         use_distributed_optimizer=dist_opt,
         logprob_chunk_size=8,
         max_tokens_per_microbatch=budget,
+        shared_prefix=shared_prefix,
+        **train_kw,
     )
     engine, ctx, _, _ = build_policy(hf_dir, ckpt, par, train, temperature=temperature)
     return engine, ctx

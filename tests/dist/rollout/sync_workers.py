@@ -153,9 +153,9 @@ def sync_and_generate(
 ) -> list[dict]:
     """Megatron (perturbed twice) -> export -> vLLM; greedy == HF, vLLM logprobs == Megatron's."""
     from megatron_spell.chat import render_user_turn
+    from megatron_spell.config import RolloutConfig
     from megatron_spell.mcore.export import export_hf_weights
     from megatron_spell.mcore.parallel import destroy_parallel
-    from megatron_spell.config import RolloutConfig
     from megatron_spell.rollout.engine import RolloutEngine
     from tests.e2e.rollout import hf_ref
 

@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.dist.rollout import sync_workers as W
+from tests.helpers.convert import convert_to_megatron
 from tests.helpers.dist import run_distributed
 from tests.helpers.tiny_models import make_tiny_hf_model
 
@@ -30,17 +29,13 @@ MODELS = {"llama": False, "qwen3": True, "qwen3_moe": False}  # family -> tied
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Tiny HF models and their Megatron dist checkpoints (converted in one subprocess: the checkpoint
-    writer starts a multiprocessing manager, which a daemonic test rank may not)."""
+    """Tiny HF models and their Megatron dist checkpoints."""
     root = tmp_path_factory.mktemp("sync_models")
     pairs = {
         f: (make_tiny_hf_model(root / f"{f}_hf", f, tied=t, seed=5), root / f"{f}_ckpt")
         for f, t in MODELS.items()
     }
-    args = [str(p) for hf, ck in pairs.values() for p in (hf, ck)]
-    script = ROOT / "tests" / "dist" / "rollout" / "convert_models.py"
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    convert_to_megatron(pairs.values())
     return pairs
 
 

@@ -1,7 +1,8 @@
 """The exported HF directory (per-expert MoE layout, tied/untied heads) loads in vLLM as it is.
 
-HF -> Megatron -> HF with the CLI tools, then vLLM (CPU, fp32) greedy-decodes chat prompts from the export
-and must produce exactly transformers' greedy tokens from the original directory.
+HF -> Megatron -> HF with the CLI tools (the folder's `roundtrip` fixture), then vLLM (CPU, fp32)
+greedy-decodes chat prompts from the export and must produce exactly transformers' greedy tokens from the
+original directory.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.e2e.convert.test_roundtrip import run_driver
-from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +32,14 @@ def hf_greedy(hf_dir: Path, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize("family,tied", [("qwen3_moe", False), ("qwen3", True)])
-def test_vllm_loads_the_export(tmp_path, family, tied):
+FAMILIES = ["qwen3_moe", "qwen3_tied"]  # per-expert MoE export in several shards; a tied head
+
+
+def _chat_prompts(model_dir: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    hf = make_tiny_hf_model(tmp_path / "hf", family, tied=tied, seed=7)
-    run_driver("to_megatron", [(hf, tmp_path / "ckpt")])
-    run_driver("to_hf", [(tmp_path / "ckpt", tmp_path / "back")])
-    tok = AutoTokenizer.from_pretrained(tmp_path / "back")
-    prompts = [
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [
         tok.encode(
             tok.apply_chat_template(
                 [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
@@ -51,12 +48,17 @@ def test_vllm_loads_the_export(tmp_path, family, tied):
         )
         for q in ("Where does chapter one begin?", "How long is the bridge?")
     ]
+
+
+@pytest.fixture(scope="module")
+def vllm_tokens(roundtrip) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
+    """vLLM's greedy tokens from each export, all models in one vLLM process."""
+    jobs = {str(roundtrip[f][2]): _chat_prompts(roundtrip[f][2]) for f in FAMILIES}
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "tests" / "e2e" / "convert" / "vllm_greedy.py"),
-            str(tmp_path / "back"),
-            json.dumps(prompts),
+            json.dumps(jobs),
             str(NUM_TOKENS),
         ],
         capture_output=True,
@@ -66,5 +68,13 @@ def test_vllm_loads_the_export(tmp_path, family, tied):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     got = json.loads(line.removeprefix("RESULT "))
+    return {f: (jobs[str(roundtrip[f][2])], got[str(roundtrip[f][2])]) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vllm_loads_the_export(roundtrip, vllm_tokens, family):
+    hf = roundtrip[family][0]
+    prompts, got = vllm_tokens[family]
+    assert len(got) == len(prompts)
     for prompt, tokens in zip(prompts, got, strict=True):
         assert tokens == hf_greedy(hf, prompt, NUM_TOKENS)

@@ -4,7 +4,8 @@ Checks the protocol's observable contract on real generation: every file is writ
 samples, long prompts are middle-truncated to exactly --max-input-tokens, and the markdown table agrees with
 the per-example JSONL (recomputed independently by brute force). A random tiny model answers nothing right, so
 an OpenAI-compatible judge (a local HTTP stub that says YES to some candidates) makes the scores non-trivial and
-exercises max(rule, judge) over real model text.
+exercises max(rule, judge) over real model text. The SmolLM2 run evaluates the model that
+`megatron-spell export` wrote, so it also shows the exported directory loading in vLLM.
 """
 
 from __future__ import annotations
@@ -194,13 +195,58 @@ def test_eval_under_torchrun_matches_single_process(
     assert_table_matches((out / TABLE).read_text(), out / PREDICTIONS, [1], n=1)
 
 
-@pytest.mark.slow
-def test_eval_smollm2_scores_real_answers(tmp_path: Path) -> None:
-    """SmolLM2-135M-Instruct answers easy questions in the "The correct answer is X" form often enough that
-    the rule scorers give some credit; the table still agrees with the JSONL."""
+def _exported_smollm2(tmp: Path) -> Path:
+    """SmolLM2-135M-Instruct out of a run directory through `megatron-spell export`.
+
+    The run directory is laid out by hand: the converted Megatron checkpoint stands as the model of
+    its step 1 (an export reads only a step's model tensors; a real run's TP=2 checkpoint, optimizer
+    included, is exported in tests/e2e/test_spell_train.py). The export equals the original bit for bit.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+    from megatron_spell.config import dump_config, load_config
+    from megatron_spell.convert.hf_io import iter_hf_tensors
     from megatron_spell.convert.smollm2 import materialize_smollm2
 
-    model = materialize_smollm2()
+    hf = materialize_smollm2()
+    root = Path(__file__).resolve().parents[3]
+
+    ckpt, run_dir, out = tmp / "ckpt", tmp / "run", tmp / "exported"
+    step = run_dir / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    dump_config(
+        load_config(None, [f"model.hf_dir={hf}", "model.dtype=fp32"]), run_dir / "config.yaml"
+    )
+    # one interpreter for both commands (imports dominate); not this one, which runs vLLM
+    script = (
+        "import sys, pathlib\n"
+        "from megatron_spell.mcore.checkpoint import convert_hf_to_megatron\n"
+        "from megatron_spell.cli import main\n"
+        "hf, ckpt, step, run_dir, out = sys.argv[1:]\n"
+        "convert_hf_to_megatron(hf, ckpt, progress=False)\n"
+        "(pathlib.Path(ckpt) / 'release').rename(pathlib.Path(step) / 'model')\n"
+        "(pathlib.Path(step) / 'COMPLETE').write_text('1\\n')\n"
+        "sys.exit(main(['export', run_dir, '--out', out, '--quiet']))\n"
+    )
+    args = [str(x) for x in (hf, ckpt, step, run_dir, out)]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    orig, new = dict(iter_hf_tensors(hf)), dict(iter_hf_tensors(out))
+    assert new.keys() == orig.keys() and all(torch.equal(new[k], orig[k]) for k in orig)
+    return out
+
+
+@pytest.mark.slow
+def test_eval_smollm2_scores_real_answers(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct, exported from a run directory, answers easy questions in the "The correct
+    answer is X" form often enough that the rule scorers give some credit; the table still agrees with
+    the JSONL."""
+    model = _exported_smollm2(tmp_path)
     data = tmp_path / "easy.jsonl"
     rows_in = [
         {
