@@ -1,12 +1,17 @@
 """Train/rollout mismatch: vLLM's log-probs and expert choice against Megatron's on the same tokens.
 
     python tools/bench_mismatch.py                      # the tiny Qwen3-MoE test model (CPU)
+    python tools/bench_mismatch.py --num-prompts 8 --n 4 --max-tokens 64   # more tokens
     python tools/bench_mismatch.py --dense-dir DIR      # also a dense HF model (e.g. SmolLM2)
+
+The defaults (2 prompts x 2 completions x up to 32 tokens) take about two minutes on 2 CPU cores,
+most of it the two vLLM start-ups.
 
 For each rollout dtype (fp32, bf16) a vLLM engine (a subprocess each: one engine per process) samples
 `--num-prompts` x `--n` completions at temperature 1 (top-p 1, so vLLM's processed log-probs are the
 full softmax) with routing capture on (rollout/routing.py). Megatron (fp32, single process, from the
-converted checkpoint of the same HF weights) then scores the same tokens
+converted checkpoint of the same HF weights, shared-prefix packing as in training: the n
+completions of a prompt form one unit) then scores the same tokens
 
 - without replay: its own routers choose (rows "fp32 rollout" and "bf16 rollout");
 - with the bf16 rollout's routing replayed (row "bf16 rollout + R3"), as train.routing_replay does.
@@ -79,8 +84,9 @@ def _rollout(hf_dir: str, dtype: str, args, tmp: Path) -> list:
 
 
 def _convert(hf_dir: str, out: Path) -> str:
-    cmd = [sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf-dir", hf_dir]
-    subprocess.run(cmd + ["--out-dir", str(out), "--quiet"], check=True, capture_output=True)
+    from megatron_spell.mcore.checkpoint import convert_hf_to_megatron
+
+    convert_hf_to_megatron(hf_dir, str(out), progress=False)
     return str(out)
 
 
@@ -88,17 +94,19 @@ def _by_token(engine, samples) -> tuple[dict, dict]:
     """{(sample, token): expert ids [layers, topk]} and first choices [layers] of the last pass."""
     import torch
 
+    from megatron_spell.mcore.replay import pack_tokens
+
     packed = engine.pack(samples)
+    units = engine.plan(samples).units
     used, top1 = {}, {}
     for mb, (positions, ids), firsts in zip(
         packed.micro_batches, engine.replay.used, engine.replay.top1, strict=True
     ):
-        cu = mb.cu_seqlens_padded.tolist()
+        tokens = pack_tokens(mb, samples, units)
         for row, p in enumerate(positions.tolist()):
-            k = next(j for j in range(len(cu) - 1) if cu[j] <= p < cu[j + 1])
-            if k >= len(mb.sample_ids) or p - cu[k] >= samples[mb.sample_ids[k]].num_tokens:
+            if p not in tokens:
                 continue
-            key = (mb.sample_ids[k], p - cu[k])
+            key = tokens[p]
             used[key] = torch.stack([ids[c][row] for c in sorted(ids)]).numpy()
             if firsts:
                 top1[key] = torch.stack([firsts[c][row] for c in sorted(firsts)]).numpy()
@@ -120,6 +128,7 @@ def score(engine, rows, replay: bool) -> dict[str, float]:
     moe = engine.replay.enabled
     engine.replay.trace = moe
     lps = engine.compute_logprobs(samples)
+    differ = engine.routing_prompt_differ
     delta = torch.cat([(lp - torch.tensor(v)).abs() for lp, (_, _, v, _) in zip(lps, rows)])
     out = {"mean": float(delta.mean()), "max": float(delta.max())}
     if moe:
@@ -136,6 +145,8 @@ def score(engine, rows, replay: bool) -> dict[str, float]:
                     mine_first = mine[:, 0]
                 first += int((mine_first != theirs[:, 0]).sum())
         out["top1_differs"], out["topk_differs"] = first / count, k_set / count
+    if replay:  # completions of a prompt whose prompt rows differ from the first's (replayed)
+        out["prompt_differ"] = differ
     return out
 
 
@@ -171,6 +182,8 @@ def _row(name: str, res: dict[str, float]) -> str:
         line += (
             f"  top-1 differs {res['top1_differs']:.4f}  top-k differs {res['topk_differs']:.4f}"
         )
+    if "prompt_differ" in res:
+        line += f"  prompt rows differ {res['prompt_differ']}"
     return line
 
 
@@ -202,9 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-dir", help="also bench this dense HF model directory (e.g. SmolLM2)")
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--num-prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4, help="completions per prompt")
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--num-prompts", type=int, default=2)
+    ap.add_argument("--n", type=int, default=2, help="completions per prompt")
+    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per completion, at most")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

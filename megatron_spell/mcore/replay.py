@@ -25,6 +25,7 @@ tokens (tests and tools/bench_mismatch.py compare them with the rollout's).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -147,3 +148,29 @@ class RoutingReplay:
             for _, replay in found:
                 replay.clear_indices()
                 replay.clear_router_replay_action()
+
+
+def pack_tokens(
+    mb: Any, samples: Sequence[Any], units: Sequence[Sequence[int]]
+) -> dict[int, tuple[int, int]]:
+    """{position in the unsplit pack: (sample, token index in its prompt + response)} of `mb`'s
+    tokens (for reading a trace). `units` are the plan's (`PolicyEngine.plan(samples).units`); a
+    shared unit's prompt[:-1] positions name its first sample, whose rows the unit replays."""
+    unit_of = {sid: tuple(u) for u in units for sid in u}
+    spans = dict(zip(mb.sample_ids, mb.response_spans))
+    cu = mb.cu_seqlens_padded.tolist()
+    order: list[tuple[int, ...]] = []
+    for sid in mb.sample_ids:
+        if not order or order[-1] != unit_of[sid]:
+            order.append(unit_of[sid])
+    out: dict[int, tuple[int, int]] = {}
+    for start, unit in zip(cu, order):
+        if len(unit) == 1:
+            out.update({start + t: (unit[0], t) for t in range(samples[unit[0]].num_tokens)})
+            continue
+        head = len(samples[unit[0]].prompt_ids) - 1
+        out.update({start + t: (unit[0], t) for t in range(head)})
+        for sid in unit:
+            a, b = spans[sid]
+            out.update({p: (sid, head + p - a) for p in range(a, b)})
+    return out

@@ -146,7 +146,8 @@ class PolicyEngine:
         self._roles: list[str] = []  # role names of the current batch (rollout-correction metrics)
         # MoE routing replay: active when the model was built with moe_enable_routing_replay
         self.replay = RoutingReplay(models, ctx)
-        self._prompt_differ = 0  # of the last pack (UnitRouting.num_prompt_differ)
+        # routing replay: UnitRouting.num_prompt_differ of the last pack
+        self.routing_prompt_differ = 0
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
             # padded to one length instead (pack(equal_length=True)) and shapes are fixed.
@@ -188,7 +189,7 @@ class PolicyEngine:
         c = self.ctx
         plan = self.plan(samples)
         routing = self._unit_routing(samples, plan, routing)
-        self._prompt_differ = 0 if routing is None else routing.num_prompt_differ
+        self.routing_prompt_differ = 0 if routing is None else routing.num_prompt_differ
         return pack_batch(
             samples,
             max_tokens_per_microbatch=self.cfg.max_tokens_per_microbatch,
@@ -452,7 +453,7 @@ class PolicyEngine:
             }
         )
         if self.replay.enabled:  # shared-unit samples replayed with their source's prompt rows
-            out["train/routing_prompt_differ"] = float(self._prompt_differ)
+            out["train/routing_prompt_differ"] = float(self.routing_prompt_differ)
         return out
 
     @torch.no_grad()
