@@ -211,7 +211,11 @@ def _check_layout(hf_dir, ckpt, par, exchange=False, unshared=False):
     if exchange:
         out["exchanged_metrics"] = _exchanged(engine, ctx, plain_shared, routing_shared, saved)
     if unshared:  # the same shared batch packed as separate sequences
+        from megatron_spell.mcore.attention import set_rope_positions
+
         engine.shared_prefix = False
+        for model in engine.models:
+            set_rope_positions(model, None)  # Megatron's own positions again
         out["unshared_lps"] = [x.numpy() for x in engine.compute_logprobs(shared)]
         out["unshared_metrics"] = _fresh_step(engine, saved, shared)
     destroy_parallel()
