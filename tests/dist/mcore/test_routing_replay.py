@@ -18,7 +18,9 @@ their prompt[:-1] rows (as vLLM's prefix cache gives them). Per layout, one spaw
   exactly its DP share's units, equal to the rows laid out from whole samples, and a step on them
   equals the step on whole routing.
 
-Every step starts from the loaded weights (restored after each step).
+The single-process run is repeated with full activation recompute, where the routers re-run in the
+backward pass from Megatron's REPLAY_BACKWARD queue: the same steps. Every step starts from the
+loaded weights (restored after each step).
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def given_routing(samples) -> list[np.ndarray]:
     return out
 
 
-def _engine(hf_dir, ckpt, par):
+def _engine(hf_dir, ckpt, par, recompute="none"):
     from megatron_spell.config import TrainConfig
+    from megatron_spell.mcore.train_step import recompute_overrides
 
     train = TrainConfig(
         lr=1e-3,
@@ -87,9 +90,9 @@ def _engine(hf_dir, ckpt, par):
         use_distributed_optimizer=False,
         logprob_chunk_size=8,
         max_tokens_per_microbatch=64,
-        recompute="none",
+        recompute=recompute,
     )
-    overrides = {"moe_enable_routing_replay": True}
+    overrides = {"moe_enable_routing_replay": True, **recompute_overrides(recompute)}
     engine, ctx, _, _ = build_policy(
         hf_dir, ckpt, par, train, temperature=0.7, config_overrides=overrides
     )
@@ -179,10 +182,10 @@ def _exchanged(engine, ctx, plain, routing, saved):
     return metrics
 
 
-def _check_layout(hf_dir, ckpt, par, exchange=False, unshared=False):
+def _check_layout(hf_dir, ckpt, par, exchange=False, unshared=False, recompute="none"):
     from megatron_spell.mcore.parallel import destroy_parallel
 
-    engine, ctx = _engine(hf_dir, ckpt, par)
+    engine, ctx = _engine(hf_dir, ckpt, par, recompute)
     saved = [[p.detach().clone() for p in m.parameters()] for m in engine.models]
     plain = fixed_batch(vocab=500)
     routing = given_routing(plain)
@@ -231,7 +234,8 @@ def _worker(rank, world, hf_dir, ckpt, layouts):
     return out
 
 
-REFERENCE = {"single": ({}, {"unshared": True})}
+# with full activation recompute the routers re-run in the backward pass (REPLAY_BACKWARD)
+REFERENCE = {"single": ({}, {"unshared": True}), "recompute": ({}, {"recompute": "full"})}
 FOUR_RANK = {
     "tp2_sp_cp2_ep2": (
         dict(
@@ -300,6 +304,9 @@ def test_single_process_replay_uses_the_given_routing_shared_or_not(reference):
     _same_step(res["shared_metrics"], res["unshared_metrics"], "shared vs unshared")
     assert res["shared_metrics"]["train/routing_prompt_differ"] == 0
     assert res["shared_metrics"]["train/shared_prefix_units"] == 2
+    # the backward's re-run of the routers replays the same experts: the same step
+    for key in ("metrics", "shared_metrics"):
+        _same_step(reference["recompute"][key], res[key], "recompute " + key)
 
 
 def test_replay_composes_with_tp_sp_cp_ep(moe, reference):
