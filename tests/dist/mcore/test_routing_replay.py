@@ -236,6 +236,9 @@ def _worker(rank, world, hf_dir, ckpt, layouts):
 
 # with full activation recompute the routers re-run in the backward pass (REPLAY_BACKWARD)
 REFERENCE = {"single": ({}, {"unshared": True}), "recompute": ({}, {"recompute": "full"})}
+# Experts whole on their rank (ETP=1, as the Qwen3-30B-A3B preset): with ETP=TP=2 the alltoall
+# dispatcher all-gathers uneven token counts over the expert-TP group, which gloo rejects
+# (docs/platform.md), with or without replay.
 FOUR_RANK = {
     "tp2_sp_cp2_ep2": (
         dict(
@@ -243,6 +246,7 @@ FOUR_RANK = {
             sequence_parallel=True,
             context_parallel_size=2,
             expert_model_parallel_size=2,
+            expert_tensor_parallel_size=1,
         ),
         {"exchange": True},
     ),
