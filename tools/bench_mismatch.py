@@ -53,9 +53,10 @@ def sample(args) -> None:
     import numpy as np
 
     from megatron_spell.config import RolloutConfig
+    from megatron_spell.families import is_moe_config
     from megatron_spell.rollout.engine import RolloutEngine
 
-    moe = json.loads((Path(args.hf_dir) / "config.json").read_text()).get("num_experts", 0) > 0
+    moe = is_moe_config(json.loads((Path(args.hf_dir) / "config.json").read_text()))
     settings = RolloutConfig(
         temperature=1.0, top_p=1.0, max_prompt_length=512, max_response_length=args.max_tokens,
         kv_cache_gib=0.25, seed=args.seed, max_num_batched_tokens=None,
@@ -152,6 +153,7 @@ def score(engine, rows, replay: bool) -> dict[str, float]:
 
 def _engine(hf_dir: str, ckpt: str):
     from megatron_spell.config import ParallelConfig, TrainConfig
+    from megatron_spell.families import is_moe_config
     from megatron_spell.mcore.attention import core_attention_class
     from megatron_spell.mcore.checkpoint import load_checkpoint
     from megatron_spell.mcore.model import build_model, load_hf_config
@@ -160,7 +162,7 @@ def _engine(hf_dir: str, ckpt: str):
 
     hf = load_hf_config(hf_dir)
     ctx = init_parallel(ParallelConfig())
-    moe = bool(getattr(hf, "num_experts", 0))
+    moe = is_moe_config(hf)
     models = build_model(
         hf,
         ctx,
