@@ -4,7 +4,7 @@
     python tools/bench_mismatch.py --num-prompts 8 --n 4 --max-tokens 64   # more tokens
     python tools/bench_mismatch.py --dense-dir DIR      # also a dense HF model (e.g. SmolLM2)
 
-The defaults (2 prompts x 2 completions x up to 32 tokens) take about two minutes on 2 CPU cores,
+The defaults (4 prompts x 2 completions x up to 48 tokens) take under two minutes on 2 CPU cores,
 most of it the two vLLM start-ups.
 
 For each rollout dtype (fp32, bf16) a vLLM engine (a subprocess each: one engine per process) samples
@@ -20,7 +20,9 @@ Per row: mean and max |log p_train - log p_rollout| over the response tokens, an
 (response token, MoE layer) routings whose top-1 expert (Megatron's first choice vs vLLM's first
 slot) differs and whose top-k set differs (with R3: the experts Megatron's routers used vs vLLM's).
 A response token's routing is that of its position as input (the last response token is never
-fed back, so it has none). The last line is `mismatch mean|delta|: bf16 X, bf16+R3 Y`.
+fed back, so it has none). For MoE it then splits the bf16 gap: the scored tokens whose input
+position is routed differently by Megatron than by vLLM (in any MoE layer) against the rest, with
+and without R3. The last line is `mismatch mean|delta|: bf16 X, bf16+R3 Y`.
 """
 
 from __future__ import annotations
@@ -146,6 +148,16 @@ def score(engine, rows, replay: bool) -> dict[str, float]:
                     mine_first = mine[:, 0]
                 first += int((mine_first != theirs[:, 0]).sum())
         out["top1_differs"], out["topk_differs"] = first / count, k_set / count
+        # per scored token (the order of `delta`): does the routing of its input position (the
+        # token before it) differ from vLLM's in any MoE layer?
+        flips = []
+        for sid, (p, r, _, routing) in enumerate(rows):
+            for tok in range(len(p) - 1, len(p) - 1 + len(r)):
+                theirs = np.sort(routing[tok].astype(np.int64), -1)
+                own = np.sort(used[(sid, tok)], -1)
+                flips.append(bool((own != theirs).any()) and not (routing[tok] == 255).any())
+        out["flipped"] = torch.tensor(flips)
+        out["delta"] = delta
     if replay:  # completions of a prompt whose prompt rows differ from the first's (replayed)
         out["prompt_differ"] = differ
     return out
@@ -205,6 +217,17 @@ def bench(hf_dir: str, args, tmp: Path, label: str) -> tuple[dict, dict]:
     print(f"{label}: {len(bf16)} completions, {n} response tokens; Megatron fp32")
     for name, res in results.items():
         print("  " + _row(name, res))
+    if engine.replay.enabled:  # where the gap comes from: tokens whose own routing flipped in bf16
+        flip = results["bf16 rollout"]["flipped"]
+        parts = []
+        for name in ("bf16 rollout", "bf16 rollout + R3"):
+            d = results[name]["delta"]
+            at = float(d[flip].mean()) if flip.any() else float("nan")
+            parts.append(f"{name}: {at:.3e} there, {float(d[~flip].mean()):.3e} elsewhere")
+        print(
+            f"  {int(flip.sum())} of {flip.numel()} tokens follow a routing that differs in bf16;"
+        )
+        print("  mean|delta| " + "; ".join(parts))
     return results["bf16 rollout"], results.get("bf16 rollout + R3", {})
 
 
@@ -217,9 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-dir", help="also bench this dense HF model directory (e.g. SmolLM2)")
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--num-prompts", type=int, default=2)
+    ap.add_argument("--num-prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=2, help="completions per prompt")
-    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per completion, at most")
+    ap.add_argument("--max-tokens", type=int, default=48, help="new tokens per completion, at most")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
