@@ -20,13 +20,13 @@ $(STAMP): requirements-cpu.txt requirements-cpu-nodeps.txt pyproject.toml
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-# Tests that start an in-process vLLM engine run one pytest process per folder: vLLM keeps process-global
-# parallel state, and one folder's engines must not see another's teardown.
-E2E := tests/e2e/convert tests/e2e/eval tests/e2e/rollout tests/e2e/test_spell_train.py
+# Tests that start an in-process vLLM engine run one pytest process per folder (vLLM keeps process-global
+# parallel state, and one folder's engines must not see another's teardown); tools/run_tests.py runs those
+# processes in LANES parallel lanes (default: the CPU count, at most 2) and prints each one's wall time.
+LANES ?=
 
 test: setup
-	$(PY) -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
-	@set -e; for t in $(E2E); do $(PY) -m pytest $$t $(PYTEST_ARGS); done
+	$(PY) tools/run_tests.py $(if $(LANES),--lanes $(LANES)) -- $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" --ignore=tests/e2e $(PYTEST_ARGS)

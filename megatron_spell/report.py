@@ -172,9 +172,13 @@ def _packing_line(rows: list[dict[str, float]]) -> list[str]:
     def mean(key: str) -> float:
         return sum(r.get(key, 0.0) for r in have) / len(have)
 
+    model, traj = mean("train/num_model_tokens"), mean("train/num_trajectory_tokens")
+    versus = (
+        f" for {traj:.0f} trajectory tokens ({traj / model:.2f}x fewer)" if traj and model else ""
+    )
     return [
         "",
-        f"Update: {mean('train/num_model_tokens'):.0f} tokens through the model per step "
+        f"Update: {model:.0f} tokens through the model per step{versus} "
         f"(train.shared_prefix units {mean('train/shared_prefix_units'):.1f}, split "
         f"{mean('train/shared_prefix_split_units'):.1f}, unshared fallbacks "
         f"{mean('train/shared_prefix_fallback'):.1f}; train "

@@ -12,13 +12,14 @@ verifier votes are valid, one GRPO update per step, and the weights are synced i
   transformers logits equal the Megatron model's (the checkpoint loaded at TP=2) and not the initial
   model's, and the run's own end-of-training export (`checkpoint.export_hf`, streamed from the live
   shards) is the same tensors.
-* `test_resume_is_exact`: the same 2 steps straight (one launch shared with the test above) vs 1 step, stop,
-  resume, 1 step (the correction on in all): the second step's loss, metrics and final weights are
-  identical; without `checkpoint.export_hf` no `hf/` is written.
-* `test_sigterm_checkpoints_then_resumes`: SIGTERM to the torchrun process group during step 1 (what Slurm's
-  preemption does): the step finishes, both ranks write the checkpoint and exit 42 (torchrun, as its agent
-  does after a signal, exits non-zero), and the next launch resumes at step 1 and finishes; this run
-  recomputes the old log-probs in a separate forward pass and its metrics get the same checks.
+* `test_preempted_run_resumes_exactly`: the same 2 steps (correction on) with SIGTERM to the torchrun
+  process group during step 1 (what Slurm's preemption does): the step finishes, both ranks write the
+  checkpoint and exit 42 (torchrun, as its agent does after a signal, exits non-zero); the requeued
+  launch resumes at step 1, and its second step's loss, metrics and final weights are identical to the
+  straight run's (one launch shared with the test above); without `checkpoint.export_hf` no `hf/` is
+  written. The old log-probs recomputed in a separate forward pass
+  (`train.recompute_old_logprobs=true`) are checked against the shortcut in
+  tests/dist/mcore/test_policy_update.py.
 """
 
 from __future__ import annotations
@@ -311,34 +312,11 @@ def _check_export(hf_dir: Path, run_dir: Path, last: Path, out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_is_exact(policy, straight, tmp_path):
+def test_preempted_run_resumes_exactly(policy, straight, tmp_path):
     hf_dir, ckpt, corpus = policy
-    # as the straight run: 1 step, checkpoint, exit; then resume at step 1
-    _train([*_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 1), *CORRECTION])
-    _train([*_overrides(hf_dir, ckpt, corpus, tmp_path, "resumed", 2), *CORRECTION])
-    a = read_jsonl(straight / "metrics.jsonl")
-    b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b, strict=True):
-        keys = {k for k in ra if not k.startswith(("timing/", "sync/", "memory/"))}
-        diff = {k: (ra[k], rb.get(k)) for k in keys if ra[k] != rb.get(k)}
-        assert not diff, diff
-    wa = _weights(straight / "checkpoints" / "step_00000002")
-    wb = _weights(tmp_path / "resumed" / "checkpoints" / "step_00000002")
-    assert wa and wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    assert not (tmp_path / "resumed" / "hf").exists()  # checkpoint.export_hf is off there
-
-
-@pytest.mark.slow
-def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
-    hf_dir, ckpt, corpus = policy
-    overrides = _overrides(hf_dir, ckpt, corpus, tmp_path, "preempted", 2)
+    overrides = [*_overrides(hf_dir, ckpt, corpus, tmp_path, "preempted", 2), *CORRECTION]
     overrides = [o for o in overrides if not o.startswith("checkpoint.save_interval")]
     overrides.append("checkpoint.save_interval=0")  # only the preemption and the final step save
-    # this run also covers the old log-probs recomputed in a separate forward pass
-    overrides.append("train.recompute_old_logprobs=true")
     log_path = tmp_path / "preempted.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
@@ -362,9 +340,8 @@ def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     log = log_path.read_text()
-    assert rc != 0, log[
-        -6000:
-    ]  # torchrun exits non-zero after a signal; the sbatch script requeues
+    # torchrun exits non-zero after a signal; the sbatch script requeues
+    assert rc != 0, log[-6000:]
     assert log.count("SIGTERM received") >= 2, log[-6000:]  # both ranks got it
     assert "preempted: checkpoint of step 1 written; exiting with code 42" in log, log[-6000:]
     run_dir = tmp_path / "preempted"
@@ -373,9 +350,19 @@ def test_sigterm_checkpoints_then_resumes(policy, tmp_path):
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     assert [p.name for p in steps] == ["step_00000001"], log[-6000:]
     assert (steps[0] / "COMPLETE").is_file()
-    # the requeued job: same command, resumes at step 1 and runs step 2
+    # the requeued job: same command, resumes at step 1 and runs step 2, exactly as the straight run
     _train(overrides)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]
-    _check_step_metrics(rows)
+    a = read_jsonl(straight / "metrics.jsonl")
+    b = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):
+        keys = {k for k in ra if not k.startswith(("timing/", "sync/", "memory/"))}
+        diff = {k: (ra[k], rb.get(k)) for k in keys if ra[k] != rb.get(k)}
+        assert not diff, diff
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))[-1] == "step_00000002"
+    wa = _weights(straight / "checkpoints" / "step_00000002")
+    wb = _weights(run_dir / "checkpoints" / "step_00000002")
+    assert wa and wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert not (run_dir / "hf").exists()  # checkpoint.export_hf is off there

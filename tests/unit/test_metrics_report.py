@@ -66,7 +66,8 @@ def test_report_time_breakdown_and_orchestration_overhead(tmp_path):
         {"step": 2, "timing/step_s": 200.0, "timing/generate_s": 100.0, "timing/train_s": 80.0,
          "timing/generate_questioner_s": 50.0, "timing/generate_responder_s": 50.0,
          "timing/sync_s": 6.0, "timing/score_s": 1.0, "timing/checkpoint_s": 10.0,
-         "train/num_model_tokens": 900.0, "train/shared_prefix_units": 3.0},
+         "train/num_model_tokens": 900.0, "train/num_trajectory_tokens": 2700.0,
+         "train/shared_prefix_units": 3.0},
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(tmp_path)
@@ -78,7 +79,10 @@ def test_report_time_breakdown_and_orchestration_overhead(tmp_path):
     assert "| **step** | 150.00 | 100% |" in md
     assert "everything but generation and training): 10.00% of the step" in md  # (150-80-55)/150
     # the update's tokens through the model, over the steps that report them
-    assert "Update: 900 tokens through the model per step (train.shared_prefix units 3.0" in md
+    assert (
+        "Update: 900 tokens through the model per step for 2700 trajectory tokens (3.00x fewer) "
+        "(train.shared_prefix units 3.0"
+    ) in md
 
 
 def test_report_labels_every_curve_by_role_and_shows_peak_memory_and_dtype(tmp_path):

@@ -69,15 +69,24 @@ def test_cli_unsupported_architecture_and_bad_shape(tmp_path):
     assert "GPT2LMHeadModel" in proc.stderr and "Qwen3MoeForCausalLM" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+def test_cli_bad_shape_and_missing_dir_in_process(tmp_path, capsys):
+    """The tool's `main` (what the subprocess above runs after its imports), in this interpreter."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_hf_to_megatron", ROOT / "tools" / "convert_hf_to_megatron.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     # A checkpoint whose tensors do not match its config.json (intermediate_size edited).
     hf = make_tiny_hf_model(tmp_path / "llama", "llama")
     cfg = json.loads((hf / "config.json").read_text())
     cfg["intermediate_size"] = 320
     (hf / "config.json").write_text(json.dumps(cfg))
-    proc = _run_tool("--hf-dir", str(hf), "--out-dir", str(tmp_path / "o2"))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "shape mismatch" in proc.stderr and "mlp." in proc.stderr and "320" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-    proc = _run_tool("--hf-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "o3"))
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert tool.main(["--hf-dir", str(hf), "--out-dir", str(tmp_path / "o2"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatch" in err and "mlp." in err and "320" in err, err[-2000:]
+    args = ["--hf-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "o3"), "--quiet"]
+    assert tool.main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
