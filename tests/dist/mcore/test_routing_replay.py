@@ -182,7 +182,44 @@ def _exchanged(engine, ctx, plain, routing, saved):
     return metrics
 
 
-def _check_layout(hf_dir, ckpt, par, exchange=False, unshared=False, recompute="none"):
+def _policy_update(hf_dir, ckpt, plain_shared, routing_shared):
+    """`MegatronPolicy.update` (train.routing_replay) on trajectories whose completions hold their
+    routing as `RoutedExperts` of this rank, as the rollout engine leaves them."""
+    from megatron_spell.config import load_config
+    from megatron_spell.mcore.model import load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
+    from megatron_spell.mcore.policy import MegatronPolicy
+    from megatron_spell.types import Completion, Role, RoutedExperts, Task, TrainBatch, Trajectory
+
+    overrides = [f"model.hf_dir={hf_dir}", f"model.load={ckpt}", "model.dtype=fp32"]
+    overrides += ["train.lr=1e-3", "train.adam_eps=1e-3", "train.recompute=none"]
+    overrides += ["train.max_tokens_per_microbatch=64", "train.logprob_chunk_size=8"]
+    overrides += ["train.routing_replay=true", "rollout.temperature=0.7"]
+    config = load_config(None, overrides)
+    ctx = init_parallel(config.parallel)
+    policy = MegatronPolicy(config, ctx, load_hf_config(hf_dir))
+    trajs = tuple(
+        Trajectory(
+            role=Role.RESPONDER,
+            task=Task.DOC_GENERAL_QA,
+            uid=str(i),
+            prompt_ids=tuple(s.prompt_ids),
+            completion=Completion(
+                s.response_ids, "", s.old_logprobs, "stop", routed_experts=RoutedExperts(0, data=r)
+            ),
+            advantage=float(s.advantage),
+        )
+        for i, (s, r) in enumerate(zip(plain_shared, routing_shared))
+    )
+    metrics = policy.update(TrainBatch(responder=trajs, questioner=(), verifier=()))
+    metrics["held_after"] = len(RoutedExperts._held)  # the update released the step's routing
+    destroy_parallel()
+    return metrics
+
+
+def _check_layout(
+    hf_dir, ckpt, par, exchange=False, unshared=False, recompute="none", policy=False
+):
     from megatron_spell.mcore.parallel import destroy_parallel
 
     engine, ctx = _engine(hf_dir, ckpt, par, recompute)
@@ -213,6 +250,9 @@ def _check_layout(hf_dir, ckpt, par, exchange=False, unshared=False, recompute="
     }
     if exchange:
         out["exchanged_metrics"] = _exchanged(engine, ctx, plain_shared, routing_shared, saved)
+    if policy:  # the policy's on-policy update replays the routing its completions hold
+        out["onpolicy_metrics"] = _fresh_step(engine, saved, shared, on_policy=True)
+        out["onpolicy_free_metrics"] = _fresh_step(engine, saved, plain_shared, on_policy=True)
     if unshared:  # the same shared batch packed as separate sequences
         from megatron_spell.mcore.attention import set_rope_positions
 
@@ -222,6 +262,8 @@ def _check_layout(hf_dir, ckpt, par, exchange=False, unshared=False, recompute="
         out["unshared_lps"] = [x.numpy() for x in engine.compute_logprobs(shared)]
         out["unshared_metrics"] = _fresh_step(engine, saved, shared)
     destroy_parallel()
+    if policy:
+        out["policy_metrics"] = _policy_update(hf_dir, ckpt, plain_shared, routing_shared)
     return to_numpy(out)
 
 
@@ -235,7 +277,10 @@ def _worker(rank, world, hf_dir, ckpt, layouts):
 
 
 # with full activation recompute the routers re-run in the backward pass (REPLAY_BACKWARD)
-REFERENCE = {"single": ({}, {"unshared": True}), "recompute": ({}, {"recompute": "full"})}
+REFERENCE = {
+    "single": ({}, {"unshared": True, "policy": True}),
+    "recompute": ({}, {"recompute": "full"}),
+}
 # Experts whole on their rank (ETP=1, as the Qwen3-30B-A3B preset): with ETP=TP=2 the alltoall
 # dispatcher all-gathers uneven token counts over the expert-TP group, which gloo rejects
 # (docs/platform.md), with or without replay.
@@ -308,6 +353,11 @@ def test_single_process_replay_uses_the_given_routing_shared_or_not(reference):
     _same_step(res["shared_metrics"], res["unshared_metrics"], "shared vs unshared")
     assert res["shared_metrics"]["train/routing_prompt_differ"] == 0
     assert res["shared_metrics"]["train/shared_prefix_units"] == 2
+    # MegatronPolicy.update with train.routing_replay: the engine's replayed on-policy step
+    got, want, free = res["policy_metrics"], res["onpolicy_metrics"], res["onpolicy_free_metrics"]
+    _same_step({f"train/{k}": v for k, v in got.items()}, want, "policy update")
+    assert abs(want["train/grad_norm"] - free["train/grad_norm"]) > 1e-3  # replay mattered
+    assert got["routing_prompt_differ"] == 0 and got["held_after"] == 0, got
     # the backward's re-run of the routers replays the same experts: the same step
     for key in ("metrics", "shared_metrics"):
         _same_step(reference["recompute"][key], res[key], "recompute " + key)
