@@ -404,6 +404,13 @@ class TrainConfig:
     # drop a whole sequence when any of its tokens has a ratio below this (e.g. 1e-4); null: off
     rollout_token_veto_threshold: float | None = None
 
+    # --- MoE routing replay (R3) ---
+    # vLLM returns the experts it routed every token to and the update's forward replays them
+    # (Megatron-Core router replay), so training uses the rollout's expert choice. MoE models only
+    # (preflight rejects it for a dense model); off by default (docs/architecture.md "Routing
+    # replay")
+    routing_replay: bool = False
+
     @property
     def rollout_is_band(self) -> tuple[float | None, float]:
         """(low or None, high) of `rollout_is_threshold`."""

@@ -175,6 +175,16 @@ def _check_n_docs(config: Config) -> None:
             )
 
 
+def _check_routing_replay(config: Config, shape: ModelShape) -> None:
+    if config.train.routing_replay and not shape.num_experts:
+        raise _fail(
+            "train.routing_replay",
+            True,
+            f"{config.model.hf_dir} is a dense model (no experts to replay)",
+            "set train.routing_replay=false (routing replay is for mixture-of-experts models)",
+        )
+
+
 def plan(config: Config, *, world_size: int | None = None) -> Plan:
     """Config, layout and memory from the HF config.json only (see the module docstring)."""
     world = planned_world_size(config) if world_size is None else world_size
@@ -185,6 +195,7 @@ def plan(config: Config, *, world_size: int | None = None) -> Plan:
     check_rollout_world(tp, world, moe=bool(shape.num_experts), on_gpu=None)
     _check_rollout_heads(tp, shape)
     _check_n_docs(config)
+    _check_routing_replay(config, shape)
     return Plan(shape=shape, layout=layout, memory_gib=estimate_memory_gib(config, shape, layout))
 
 

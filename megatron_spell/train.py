@@ -119,7 +119,12 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
 
         dtype = str(DTYPES[config.model.dtype]).removeprefix("torch.")  # vLLM's dtype name
         engine = LockstepEngine(
-            RolloutEngine(config.model.hf_dir, config.rollout, dtype=dtype),
+            RolloutEngine(
+                config.model.hf_dir,
+                config.rollout,
+                dtype=dtype,
+                routing_replay=config.train.routing_replay,
+            ),
             structured=config.rollout.structured_outputs,
             lockstep=dist.get_world_size() > config.rollout.tensor_parallel_size,
         )

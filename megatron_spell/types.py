@@ -7,7 +7,8 @@ roles, tasks and questioner cases of docs/spell-algorithm.md §1-§3.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class Role(str, enum.Enum):
@@ -54,6 +55,47 @@ class Completion:
     text: str
     logprobs: tuple[float, ...]
     finish_reason: str  # "stop" | "length" | "abort"
+    # MoE routing replay (train.routing_replay): the experts vLLM routed each prompt and response
+    # token to, a `RoutedExperts` reference (None when not captured). Not compared, not dumped.
+    routed_experts: RoutedExperts | None = field(default=None, compare=False, repr=False)
+
+
+class RoutedExperts:
+    """A completion's routing, held by the process that generated it; pickles as a reference.
+
+    `data` is a numpy array [prompt + response tokens, MoE layers, top-k] of uint8 (< 256 experts;
+    255 where vLLM computed no routing, e.g. the last response token, which is never fed back) or
+    int16 (-1 there). The array stays in the generating process (`owner`, its global rank): a copy
+    sent through an object collective (the loop all-gathers the rounds) carries only
+    (owner, key), so the routing never travels whole; the update moves each sample's rows to the
+    ranks that train it (mcore/routing_exchange.py). `release_all()` frees the process's arrays.
+    """
+
+    _held: dict[int, Any] = {}
+    _next_key = 0
+    _rank: int | None = None  # the global rank of this process (set by the first array held)
+
+    def __init__(self, owner: int, key: int | None = None, data: Any = None) -> None:
+        if key is None:
+            key, RoutedExperts._next_key = RoutedExperts._next_key, RoutedExperts._next_key + 1
+        self.owner, self.key = int(owner), int(key)
+        if data is not None:
+            RoutedExperts._rank = self.owner
+            RoutedExperts._held[self.key] = data
+
+    def __reduce__(self) -> tuple[Any, tuple[int, int]]:
+        return (RoutedExperts, (self.owner, self.key))
+
+    @property
+    def data(self) -> Any:
+        """The array, in the owner process while it is held; None elsewhere or once released."""
+        if self.owner != RoutedExperts._rank:
+            return None
+        return RoutedExperts._held.get(self.key)
+
+    @classmethod
+    def release_all(cls) -> None:
+        cls._held.clear()
 
 
 class CaseType(str, enum.Enum):  # noqa: UP042 (same form as Role and Task)

@@ -38,17 +38,37 @@ segment. A unit costs P-1 + sum R_i tokens instead of n*P + sum R_i. Units are s
 DP and binned by that real cost; a unit over the micro-batch budget is split into several units that each
 carry the prompt and a subset of the responses (first-fit decreasing); a part left with one response is
 packed as an ordinary sequence (counted in `num_unshared_fallback`).
+
+Routing replay (MoE, `train.routing_replay`): `MicroBatch.routing` holds this CP rank's rows of the
+rollout's expert choice, laid out like the tokens. The caller gives, per unit, the CP-local rows of
+the padded unit (mcore/routing_exchange.py builds them: in a shared unit the prompt[:-1] rows once,
+then each response segment's own rows of prompt[-1] and r_i[:-1]); -1 where there is none.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 _NO_LABEL = 0  # label value at positions without a target (masked out; any valid id works)
+
+
+def routing_rows(routing: Any, num_tokens: int) -> torch.Tensor:
+    """A sample's routing as int16 [num_tokens, MoE layers, top-k], -1 where there is none."""
+    t = torch.as_tensor(routing)
+    if t.dtype == torch.uint8:
+        t = torch.where(t == 255, -1, t.to(torch.int16))
+    t = t.to(torch.int16)
+    if t.dim() != 3 or t.shape[0] != num_tokens:
+        raise ValueError(
+            f"TrainSample.routing has shape {tuple(t.shape)}; expected [{num_tokens} prompt + "
+            "response tokens, MoE layers, top-k]"
+        )
+    return t
 
 
 @dataclass(frozen=True)
@@ -57,7 +77,9 @@ class TrainSample:
 
     `advantage` is a scalar (GRPO: one value per sequence) or one value per response token. `old_logprobs` and
     `ref_logprobs` hold one value per response token (the log-prob of that token at the rollout temperature);
-    `old_logprobs=None` is allowed for a forward-only pass that computes them.
+    `old_logprobs=None` is allowed for a forward-only pass that computes them. `routing` (MoE routing
+    replay) is the rollout's expert choice of every prompt and response token, [num_tokens, MoE
+    layers, top-k] (numpy or torch; uint8 with 255 or signed with -1 where there is none).
     """
 
     prompt_ids: tuple[int, ...]
@@ -66,11 +88,14 @@ class TrainSample:
     old_logprobs: tuple[float, ...] | None = None
     ref_logprobs: tuple[float, ...] | None = None
     role: str = ""
+    routing: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
         object.__setattr__(self, "response_ids", tuple(int(t) for t in self.response_ids))
         n = len(self.response_ids)
+        if self.routing is not None:
+            object.__setattr__(self, "routing", routing_rows(self.routing, self.num_tokens))
         if not self.prompt_ids:
             raise ValueError(
                 "TrainSample.prompt_ids is empty: the first response token needs a prompt"
@@ -133,6 +158,8 @@ class MicroBatch:
     unit_segments: tuple[tuple[int, ...], ...] | None = None
     # int64 [padded pack]: RoPE position of every token of the unsplit pack (None: 0.. per sequence)
     rope_positions: torch.Tensor | None = None
+    # routing replay: int16 [t_local, MoE layers, top-k] of this rank's tokens (-1: none), or None
+    routing: torch.Tensor | None = None
 
     @property
     def num_local_tokens(self) -> int:
@@ -307,6 +334,7 @@ def build_micro_batch(
     pad_id: int = 0,
     pad_to: int | None = None,
     units: Sequence[Sequence[int]] | None = None,
+    routing: Sequence[torch.Tensor | None] | None = None,
 ) -> MicroBatch:
     """THD-pack `samples` (the ones listed in `sample_ids`) and keep this CP rank's share.
 
@@ -314,6 +342,7 @@ def build_micro_batch(
     `pad_to` (a multiple of `multiple`) appends one pad sequence so the pack has exactly that many tokens.
     `units` partitions `sample_ids` into packed sequences: a unit of several samples (which must share
     `prompt_ids`) is packed with the prompt once (module docstring); default: one sample per unit.
+    `routing`, one entry per unit: this CP rank's rows of the padded unit (None: no routing).
     """
     if units is None:
         units = [[i] for i in sample_ids]
@@ -366,6 +395,9 @@ def build_micro_batch(
     local = {k: v[index] for k, v in full.items()}
     has_ref = bool(seqs) and all(s.ref_logprobs is not None for s in seqs)
     shared = any(len(b) > 2 for b in segments)
+    local_routing = None
+    if routing is not None and any(r is not None for r in routing):
+        local_routing = _pack_routing(routing, padded, cp_size, len(index))
     return MicroBatch(
         tokens=local["tokens"],
         position_ids=local["position_ids"],
@@ -384,7 +416,32 @@ def build_micro_batch(
         response_spans=tuple(spans),
         unit_segments=tuple(segments) if shared else None,
         rope_positions=full["position_ids"] if shared else None,
+        routing=local_routing,
     )
+
+
+def _pack_routing(
+    per_unit: Sequence[torch.Tensor | None], padded: Sequence[int], cp_size: int, total: int
+) -> torch.Tensor:
+    """The units' CP-local rows in pack order, -1 for units without routing and pad sequences.
+
+    `cp_split_index` keeps each sequence's two chunks in turn, so the local rows of a pack are the
+    local rows of its sequences, concatenated."""
+    shape = next(tuple(r.shape[1:]) for r in per_unit if r is not None)
+    out = torch.full((total, *shape), -1, dtype=torch.int16)
+    start = 0
+    for k, n in enumerate(padded):
+        rows = per_unit[k] if k < len(per_unit) else None
+        local = n // cp_size
+        if rows is not None:
+            if tuple(rows.shape) != (local, *shape):
+                raise ValueError(
+                    f"routing of unit {k}: shape {tuple(rows.shape)}, expected {(local, *shape)} "
+                    f"(the CP-local rows of {n} padded tokens at cp={cp_size})"
+                )
+            out[start : start + local] = rows
+        start += local
+    return out
 
 
 def plan_units(
@@ -437,27 +494,34 @@ def unit_cost(samples: Sequence[TrainSample], unit: Sequence[int], multiple: int
     return padded_length(head + sum(len(samples[i].response_ids) for i in unit), multiple)
 
 
-def pack_batch(
+@dataclass(frozen=True)
+class BatchPlan:
+    """The global layout of a batch: units, their padded lengths and their DP ranks (every rank
+    computes the same)."""
+
+    # sample ids per unit (one THD sequence each)
+    units: list[list[int]]
+    # padded tokens of each unit (its THD sequence length)
+    costs: list[int]
+    # unit indices per DP rank
+    assignment: list[list[int]]
+    multiple: int
+    budget: int
+    num_split: int = 0
+    num_fallback: int = 0
+
+
+def plan_batch(
     samples: Sequence[TrainSample],
     *,
     max_tokens_per_microbatch: int,
     dp_size: int = 1,
-    dp_rank: int = 0,
     cp_size: int = 1,
-    cp_rank: int = 0,
     tp_size: int = 1,
     sequence_parallel: bool = False,
-    microbatch_multiple: int = 1,
-    pad_id: int = 0,
-    equal_length: bool = False,
     shared_prefix: bool = False,
-) -> PackedBatch:
-    """Plan the whole global batch (same result on every rank) and build this rank's micro-batches.
-
-    `max_tokens_per_microbatch` counts padded tokens per CP rank (a pack holds up to that times cp tokens).
-    `equal_length` pads every micro-batch of every rank to the longest pack (a fixed pipeline tensor shape).
-    `shared_prefix` packs samples with identical prompts as shared units (module docstring).
-    """
+) -> BatchPlan:
+    """Units (shared prefix or one sample each), their padded lengths and the DP balance."""
     if not samples:
         raise ValueError("pack_batch got no samples: the update batch is empty")
     if max_tokens_per_microbatch <= 0:
@@ -472,6 +536,47 @@ def pack_batch(
         units, num_split, num_fallback = [[i] for i in range(len(samples))], 0, 0
     costs = [unit_cost(samples, u, multiple) for u in units]
     assignment = balance_across_dp(costs, dp_size)
+    return BatchPlan(units, costs, assignment, multiple, budget, num_split, num_fallback)
+
+
+def pack_batch(
+    samples: Sequence[TrainSample],
+    *,
+    max_tokens_per_microbatch: int,
+    dp_size: int = 1,
+    dp_rank: int = 0,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    tp_size: int = 1,
+    sequence_parallel: bool = False,
+    microbatch_multiple: int = 1,
+    pad_id: int = 0,
+    equal_length: bool = False,
+    shared_prefix: bool = False,
+    plan: BatchPlan | None = None,
+    routing: Mapping[int, torch.Tensor] | None = None,
+) -> PackedBatch:
+    """Plan the whole global batch (same result on every rank) and build this rank's micro-batches.
+
+    `max_tokens_per_microbatch` counts padded tokens per CP rank (a pack holds up to that times cp tokens).
+    `equal_length` pads every micro-batch of every rank to the longest pack (a fixed pipeline tensor shape).
+    `shared_prefix` packs samples with identical prompts as shared units (module docstring).
+    `plan`: the `plan_batch` of these arguments, when the caller has it already. `routing` (routing
+    replay): {unit index of the plan: this CP rank's rows of the padded unit} for this DP rank's units.
+    """
+    if plan is None:
+        plan = plan_batch(
+            samples,
+            max_tokens_per_microbatch=max_tokens_per_microbatch,
+            dp_size=dp_size,
+            cp_size=cp_size,
+            tp_size=tp_size,
+            sequence_parallel=sequence_parallel,
+            shared_prefix=shared_prefix,
+        )
+    units, costs, assignment = plan.units, plan.costs, plan.assignment
+    multiple, budget = plan.multiple, plan.budget
+    num_split, num_fallback = plan.num_split, plan.num_fallback
     bins_per_rank = [pack_into_bins(ids, costs, budget) for ids in assignment]
     num_micro = max(len(b) for b in bins_per_rank)
     num_micro = -(-num_micro // microbatch_multiple) * microbatch_multiple
@@ -482,6 +587,7 @@ def pack_batch(
     micro = []
     for b in my_bins:
         my_units = [units[u] for u in b]
+        rows = None if routing is None else [routing.get(u) for u in b]
         micro.append(
             build_micro_batch(
                 samples,
@@ -492,6 +598,7 @@ def pack_batch(
                 pad_id=pad_id,
                 pad_to=pad_to,
                 units=my_units,
+                routing=rows,
             )
         )
     return PackedBatch(

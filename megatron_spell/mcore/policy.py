@@ -39,8 +39,9 @@ from megatron_spell.mcore.model import build_model, use_transformer_engine
 from megatron_spell.mcore.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_spell.mcore.packing import TrainSample
 from megatron_spell.mcore.parallel import ParallelContext
+from megatron_spell.mcore.routing_exchange import UnitRouting, exchange_routing
 from megatron_spell.mcore.train_step import PolicyEngine, recompute_overrides
-from megatron_spell.types import TrainBatch, Trajectory
+from megatron_spell.types import RoutedExperts, TrainBatch, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ class MegatronPolicy:
             ctx,
             dtype=dtype,
             core_attention=core_attention_class(use_te),
-            config_overrides=recompute_overrides(config.train.recompute),
+            config_overrides={
+                **recompute_overrides(config.train.recompute),
+                **({"moe_enable_routing_replay": True} if config.train.routing_replay else {}),
+            },
             use_te=use_te,
         )
         load_checkpoint(self.chunks, config.model.load)
@@ -111,8 +115,23 @@ class MegatronPolicy:
         reference does (same values, one more forward pass).
         """
         trajs = list(batch.trajectories)
+        try:
+            return self._update(trajs)
+        finally:
+            RoutedExperts.release_all()  # this step's rollout routing is spent
+
+    def _routing(self, trajs: list[Trajectory]) -> UnitRouting | None:
+        """This rank's routing rows of its DP share (routing replay), laid out like the packs."""
+        if not self.config.train.routing_replay:
+            return None
+        samples = [to_sample(t) for t in trajs]
+        refs = [t.completion.routed_experts for t in trajs]
+        return exchange_routing(refs, samples, self.engine.plan(samples), self.ctx)
+
+    def _update(self, trajs: list[Trajectory]) -> dict[str, float]:
+        r3 = self._routing(trajs)
         if self.config.train.recompute_old_logprobs:
-            metrics = self._update_recomputed(trajs)
+            metrics = self._update_recomputed(trajs, r3)
         else:  # the engine compares its log-probs with the rollout's (vLLM's): mismatch, correction
             rollout = [
                 t.completion.logprobs
@@ -121,20 +140,22 @@ class MegatronPolicy:
                 for t in trajs
             ]
             metrics = self.engine.train_step(
-                [to_sample(t, lp) for t, lp in zip(trajs, rollout)], on_policy=True
+                [to_sample(t, lp) for t, lp in zip(trajs, rollout)], on_policy=True, routing=r3
             )
         return {k.split("/", 1)[1] if k.startswith("train/") else k: v for k, v in metrics.items()}
 
-    def _update_recomputed(self, trajs: list[Trajectory]) -> dict[str, float]:
+    def _update_recomputed(
+        self, trajs: list[Trajectory], r3: UnitRouting | None
+    ) -> dict[str, float]:
         """Forward-only recompute of the old log-probs, then the step; the mismatch is computed here."""
-        old = self.engine.compute_logprobs([to_sample(t) for t in trajs])
+        old = self.engine.compute_logprobs([to_sample(t) for t in trajs], r3)
         diffs = [
             (o - torch.tensor(t.completion.logprobs, dtype=o.dtype)).abs()
             for t, o in zip(trajs, old)
             if len(t.completion.logprobs) == o.numel() and o.numel()
         ]
         metrics = self.engine.train_step(
-            [to_sample(t, tuple(o.tolist())) for t, o in zip(trajs, old)]
+            [to_sample(t, tuple(o.tolist())) for t, o in zip(trajs, old)], routing=r3
         )
         if diffs:
             flat = torch.cat(diffs)

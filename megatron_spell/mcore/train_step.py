@@ -17,7 +17,10 @@ one mini-batch, as the reference):
    the per-token factor of the policy-gradient term; its sequence sums are all-reduced over the CP group
    inside the loss function (every CP rank runs every micro-batch), and its metrics per role are summed
    (maxima: max) over micro-batches and ranks like the others. Its "sequence" is one response (a
-   `response_spans` entry), so it composes with shared-prefix units. Off, none of this runs;
+   `response_spans` entry), so it composes with shared-prefix units. Off, none of this runs.
+   With MoE routing replay (a model built with `moe_enable_routing_replay`), each micro-batch's
+   routing rows (`MicroBatch.routing`) are set on its chunk's routers before its forward
+   (mcore/replay.py);
 4. non-finite loss or gradients on any rank skip the step everywhere (counted in `train/num_skipped_steps`);
    otherwise the optimizer clips and steps, and the LR scheduler advances.
 
@@ -47,13 +50,16 @@ from megatron_spell.mcore.attention import SharedPrefixSeqParams, set_rope_posit
 from megatron_spell.mcore.logprobs import chunked_logprobs
 from megatron_spell.mcore.loss import policy_loss, token_weights
 from megatron_spell.mcore.packing import (
+    BatchPlan,
     MicroBatch,
     PackedBatch,
     TrainSample,
     pack_batch,
+    plan_batch,
     response_values,
 )
 from megatron_spell.mcore.parallel import ParallelContext
+from megatron_spell.mcore.replay import RoutingReplay
 from megatron_spell.mcore.rollout_correction import (
     SUM_KEYS,
     CorrectionSpec,
@@ -61,6 +67,7 @@ from megatron_spell.mcore.rollout_correction import (
     correction_sums,
     rollout_correction,
 )
+from megatron_spell.mcore.routing_exchange import UnitRouting, local_routing
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +144,10 @@ class PolicyEngine:
         self._device = ctx.device
         self.correction = CorrectionSpec.from_train(train)
         self._roles: list[str] = []  # role names of the current batch (rollout-correction metrics)
+        # MoE routing replay: active when the model was built with moe_enable_routing_replay
+        self.replay = RoutingReplay(models, ctx)
+        # routing replay: UnitRouting.num_prompt_differ of the last pack
+        self.routing_prompt_differ = 0
         if ctx.vpp > 1:
             # Interleaved 1F1B with variable_seq_lengths crashes on gloo (shape exchange); packs are
             # padded to one length instead (pack(equal_length=True)) and shapes are fixed.
@@ -145,8 +156,40 @@ class PolicyEngine:
 
     # --- packing -------------------------------------------------------------------------------
 
-    def pack(self, samples: list[TrainSample]) -> PackedBatch:
+    def plan(self, samples: Sequence[TrainSample]) -> BatchPlan:
+        """The batch's units and DP balance, as `pack` plans them (the routing exchange's plan)."""
         c = self.ctx
+        return plan_batch(
+            samples,
+            max_tokens_per_microbatch=self.cfg.max_tokens_per_microbatch,
+            dp_size=c.dp,
+            cp_size=c.cp,
+            tp_size=c.tp,
+            sequence_parallel=c.sequence_parallel,
+            shared_prefix=self.shared_prefix,
+        )
+
+    def _unit_routing(
+        self, samples: Sequence[TrainSample], plan: BatchPlan, routing: UnitRouting | None
+    ) -> UnitRouting | None:
+        """`routing` as given (exchanged), else laid out from the samples' whole routing."""
+        if routing is not None and not self.replay.enabled:
+            raise ValueError(
+                "routing given for a model built without routing replay: build it with "
+                "config_overrides={'moe_enable_routing_replay': True} (train.routing_replay)"
+            )
+        if routing is None and self.replay.enabled and any(s.routing is not None for s in samples):
+            c = self.ctx
+            routing = local_routing(samples, plan, c.cp, c.cp_rank, c.dp_rank)
+        return routing
+
+    def pack(self, samples: list[TrainSample], routing: UnitRouting | None = None) -> PackedBatch:
+        """This rank's micro-batches; `routing` (routing replay) as `exchange_routing` gives it, or
+        None to take the samples' own `routing`."""
+        c = self.ctx
+        plan = self.plan(samples)
+        routing = self._unit_routing(samples, plan, routing)
+        self.routing_prompt_differ = 0 if routing is None else routing.num_prompt_differ
         return pack_batch(
             samples,
             max_tokens_per_microbatch=self.cfg.max_tokens_per_microbatch,
@@ -160,6 +203,8 @@ class PolicyEngine:
             pad_id=self.pad_token_id,
             equal_length=c.vpp > 1,
             shared_prefix=self.shared_prefix,
+            plan=plan,
+            routing=None if routing is None else routing.rows,
         )
 
     def _micro(
@@ -236,6 +281,8 @@ class PolicyEngine:
         )
         if self.shared_prefix:
             set_rope_positions(model, mb.rope_positions)
+        if self.replay.enabled:
+            self.replay.before_forward(model, mb.routing)
         out = model(
             mb.tokens[None].to(d),
             mb.position_ids[None].to(d),
@@ -244,6 +291,8 @@ class PolicyEngine:
             output_processor=self._output_processor,
             output_processor_context=m,
         )
+        if self.replay.enabled:
+            self.replay.after_forward(model, mb.global_positions)
         loss_fn = self._train_loss if train else self._collect_logprobs
         return out, functools.partial(loss_fn, m)
 
@@ -306,20 +355,28 @@ class PolicyEngine:
         fb = get_forward_backward_func()
         n = len(micros)
         iters = [iter(range(n)) for _ in self.models]
-        return fb(
-            forward_step_func=functools.partial(self._forward_step, micros, not forward_only),
-            data_iterator=iters if len(self.models) > 1 else iters[0],
-            model=self.models,
-            num_microbatches=n,
-            seq_length=max(m.mb.num_padded_tokens for m in micros),
-            micro_batch_size=1,
-            forward_only=forward_only,
-        )
+        try:
+            return fb(
+                forward_step_func=functools.partial(self._forward_step, micros, not forward_only),
+                data_iterator=iters if len(self.models) > 1 else iters[0],
+                model=self.models,
+                num_microbatches=n,
+                seq_length=max(m.mb.num_padded_tokens for m in micros),
+                micro_batch_size=1,
+                forward_only=forward_only,
+            )
+        finally:
+            if self.replay.enabled:
+                self.replay.clear()
 
     # --- public ------------------------------------------------------------------------------
 
     def train_step(
-        self, samples: list[TrainSample], *, on_policy: bool = False
+        self,
+        samples: list[TrainSample],
+        *,
+        on_policy: bool = False,
+        routing: UnitRouting | None = None,
     ) -> dict[str, float]:
         """One optimizer step on the whole batch; returns globally reduced metrics (same on all ranks).
 
@@ -328,11 +385,11 @@ class PolicyEngine:
         loss then takes the current log-probs, detached, as the old ones (the same values a forward-only
         recompute gives, one forward pass fewer), and `old_logprobs` of the samples, where given, are the
         rollout engine's: they only feed `train/logprob_mismatch_mean` / `_max` (reported when every sample
-        has them).
+        has them). `routing`: see `pack` (routing replay).
         """
         if self.optimizer is None:
             raise ValueError("PolicyEngine.train_step needs an optimizer (build_optimizer)")
-        packed = self.pack(samples)
+        packed = self.pack(samples, routing)
         with_rollout_lp = all(s.old_logprobs is not None for s in samples)
         role_ids: list[int] = []
         if self.correction is not None:
@@ -395,12 +452,16 @@ class PolicyEngine:
                 "train/lr": float(self.optimizer.param_groups[0]["lr"]),
             }
         )
+        if self.replay.enabled:  # shared-unit samples replayed with their source's prompt rows
+            out["train/routing_prompt_differ"] = float(self.routing_prompt_differ)
         return out
 
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[TrainSample]) -> list[torch.Tensor]:
+    def compute_logprobs(
+        self, samples: list[TrainSample], routing: UnitRouting | None = None
+    ) -> list[torch.Tensor]:
         """Forward-only per-response-token log-probs (fp32, CPU) of every sample, on every rank."""
-        packed = self.pack(samples)
+        packed = self.pack(samples, routing)
         micros = [self._micro(mb, None, train=False) for mb in packed.micro_batches]
         for model in self.models:
             model.eval()

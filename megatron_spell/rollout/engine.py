@@ -34,6 +34,9 @@ Sampling follows docs/spell-algorithm.md §6 (temperature, top-p, top-k from `Ro
   trains -> `wake_up(["weights"])` -> `load_weights(export_hf_weights(...))` -> `wake_up(["kv_cache"])`
   (weights and KV cache are never resident together with the update). The GPU path is not exercised
   by the tests, which run vLLM on CPU (docs/platform.md).
+* `routing_replay=True` (MoE routing replay, `train.routing_replay`): every completion carries the
+  experts vLLM routed its prompt and response tokens to (`Completion.routed_experts`, see
+  `rollout/routing.py`; vLLM's V1 model runner is forced, where the capture hooks in).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import torch
 from megatron_spell.config import RolloutConfig
 from megatron_spell.families import is_moe_config
 from megatron_spell.preflight import check_rollout_world
-from megatron_spell.types import Completion, OutputConstraint
+from megatron_spell.types import Completion, OutputConstraint, RoutedExperts
 
 if TYPE_CHECKING:
     from megatron_spell.rollout.metrics import WeightSyncStats
@@ -128,12 +131,20 @@ class RolloutEngine:
         *,
         dtype: str,
         knobs: Mapping[str, str] | None = None,
+        routing_replay: bool = False,
     ) -> None:
         self.settings = settings
         self.knobs = dict(knobs or {})
         self.model_dir = str(model_dir)
         # In-process engine: needed for in-place weight sync, and ~2 s instead of ~20 s to start.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if routing_replay:
+            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+                raise ValueError(
+                    "config train.routing_replay=True captures routing on vLLM's V1 model runner; "
+                    "unset VLLM_USE_V2_MODEL_RUNNER"
+                )
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         from vllm import LLM
 
         kwargs = _llm_kwargs(self.model_dir, self.settings, dtype, self.knobs)
@@ -143,6 +154,12 @@ class RolloutEngine:
         self.num_excluded_last = 0
         self.num_excluded_total = 0
         self._sleeping = False
+        self.routing = None
+        if routing_replay:
+            from megatron_spell.rollout.routing import RoutingCollector
+
+            hf_config = json.loads((Path(self.model_dir) / "config.json").read_text())
+            self.routing = RoutingCollector(self, hf_config)
 
     def _knob(self, name: str) -> str:
         return self.knobs.get(name, f"rollout.{name}")
@@ -238,8 +255,12 @@ class RolloutEngine:
         outputs = self.llm.generate(
             [{"prompt_token_ids": token_prompts[i]} for i in keep], params, use_tqdm=False
         )
+        routes = self.routing.collect(outputs, n) if self.routing is not None else {}
         for i, out in zip(keep, outputs, strict=True):
-            results[i] = [_to_completion(c) for c in out.outputs]
+            results[i] = [
+                _to_completion(c, routes.get((str(out.request_id), int(c.index))))
+                for c in out.outputs
+            ]
         return results
 
     def load_weights(self, weights: Any) -> WeightSyncStats:
@@ -249,6 +270,8 @@ class RolloutEngine:
         return load_weights(self, weights)
 
     def reset_prefix_cache(self) -> None:
+        if self.routing is not None:  # the cached blocks' routing goes with them
+            self.routing.store.clear()
         if not self.llm.reset_prefix_cache():
             logger.warning("vLLM refused to reset the prefix cache (requests still running?)")
 
@@ -282,7 +305,7 @@ def _structured_outputs(constraint: OutputConstraint | None) -> Any:
     return StructuredOutputsParams(regex=constraint.regex)
 
 
-def _to_completion(c: Any) -> Completion:
+def _to_completion(c: Any, routed_experts: Any = None) -> Completion:
     """A vLLM `CompletionOutput` as our record; logprobs of the sampled tokens only."""
     token_ids = tuple(int(t) for t in c.token_ids)
     logprobs: tuple[float, ...] = ()
@@ -293,4 +316,7 @@ def _to_completion(c: Any) -> Completion:
         text=c.text,
         logprobs=logprobs,
         finish_reason=str(c.finish_reason or "abort"),
+        routed_experts=None
+        if routed_experts is None
+        else RoutedExperts(_dist_world()[0], data=routed_experts),
     )

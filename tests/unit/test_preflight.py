@@ -336,3 +336,19 @@ def test_cpu_kv_cache_must_hold_one_sequence(setup, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     rc, out = dry_run(capsys, [*small, f"rollout.kv_cache_gib={need + 0.01:.2f}"])
     assert rc == 0, out.err
+
+
+def test_routing_replay_rejected_for_a_dense_model(tmp_path, capsys, monkeypatch):
+    """The preset turns routing replay on; --plan of the same layout with a dense model names it."""
+    monkeypatch.chdir(ROOT)
+    assert load_config(PRESET).train.routing_replay
+    dense = make_hf_dir(
+        tmp_path / "dense", None, architectures=["Qwen3ForCausalLM"], model_type="qwen3"
+    )
+    args = ["train", "--config", str(PRESET), "--plan", f"model.hf_dir={dense}"]
+    rc = main([*args, "parallel.expert_model_parallel_size=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "config train.routing_replay=True: " in err and "is a dense model" in err
+    assert "set train.routing_replay=false" in err
+    rc = main([*args, "parallel.expert_model_parallel_size=1", "train.routing_replay=false"])
+    assert rc == 0, capsys.readouterr().err

