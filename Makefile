@@ -22,7 +22,7 @@ $(STAMP): requirements-cpu.txt requirements-cpu-nodeps.txt pyproject.toml
 
 # Tests that start an in-process vLLM engine run one pytest process per folder (vLLM keeps process-global
 # parallel state, and one folder's engines must not see another's teardown); tools/run_tests.py runs those
-# processes in LANES parallel lanes (default: the CPU count, at most 2) and prints each one's wall time.
+# processes in order (LANES=2: two side by side, slower on 2 cores) and prints each one's wall and CPU time.
 LANES ?=
 
 test: setup

@@ -3,6 +3,7 @@
     python tools/bench_mismatch.py                      # the tiny Qwen3-MoE test model (CPU)
     python tools/bench_mismatch.py --num-prompts 8 --n 4 --max-tokens 64   # more tokens
     python tools/bench_mismatch.py --dense-dir DIR      # also a dense HF model (e.g. SmolLM2)
+    python tools/bench_mismatch.py --num-experts 128 --experts-per-token 8   # Qwen3-30B-A3B's routing
 
 The defaults (4 prompts x 2 completions x up to 48 tokens) take under two minutes on 2 CPU cores,
 most of it the two vLLM start-ups.
@@ -244,6 +245,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=2, help="completions per prompt")
     ap.add_argument("--max-tokens", type=int, default=48, help="new tokens per completion, at most")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--num-experts", type=int, default=4, help="experts per MoE layer of the tiny model"
+    )
+    ap.add_argument(
+        "--experts-per-token", type=int, default=2, help="top-k of the tiny model's router"
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     if args.phase == "sample":
@@ -255,7 +262,8 @@ def main(argv=None) -> int:
         if hf_dir is None:
             from tests.helpers.tiny_models import make_tiny_hf_model
 
-            hf_dir = str(make_tiny_hf_model(tmp / "tiny_moe", "qwen3_moe", seed=3))
+            routing = dict(num_experts=args.num_experts, num_experts_per_tok=args.experts_per_token)
+            hf_dir = str(make_tiny_hf_model(tmp / "tiny_moe", "qwen3_moe", seed=3, **routing))
         bf16, r3 = bench(hf_dir, args, tmp, "moe")
         if args.dense_dir:
             bench(args.dense_dir, args, tmp, "dense")

@@ -1,14 +1,15 @@
-"""Run the test suite in parallel lanes, one pytest process per vLLM-using folder (`make test`).
+"""Run the test suite's pytest processes (`make test`) and tabulate their wall and CPU times.
 
-    python tools/run_tests.py [--lanes 2] [-- PYTEST_ARGS...]
+    python tools/run_tests.py [--lanes N] [-- PYTEST_ARGS...]
 
 The suite is a list of pytest invocations: the unit/dist/GPU tier (one process) and one process per
 end-to-end folder (vLLM keeps process-global parallel state, so one folder's engines must not see
-another's teardown). Much of each invocation is single-threaded (interpreter start, imports, engine
-builds, rank spawns), so `--lanes` of them run side by side (default: the CPU count, at most 2); each
-lane runs its share in order. Every output line is prefixed with its invocation's name; at the end a
-table gives each invocation's wall time, CPU time (its own and its reaped ranks') and exit status, and
-the exit status is non-zero when any failed. `--lanes 1` runs everything in order, as before.
+another's teardown), run one after another, or `--lanes` of them side by side (each lane runs its
+share in order). One lane is the default: on 2 cores two lanes were slower (1144 s against ~1040 s in
+order; the ranks, vLLM's threads and gloo's polling oversubscribe the cores and every invocation's CPU
+time grows, e.g. the e2e training 205 s alone, 624 s beside the unit tier). Every output line is
+prefixed with its invocation's name; at the end a table gives each invocation's wall time, CPU time
+(its own and its reaped ranks') and exit status, and the exit status is non-zero when any failed.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lanes", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--lanes", type=int, default=1, help="invocations run side by side")
     lanes = max(1, ap.parse_args(own).lanes)
 
     todo = list(SUITE)
