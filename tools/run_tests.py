@@ -4,12 +4,13 @@
 
 The suite is a list of pytest invocations: the unit/dist/GPU tier (one process) and one process per
 end-to-end folder (vLLM keeps process-global parallel state, so one folder's engines must not see
-another's teardown), run one after another, or `--lanes` of them side by side (each lane runs its
-share in order). One lane is the default: on 2 cores two lanes were slower (1144 s against ~1040 s in
-order; the ranks, vLLM's threads and gloo's polling oversubscribe the cores and every invocation's CPU
-time grows, e.g. the e2e training 205 s alone, 624 s beside the unit tier). Every output line is
-prefixed with its invocation's name; at the end a table gives each invocation's wall time, CPU time
-(its own and its reaped ranks') and exit status, and the exit status is non-zero when any failed.
+another's teardown), `--lanes` of them side by side (default: the CPU count, at most 2; each lane
+runs its share in order). On the 2-core development machine two lanes took 1144 s and one lane 1222 s
+(clean-clone CI runs of the same suite): most of what running side by side could win is lost to
+oversubscription (ranks, vLLM's threads and gloo's polling), the processes' CPU time grew from 1752 s
+to 2162 s. Every output line is prefixed with its invocation's name; at the end a table gives each
+invocation's wall time, CPU time (its own and its reaped ranks') and exit status, and the exit status
+is non-zero when any failed.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lanes", type=int, default=1, help="invocations run side by side")
+    ap.add_argument(
+        "--lanes", type=int, default=min(2, os.cpu_count() or 1), help="invocations side by side"
+    )
     lanes = max(1, ap.parse_args(own).lanes)
 
     todo = list(SUITE)

@@ -70,6 +70,31 @@ def shared_batch(seed: int = 1, *, vocab: int = 500) -> list:
     ]
 
 
+def responder_batch(samples: list, routing: list | None = None) -> Any:
+    """`samples` as a `TrainBatch` of responder trajectories for `MegatronPolicy.update`: their
+    completions carry the samples' old_logprobs as vLLM's, and `routing[i]` (a [tokens, layers,
+    top-k] array) as sample i's routed experts when given."""
+    from megatron_spell.types import Completion, Role, RoutedExperts, Task, TrainBatch, Trajectory
+
+    def experts(i: int):
+        return None if routing is None else RoutedExperts(0, data=routing[i])
+
+    trajs = tuple(
+        Trajectory(
+            role=Role.RESPONDER,
+            task=Task.DOC_GENERAL_QA,
+            uid=str(i),
+            prompt_ids=tuple(s.prompt_ids),
+            completion=Completion(
+                s.response_ids, "", s.old_logprobs, "stop", routed_experts=experts(i)
+            ),
+            advantage=float(s.advantage),
+        )
+        for i, s in enumerate(samples)
+    )
+    return TrainBatch(responder=trajs, questioner=(), verifier=())
+
+
 def build_policy(
     hf_dir: str,
     ckpt: str,

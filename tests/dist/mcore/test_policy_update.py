@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dist.mcore._engine_harness import full_tensors, max_abs_diffs, shared_batch, to_numpy
+from tests.dist.mcore._engine_harness import (
+    full_tensors,
+    max_abs_diffs,
+    responder_batch,
+    shared_batch,
+    to_numpy,
+)
 from tests.helpers.convert import convert_to_megatron
 from tests.helpers.dist import run_distributed
 from tests.helpers.tiny_models import make_tiny_hf_model
@@ -27,23 +33,6 @@ def dense(tmp_path_factory):
     hf = make_tiny_hf_model(root / "hf", "qwen3", num_hidden_layers=2)
     convert_to_megatron([(hf, root / "ckpt")])
     return str(hf), str(root / "ckpt")
-
-
-def _batch():
-    from megatron_spell.types import Completion, Role, Task, TrainBatch, Trajectory
-
-    trajs = tuple(
-        Trajectory(
-            role=Role.RESPONDER,
-            task=Task.DOC_GENERAL_QA,
-            uid=str(i),
-            prompt_ids=tuple(s.prompt_ids),
-            completion=Completion(s.response_ids, "", s.old_logprobs, "stop"),
-            advantage=float(s.advantage),
-        )
-        for i, s in enumerate(shared_batch())
-    )
-    return TrainBatch(responder=trajs, questioner=(), verifier=())
 
 
 def _updates(rank, world, hf_dir, ckpt):
@@ -69,7 +58,7 @@ def _updates(rank, world, hf_dir, ckpt):
         ctx = init_parallel(config.parallel)
         policy = MegatronPolicy(config, ctx, load_hf_config(hf_dir))
         before = full_tensors(policy.engine.models, ctx, "data")
-        metrics = policy.update(_batch())
+        metrics = policy.update(responder_batch(shared_batch()))
         after = full_tensors(policy.engine.models, ctx, "data")
         out[recompute] = to_numpy(
             {"metrics": metrics, "params": after, "moved": max_abs_diffs(before, after)}

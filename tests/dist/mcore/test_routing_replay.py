@@ -35,6 +35,7 @@ from tests.dist.mcore._engine_harness import (
     build_policy,
     fixed_batch,
     layout,
+    responder_batch,
     shared_batch,
     to_numpy,
 )
@@ -189,7 +190,7 @@ def _policy_update(hf_dir, ckpt, plain_shared, routing_shared):
     from megatron_spell.mcore.model import load_hf_config
     from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
     from megatron_spell.mcore.policy import MegatronPolicy
-    from megatron_spell.types import Completion, Role, RoutedExperts, Task, TrainBatch, Trajectory
+    from megatron_spell.types import RoutedExperts
 
     overrides = [f"model.hf_dir={hf_dir}", f"model.load={ckpt}", "model.dtype=fp32"]
     overrides += ["train.lr=1e-3", "train.adam_eps=1e-3", "train.recompute=none"]
@@ -198,20 +199,7 @@ def _policy_update(hf_dir, ckpt, plain_shared, routing_shared):
     config = load_config(None, overrides)
     ctx = init_parallel(config.parallel)
     policy = MegatronPolicy(config, ctx, load_hf_config(hf_dir))
-    trajs = tuple(
-        Trajectory(
-            role=Role.RESPONDER,
-            task=Task.DOC_GENERAL_QA,
-            uid=str(i),
-            prompt_ids=tuple(s.prompt_ids),
-            completion=Completion(
-                s.response_ids, "", s.old_logprobs, "stop", routed_experts=RoutedExperts(0, data=r)
-            ),
-            advantage=float(s.advantage),
-        )
-        for i, (s, r) in enumerate(zip(plain_shared, routing_shared))
-    )
-    metrics = policy.update(TrainBatch(responder=trajs, questioner=(), verifier=()))
+    metrics = policy.update(responder_batch(plain_shared, routing_shared))
     metrics["held_after"] = len(RoutedExperts._held)  # the update released the step's routing
     destroy_parallel()
     return metrics
