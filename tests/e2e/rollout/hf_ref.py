@@ -74,9 +74,9 @@ def hf_token_logprobs(
 
 @torch.no_grad()
 def hf_routing(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
-    """The experts the HF MoE model routes each token to: int64 [tokens, MoE layers, top-k], sorted
-    within each row (the order of the top-k slots carries no meaning)."""
+    """The experts the HF MoE model routes each token to: int64 [tokens, MoE layers, top-k], in
+    score order (slot 0 the highest router logit)."""
     out = model(torch.tensor([token_ids]), output_router_logits=True)
     k = int(model.config.num_experts_per_tok)
-    layers = [logits.topk(k, dim=-1).indices.sort(dim=-1).values for logits in out.router_logits]
+    layers = [logits.topk(k, dim=-1, sorted=True).indices for logits in out.router_logits]
     return torch.stack(layers, dim=1)
