@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from megatron_spell.config import Config, format_config, load_config
 
@@ -117,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="build the model's HF directory only, then check the demo config as train --dry-run",
     )
-    dm.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/demo.yaml")
+    dm.add_argument(
+        "--config",
+        help="a SmolLM2 preset to run instead of configs/demo.yaml (configs/learn.yaml: the learning run)",
+    )
+    dm.add_argument("overrides", nargs="*", help="section.key=value overrides of the preset")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from megatron_spell.demo import run_demo
 
-            return run_demo(args.overrides, dry_run=args.dry_run)
+            kwargs = {"config_path": Path(args.config)} if args.config else {}
+            return run_demo(args.overrides, dry_run=args.dry_run, **kwargs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

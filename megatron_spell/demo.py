@@ -22,6 +22,7 @@ from megatron_spell.config import load_config
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 _CKPT = ROOT / ".cache" / "smollm2-135m-instruct-mcore"  # the converted checkpoint (prepare_model)
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 
 def prepare_hf_dir(cache: Path = ROOT / ".cache") -> Path:
@@ -56,16 +57,21 @@ def prepare_model(cache: Path) -> tuple[Path, Path]:
     return hf_dir, ckpt
 
 
-def _demo_config(hf_dir: Path, ckpt: Path, overrides: list[str] | None) -> Any:
+def _demo_config(
+    hf_dir: Path, ckpt: Path, overrides: list[str] | None, config_path: Path = DEMO_CONFIG
+) -> Any:
+    """The preset with the built model filled in and its relative corpus paths taken from the repository."""
+    preset = load_config(config_path, list(overrides or []))
+    paths = ",".join(str(p if Path(p).is_absolute() else ROOT / p) for p in preset.data.paths)
     return load_config(
-        ROOT / "configs" / "demo.yaml",
+        config_path,
         [
             f"model.hf_dir={hf_dir}",
             f"model.load={ckpt}",
-            f"data.paths=[{ROOT / 'megatron_spell/assets/hotpotqa_docsets_20.jsonl'}]",
+            f"data.paths=[{paths}]",
             f"output_dir={ROOT / 'runs'}",
-            f"run_name=demo-{time.strftime('%Y%m%d-%H%M%S')}",
-            *(overrides or []),
+            f"run_name={preset.run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            *(o for o in overrides or [] if not o.startswith(("data.paths=", "run_name="))),
         ],
     )
 
@@ -99,7 +105,9 @@ def _phase_peaks(run_dir: Path) -> list[str]:
     return ["  peak by phase : " + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items())]
 
 
-def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> int:
+def run_demo(
+    overrides: list[str] | None = None, *, dry_run: bool = False, config_path: Path = DEMO_CONFIG
+) -> int:
     """Run the demo (or, with `dry_run`, build the HF directory and check the config only).
 
     The dry run makes every check of `train --dry-run`, except the checkpoint's while the demo has
@@ -113,14 +121,14 @@ def run_demo(overrides: list[str] | None = None, *, dry_run: bool = False) -> in
         from megatron_spell import preflight
 
         hf_dir = prepare_hf_dir()
-        config = _demo_config(hf_dir, _CKPT, overrides)
+        config = _demo_config(hf_dir, _CKPT, overrides, config_path)
         checked = preflight.dry_run(config, convert_first=not (_CKPT / "DONE").is_file())
         print(describe(config))
         print(checked.plan.summary())
         print("dry run OK")
         return 0
     hf_dir, ckpt = prepare_model(ROOT / ".cache")
-    config = _demo_config(hf_dir, ckpt, overrides)
+    config = _demo_config(hf_dir, ckpt, overrides, config_path)
     from megatron_spell.memory import GB, TRACKER, children_peak_bytes
     from megatron_spell.train import run
 

@@ -358,6 +358,7 @@ def score(
     records: list[dict] = []
     rule_all: list[float] = []
     final_all: list[float] = []
+    formatted: list[bool] = []  # the answer parses (the task's answer sentence is there)
     for g in responses.groups:
         q = g.question
         final = [
@@ -368,6 +369,9 @@ def score(
         ]
         rule_all += g.scores
         final_all += final
+        formatted += [
+            scorers.parse_prediction(q.parsed.task, o.text) is not None for o in g.completions
+        ]
         trajs = tuple(
             Trajectory(
                 role=Role.RESPONDER,
@@ -415,6 +419,7 @@ def score(
         "responder/rule_score_mean": Mean.of(rule_all),
         "responder/reward_mean": Mean.of(final_all),
         "responder/pass_rate": Mean(passed, len(groups)),
+        "responder/answer_format_frac": Mean.of(formatted),
         "responder/num_groups": Sum(len(groups)),
     }
     parts = (questions, grounded, responses, judgements)

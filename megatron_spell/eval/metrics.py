@@ -9,7 +9,10 @@
 * For scores that are not 0/1, `best_of_k` gives the unbiased expected maximum of k samples drawn without
   replacement, sum_j s_(j) C(j-1, k-1) / C(n, k) over the ascending-sorted scores; for 0/1 scores it equals
   `pass_at_k` exactly (tested), so the report uses it for every question.
-* A benchmark's value is the mean over its questions. Two overall values are reported and labelled:
+* A benchmark's value is the mean over its questions, with its standard error over questions
+  (sample standard deviation of the per-question values / sqrt(questions); 0 for one question). A mean of
+  groups (macro, the paper's columns) takes sqrt(sum of squared SEs) / groups (independent groups).
+  Two overall values are reported and labelled:
   `overall (macro)` = the unweighted mean over benchmarks (the reference code's "overall", §8.3) and
   `overall (micro)` = the mean over all questions pooled.
 * The paper's own columns (§8.1) are added when their benchmarks are present: `LB-MQA (paper)` = the mean
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MACRO = "overall (macro)"
 MICRO = "overall (micro)"
@@ -88,6 +91,18 @@ class GroupMetrics:
     num_samples: int
     mean_at_n: float
     pass_at: dict[int, float]
+    # standard errors over questions of mean_at_n and of each pass@k
+    mean_se: float = 0.0
+    pass_se: dict[int, float] = field(default_factory=dict)
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of `values` (sample std with n - 1, over sqrt(n)); 0 for n < 2."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
 
 
 def question_metrics(scores: Sequence[float], ks: Iterable[int]) -> tuple[float, dict[int, float]]:
@@ -107,6 +122,10 @@ def _mean_of_groups(name: str, rows: Sequence[GroupMetrics]) -> GroupMetrics:
         num_samples=sum(r.num_samples for r in rows),
         mean_at_n=sum(r.mean_at_n for r in rows) / len(rows),
         pass_at={k: sum(r.pass_at[k] for r in rows) / len(rows) for k in common},
+        mean_se=math.sqrt(sum(r.mean_se**2 for r in rows)) / len(rows),
+        pass_se={
+            k: math.sqrt(sum(r.pass_se.get(k, 0.0) ** 2 for r in rows)) / len(rows) for k in common
+        },
     )
 
 
@@ -166,4 +185,6 @@ def _mean_group(
         num_samples=num_samples,
         mean_at_n=sum(m for m, _ in items) / len(items),
         pass_at={k: sum(p[k] for _, p in items) / len(items) for k in ks},
+        mean_se=standard_error([m for m, _ in items]),
+        pass_se={k: standard_error([p[k] for _, p in items]) for k in ks},
     )

@@ -50,18 +50,20 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: Sequence[GroupMetrics], ks: Sequence[int], n: int) -> str:
-    """A markdown table of mean@n and pass@k in percent (two decimals); '-' where k > n."""
+    """A markdown table of mean@n and pass@k in percent (two decimals); '-' where k > n. A second
+    table below the note gives their standard errors over questions."""
     header = ["benchmark", "questions", "samples", f"mean@{n}"] + [f"pass@{k}" for k in ks]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            row.name,
-            str(row.num_examples),
-            str(row.num_samples),
-            f"{100 * row.mean_at_n:.2f}",
-        ]
-        cells += [f"{100 * row.pass_at[k]:.2f}" if k in row.pass_at else "-" for k in ks]
-        lines.append("| " + " | ".join(cells) + " |")
+
+    def table(values) -> list[str]:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            mean, passes = values(row)
+            cells = [row.name, str(row.num_examples), str(row.num_samples), f"{100 * mean:.2f}"]
+            cells += [f"{100 * passes[k]:.2f}" if k in passes else "-" for k in ks]
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    lines = table(lambda r: (r.mean_at_n, r.pass_at))
     lines.append("")
     lines.append(
         f"Scores in %. mean@{n} is the mean of the per-sample final scores (max of rule and judge); "
@@ -70,15 +72,22 @@ def markdown_table(rows: Sequence[GroupMetrics], ks: Sequence[int], n: int) -> s
         f"'{LB_MQA}' (mean of {', '.join(MQA_BENCHMARKS)}) and '{PAPER_AVG}' (mean of docmath, frames, "
         "LB-MQA, longbench-v2) are the paper's columns, over the benchmarks present."
     )
+    lines += ["", "Standard errors over questions (percentage points):", ""]
+    lines += table(lambda r: (r.mean_se, {k: r.pass_se[k] for k in r.pass_at if k in r.pass_se}))
     return "\n".join(lines) + "\n"
 
 
 def parse_markdown_table(text: str) -> dict[str, dict[str, str]]:
-    """Parse `results.md` back into {benchmark: {column: cell}} (used by tests and tools)."""
+    """Parse the first table of `results.md` (the scores) back into {benchmark: {column: cell}} (used
+    by tests and tools)."""
     table: dict[str, dict[str, str]] = {}
     header: list[str] | None = None
     for line in text.splitlines():
-        if not line.startswith("|") or line.startswith("|---"):
+        if not line.startswith("|"):
+            if header is not None:
+                break  # the end of the first table
+            continue
+        if line.startswith("|---"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if header is None:
@@ -129,6 +138,8 @@ def write_report(
                 "num_samples": g.num_samples,
                 "mean_at_n": g.mean_at_n,
                 "pass_at_k": {str(k): v for k, v in g.pass_at.items()},
+                "mean_at_n_se": g.mean_se,
+                "pass_at_k_se": {str(k): v for k, v in g.pass_se.items()},
             }
             for g in groups
         ],

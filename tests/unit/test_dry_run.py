@@ -53,6 +53,10 @@ def test_demo_dry_run(smollm2_hf_dir, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out and "dry run OK" in out
     assert "model.dtype=fp32 in Megatron and vLLM" in out and "train.recompute=full" in out
+    # the learning-run preset through the same command: its own dtype and corpus
+    assert main(["demo", "--config", str(ROOT / "configs/learn.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.dtype=bf16 in Megatron and vLLM" in out and "dry run OK" in out
     assert main(["demo", "--dry-run", "parallel.tensor_model_parallel_size=2"]) == 2
     assert "tensor_model_parallel_size" in capsys.readouterr().err
     assert main(["demo", "--dry-run", "data.tasks={docmath: [docmath_qa]}"]) == 2

@@ -142,6 +142,7 @@ def test_round_cases_rewards_and_candidates():
     assert res.metrics["questioner/bad_ground_frac"] == 0.25
     assert res.metrics["questioner/overlong_dropped"] == 0
     assert res.metrics["responder/reward_mean"] == 0.75
+    assert res.metrics["responder/answer_format_frac"] == 1.0  # every answer has its sentence
     rates = {h.entry.question: h.success_rate for h in res.history}
     assert rates == {"Who is in Alpha?": 0.5, "Which doc mentions Alice?": 1.0}
     assert res.history[0].entry.evidence == (0, 1)

@@ -123,6 +123,24 @@ def test_aggregate_per_benchmark_macro_and_micro() -> None:
     assert rows[MICRO].num_examples == 3
 
 
+def test_standard_errors_hand_computed() -> None:
+    per_question = [
+        ("a", [1.0, 0.0, 0.0, 0.0]),  # mean 0.25, pass@2 0.5
+        ("a", [1.0, 1.0, 1.0, 1.0]),  # mean 1, pass@2 1
+        ("b", [0.0, 0.0, 0.0, 0.0]),
+    ]
+    rows = {r.name: r for r in aggregate(per_question, ks=(1, 2))}
+    # two questions: std (n - 1) of (0.25, 1) is 0.75 / sqrt(2); over sqrt(2) gives 0.375
+    assert rows["a"].mean_se == pytest.approx(0.375)
+    assert rows["a"].pass_se[2] == pytest.approx(0.25)  # (0.5, 1): 0.5 / sqrt(2) / sqrt(2)
+    assert rows["b"].mean_se == 0.0  # one question
+    assert rows[MACRO].mean_se == pytest.approx(math.sqrt(0.375**2 + 0.0) / 2)
+    three = [0.25, 1.0, 0.0]
+    mu = sum(three) / 3
+    want = math.sqrt(sum((v - mu) ** 2 for v in three) / 2 / 3)
+    assert rows[MICRO].mean_se == pytest.approx(want)
+
+
 def test_aggregate_drops_k_above_n() -> None:
     rows = aggregate([("a", [1.0, 0.0])], ks=(1, 2, 4))
     assert set(rows[0].pass_at) == {1, 2}
