@@ -13,6 +13,7 @@ All user errors are ValueErrors raised before the engine starts.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -118,6 +119,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     if args.judge == "openai" and not (args.judge_url and args.judge_model):
         raise ValueError("--judge openai needs --judge-url and --judge-model")
+    hf = json.loads((model / "config.json").read_text())
+    limit = hf.get("max_position_embeddings")
+    if isinstance(limit, int) and args.max_input_tokens + args.max_new_tokens > limit:
+        raise ValueError(
+            f"--max-input-tokens {args.max_input_tokens} + --max-new-tokens {args.max_new_tokens} "
+            f"exceeds the model's context ({limit} max_position_embeddings in {model}/config.json); "
+            f"lower them, e.g. --max-input-tokens {max(limit - args.max_new_tokens, 1)}"
+        )
 
 
 # RolloutConfig field -> the eval flag that sets it (the engine's error messages name the flag)

@@ -35,3 +35,20 @@ def test_flags_become_the_rollout_section():
 def test_bad_flags_are_named(flags, message):
     with pytest.raises(ValueError, match=message):
         engine_settings(_args(*flags))
+
+
+def test_context_longer_than_the_model_is_refused_before_the_engine(tmp_path):
+    import json
+
+    from megatron_spell.eval.cli import _check_args
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    ok = _args("--max-input-tokens", "7936", "--max-new-tokens", "256")
+    ok.model = str(tmp_path)
+    _check_args(ok)
+    bad = _args("--max-new-tokens", "256")  # the default 16384 input tokens
+    bad.model = str(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"exceeds the model's context \(8192 .* --max-input-tokens 7936"
+    ):
+        _check_args(bad)
