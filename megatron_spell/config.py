@@ -553,6 +553,21 @@ class Config:
     # metrics and dumps
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        t = self.train
+        correction = t.rollout_is or t.rollout_rs or t.rollout_token_veto_threshold is not None
+        if correction and self.rollout.structured_outputs:
+            _fail(
+                "rollout",
+                "structured_outputs",
+                list(self.rollout.structured_outputs),
+                "vLLM reports the log-probs of the constrained (masked, renormalised) "
+                "distribution for those roles, not the policy's, so the rollout correction "
+                "would weight their tokens by pi / pi_masked; set "
+                "rollout.structured_outputs=[] or turn the correction off "
+                "(train.rollout_is / rollout_rs / rollout_token_veto_threshold)",
+            )
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name

@@ -213,7 +213,7 @@ class PolicyEngine:
         d = self._device
         select = torch.nonzero(mb.loss_mask > 0, as_tuple=False).flatten()
         m = _Micro(mb=mb, select=select.to(d), labels=mb.labels[select].to(d))
-        if train and self.correction is not None:
+        if train and role_ids:
             # a token's "sequence" is its response (a shared-prefix unit holds several): the k-th
             # response span of the unsplit pack, numbered alike on every CP rank
             owner = torch.zeros(mb.num_padded_tokens, dtype=torch.long)
@@ -321,6 +321,18 @@ class PolicyEngine:
             metrics["mismatch_sum"] = diff.sum()
             metrics["mismatch_count"] = torch.tensor(float(diff.numel()))
             metrics["mismatch_max"] = diff.max() if diff.numel() else diff.new_zeros(())
+            if m.group is not None:  # per role: [roles] sums, counts and maxima
+                r = len(self._roles)
+                g = m.group
+                d64 = diff.double()
+                metrics["mismatch_role"] = torch.stack(
+                    [
+                        torch.zeros(r, dtype=torch.float64, device=g.device).index_add_(0, g, d64),
+                        torch.bincount(g, minlength=r).double(),
+                    ]
+                ).cpu()
+                top = torch.zeros(r, dtype=torch.float64, device=g.device)
+                metrics["mismatch_role_max"] = top.scatter_reduce(0, g, d64, "amax").cpu()
         n = torch.tensor(int(m.select.numel()), dtype=torch.int)
         return loss, n, {"loss": loss.detach(), **metrics}
 
@@ -392,15 +404,15 @@ class PolicyEngine:
         packed = self.pack(samples, routing)
         with_rollout_lp = all(s.old_logprobs is not None for s in samples)
         role_ids: list[int] = []
-        if self.correction is not None:
-            if not (on_policy and with_rollout_lp):
-                missing = sum(s.old_logprobs is None for s in samples)
-                raise ValueError(
-                    "the rollout correction (train.rollout_is / rollout_rs / "
-                    "rollout_token_veto_threshold) needs the on-policy step with the rollout's "
-                    f"log-probs of every sample as old_logprobs (on_policy={on_policy}, {missing} of "
-                    f"{len(samples)} samples without them); turn the correction off otherwise"
-                )
+        if self.correction is not None and not (on_policy and with_rollout_lp):
+            missing = sum(s.old_logprobs is None for s in samples)
+            raise ValueError(
+                "the rollout correction (train.rollout_is / rollout_rs / "
+                "rollout_token_veto_threshold) needs the on-policy step with the rollout's "
+                f"log-probs of every sample as old_logprobs (on_policy={on_policy}, {missing} of "
+                f"{len(samples)} samples without them); turn the correction off otherwise"
+            )
+        if on_policy and with_rollout_lp:  # per-role mismatch and correction metrics
             self._roles = sorted({s.role for s in samples})
             role_ids = [self._roles.index(s.role) for s in samples]
         micros = [self._micro(mb, packed, True, role_ids) for mb in packed.micro_batches]
@@ -420,6 +432,7 @@ class PolicyEngine:
         if on_policy and mismatch["mismatch_count"]:
             metrics["logprob_mismatch_mean"] = mismatch["mismatch_sum"] / mismatch["mismatch_count"]
             metrics["logprob_mismatch_max"] = mismatch["mismatch_max"]
+            metrics.update(self._reduce_role_mismatch(outputs))
         finite = math.isfinite(metrics["loss"]) and self._grads_finite()
         grad_norm = float("nan")
         if finite:
@@ -515,6 +528,31 @@ class PolicyEngine:
         dist.all_reduce(vec, group=c.dp_cp_group)
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=c.dp_cp_group)
         return {**dict(zip(keys, vec.tolist())), "mismatch_max": float(top.item())}
+
+    def _reduce_role_mismatch(self, outputs: list[dict]) -> dict[str, float]:
+        """`logprob_mismatch_mean/<role>` and `_max/<role>` over the whole batch: a role whose
+        rollout is constrained (rollout.structured_outputs) reports vLLM's masked distribution, so
+        its gap is not the train/rollout numerics gap the others show (docs/learning-run.md)."""
+        c = self.ctx
+        n = len(self._roles)
+        sums = torch.zeros(2, n, dtype=torch.float64)
+        top = torch.zeros(n, dtype=torch.float64)
+        for o in outputs:
+            if "mismatch_role" in o:
+                sums += o["mismatch_role"]
+                top = torch.maximum(top, o["mismatch_role_max"])
+        sums, top = sums.to(self._device), top.to(self._device)
+        groups = [c.dp_cp_group] if c.pp == 1 else [c.pp_group, c.dp_cp_group]
+        for group in groups:  # with PP, only the last stage holds values
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        sums, top = sums.cpu(), top.cpu()
+        out = {}
+        for i, role in enumerate(self._roles):
+            if sums[1, i] > 0:
+                out[f"logprob_mismatch_mean/{role}"] = float(sums[0, i] / sums[1, i])
+                out[f"logprob_mismatch_max/{role}"] = float(top[i])
+        return out
 
     def _reduce_correction(self, outputs: list[dict]) -> dict[str, float]:
         """Rollout-correction metrics of the whole batch, per role (sums; maxima by max)."""

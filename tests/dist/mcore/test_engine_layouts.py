@@ -141,9 +141,13 @@ def _reference_worker(rank, world, dense, moe):
     # the same step without the recompute pass: identical loss, gradients and weights; the mismatch
     # metric compares the training pass's log-probs with the given ("rollout") ones
     fast, fast_ctx = make_engine(*dense, layout(), budget=256, lr=1e-3)
-    m_fast = fast.train_step(batch, on_policy=True)
+    roles = ["responder", "questioner", "verifier"]  # per-role mismatch metrics
+    m_fast = fast.train_step(
+        [dataclasses.replace(s, role=roles[i % 3]) for i, s in enumerate(batch)], on_policy=True
+    )
     p_fast = full_tensors(fast.models, fast_ctx, "data")
     diffs = [(lp - torch.tensor(s.old_logprobs)).abs() for s, lp in zip(batch, lps)]
+    by_role = {r: torch.cat(diffs[i::3]) for i, r in enumerate(roles) if diffs[i::3]}
     out["shortcut"] = {
         "loss": abs(m_recompute["train/loss"] - m_fast["train/loss"]),
         "grad_norm": abs(m_recompute["train/grad_norm"] - m_fast["train/grad_norm"]),
@@ -153,6 +157,14 @@ def _reference_worker(rank, world, dense, moe):
         ),
         "mismatch_max": abs(m_fast["train/logprob_mismatch_max"] - float(torch.cat(diffs).max())),
         "no_mismatch_without_flag": "train/logprob_mismatch_mean" not in m_recompute,
+        "role_mismatch": max(
+            max(
+                abs(m_fast[f"train/logprob_mismatch_mean/{r}"] - float(d.mean())),
+                abs(m_fast[f"train/logprob_mismatch_max/{r}"] - float(d.max())),
+            )
+            for r, d in by_role.items()
+        ),
+        "roles": sorted(k for k in m_fast if k.startswith("train/logprob_mismatch_mean/")),
     }
     out["delta_by_adv"] = [
         (s.advantage, float((b - a).mean())) for s, a, b in zip(batch, lps, after)
@@ -363,8 +375,10 @@ def test_rollout_correction_matches_hf_recomputation(reference):
 
 
 def test_on_policy_shortcut_equals_recompute(reference):
-    got = reference["shortcut"]
+    got = dict(reference["shortcut"])
     assert got.pop("no_mismatch_without_flag")
+    roles = ["questioner", "responder", "verifier"]
+    assert got.pop("roles") == [f"train/logprob_mismatch_mean/{r}" for r in roles]
     assert all(v < TOL for v in got.values()), got
 
 
@@ -389,7 +403,11 @@ def _check(reference, results, layouts):
         ref, got = reference[model], results[name]
         assert abs(ref["metrics"]["train/loss"] - got["metrics"]["train/loss"]) < TOL, name
         assert got["metrics"]["train/num_tokens"] == ref["metrics"]["train/num_tokens"], name
-        corr = [k for k in ref["metrics"] if k.startswith("train/rollout_corr/")]
+        corr = [
+            k
+            for k in ref["metrics"]
+            if k.startswith(("train/rollout_corr/", "train/logprob_mismatch_"))
+        ]
         for key in ("train/logprob_mismatch_mean", "train/logprob_mismatch_max", *corr):
             assert (key in got["metrics"]) == (key in ref["metrics"]), (name, key)
             if key in ref["metrics"]:

@@ -312,6 +312,10 @@ def test_the_moe_preset_turns_on_token_level_band_and_veto():
             ["train.rollout_is=token", "train.recompute_old_logprobs=true"],
             "train.recompute_old_logprobs=True: the rollout correction reads vLLM's log-probs",
         ),
+        (
+            ["train.rollout_token_veto_threshold=1e-4", "rollout.structured_outputs=[verifier]"],
+            "rollout.structured_outputs=['verifier']: vLLM reports the log-probs of the constrained",
+        ),
     ],
 )
 def test_bad_settings_name_the_field_and_the_fix(overrides, message):
