@@ -12,9 +12,11 @@ their prompt[:-1] rows (as vLLM's prefix cache gives them). Per layout, one spaw
 * shared-prefix units (`shared_batch`, two groups and a single trajectory): the experts used equal
   the given ones at every token through the model (the prompt once, every response token); the
   replayed log-probs and the step's loss / grad norm equal those of the same batch packed unshared;
-* every layout's replayed log-probs, loss and grad norm equal the single-process ones;
-* the TP2 x SP x CP2 x EP2 spawn also moves the shared batch's routing through `exchange_routing`
-  from the ranks that "generated" it (references all-gathered, as the loop does): each rank gets
+* every layout's replayed log-probs, loss and grad norm equal the single-process ones, also at PP=2
+  (each stage replays its own layers; the counts are per (token, MoE layer) routing, so the stages'
+  sum is the single process's);
+* the TP2 x SP x CP2 x EP2 and PP2 x TP2 x SP x EP2 spawns also move the shared batch's routing
+  through `exchange_routing` from the ranks that "generated" it (references all-gathered, as the loop does): each rank gets
   exactly its DP share's units, equal to the rows laid out from whole samples, and a step on them
   equals the step on whole routing.
 
@@ -101,7 +103,8 @@ def _engine(hf_dir, ckpt, par, recompute="none"):
 
 
 def _used_rows(engine, samples):
-    """{(sample, token): expert ids [layers, topk] sorted} the routers used in the last pass."""
+    """{(sample, token): {MoE layer: expert ids [topk] sorted}} the routers of this rank used in the
+    last pass (a pipeline stage holds only its own layers)."""
     from megatron_spell.mcore.replay import pack_tokens
 
     packed = engine.pack(samples)
@@ -113,29 +116,31 @@ def _used_rows(engine, samples):
         tokens = pack_tokens(mb, samples, units)
         for row, p in enumerate(positions.tolist()):
             if p in tokens:  # not padding, not a pad sequence
-                ids = np.stack([used[c][row].numpy() for c in sorted(used)])
-                out[tokens[p]] = np.sort(ids, axis=-1)
+                out[tokens[p]] = {c: np.sort(used[c][row].numpy()) for c in used}
     engine.replay.used.clear()
     return out
 
 
 def _compare(used, routing, own=None) -> list[int]:
-    """[checked, mismatched, fallback, fallback_bad, own_differs] of one traced pass."""
+    """[checked, mismatched, fallback, fallback_bad, own_differs] of one traced pass, counted per
+    (token, MoE layer) routing."""
     checked = mismatched = fallback = fallback_bad = differs = 0
-    for (sid, tok), ids in used.items():
+    for (sid, tok), layers in used.items():
         given = routing[sid][tok]
-        if (given == 255).any():
-            fallback += 1
-            # the first MoE layer's input does not depend on the routing of other tokens, so
-            # there the router's own choice is the free pass's; deeper layers see replayed tokens
-            if own is not None:
-                fallback_bad += int(not np.array_equal(ids[0], own[(sid, tok)][0]))
-        else:
-            want = np.sort(given.astype(np.int64), -1)
-            checked += 1
-            mismatched += int(not np.array_equal(ids, want))
-            if own is not None:
-                differs += int(not np.array_equal(own[(sid, tok)], want))
+        for col, ids in layers.items():
+            if (given == 255).any():
+                fallback += 1
+                # the first MoE layer's input does not depend on the routing of other tokens, so
+                # there the router's own choice is the free pass's; deeper layers see replayed
+                # tokens
+                if own is not None and col == 0:
+                    fallback_bad += int(not np.array_equal(ids, own[(sid, tok)][0]))
+            else:
+                want = np.sort(given[col].astype(np.int64))
+                checked += 1
+                mismatched += int(not np.array_equal(ids, want))
+                if own is not None:
+                    differs += int(not np.array_equal(own[(sid, tok)][col], want))
     return [checked, mismatched, fallback, fallback_bad, differs]
 
 
@@ -284,6 +289,17 @@ FOUR_RANK = {
         {"exchange": True},
     ),
     "dp2_cp2_ep2": (dict(context_parallel_size=2, expert_model_parallel_size=2), {}),
+    # one MoE layer per stage: each stage replays its own layers' columns of the rows it receives
+    "pp2_tp2_sp_ep2": (
+        dict(
+            pipeline_model_parallel_size=2,
+            tensor_model_parallel_size=2,
+            sequence_parallel=True,
+            expert_model_parallel_size=2,
+            expert_tensor_parallel_size=1,
+        ),
+        {"exchange": True},
+    ),
 }
 
 
@@ -307,8 +323,8 @@ def _unit_tokens(samples, units) -> int:
 def _check_routing(res):
     samples = fixed_batch(vocab=500)
     c = res["counts"]
-    fallback = len(samples) + 2  # every last token, and two prompt rows of the first sample
-    assert c["checked"] + c["fallback"] == sum(s.num_tokens for s in samples), c
+    fallback = LAYERS * (len(samples) + 2)  # every last token, two prompt rows of the first sample
+    assert c["checked"] + c["fallback"] == LAYERS * sum(s.num_tokens for s in samples), c
     assert c["mismatched"] == 0, c
     assert c["fallback"] == fallback and c["fallback_bad"] == 0, c
     assert c["own_differs"] > c["checked"] // 2, c  # the given routing is not the router's
@@ -319,8 +335,8 @@ def _check_routing(res):
     assert sorted(res["units"]) == [1, 2, 4], res["units"]
     units = [[0, 2, 3, 5], [1, 6], [4]]
     c = res["shared_counts"]
-    assert c["checked"] + c["fallback"] == _unit_tokens(shared, units), c
-    assert c["mismatched"] == 0 and c["fallback"] == 3, c
+    assert c["checked"] + c["fallback"] == LAYERS * _unit_tokens(shared, units), c
+    assert c["mismatched"] == 0 and c["fallback"] == 3 * LAYERS, c
 
 
 def _max_diff(a, b) -> float:
@@ -351,8 +367,9 @@ def test_single_process_replay_uses_the_given_routing_shared_or_not(reference):
         _same_step(reference["recompute"][key], res[key], "recompute " + key)
 
 
-def test_replay_composes_with_tp_sp_cp_ep(moe, reference):
+def test_replay_composes_with_tp_sp_cp_ep_pp(moe, reference):
     results = run_distributed(_worker, 4, *moe, FOUR_RANK, timeout=900)[0]
+    assert sorted(results) == sorted(FOUR_RANK)
     ref = reference["single"]
     for name, res in results.items():
         _check_routing(res)
