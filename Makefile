@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ready
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo lint format clean-venv
+.PHONY: setup test test-fast demo learn lint format clean-venv
 
 # Create or refresh the virtual environment; a no-op when the requirement files are unchanged.
 setup: $(STAMP)
@@ -34,6 +34,11 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m megatron_spell demo
+
+# The learning run (docs/learning-run.md): train with configs/learn.yaml, evaluate the base and the trained
+# model on the held-out questions, write runs/learn-<time>/learning-run.{md,png}. ~2 hours on 2 cores.
+learn: setup
+	$(PY) tools/learning_run.py
 
 lint: setup
 	$(VENV)/bin/ruff check megatron_spell tools tests

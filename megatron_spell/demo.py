@@ -6,6 +6,11 @@
    `tools/convert_hf_to_megatron.py` would);
 3. runs SPELL training from `configs/demo.yaml` on one CPU rank: rollouts in vLLM, the update in Megatron,
    weight sync, TensorBoard/JSONL metrics, a checkpoint and the report PNG, and prints where they are.
+
+`--config` runs another SmolLM2 preset the same way: `configs/learn.yaml` is the learning run
+(docs/learning-run.md; `make learn` adds the before/after evaluation). The preset's relative corpus paths
+are taken from the repository, and its run directory is `runs/<run_name>-<time>` unless `run_name=` is
+given on the command line.
 """
 
 from __future__ import annotations
@@ -61,8 +66,10 @@ def _demo_config(
     hf_dir: Path, ckpt: Path, overrides: list[str] | None, config_path: Path = DEMO_CONFIG
 ) -> Any:
     """The preset with the built model filled in and its relative corpus paths taken from the repository."""
-    preset = load_config(config_path, list(overrides or []))
+    overrides = list(overrides or [])
+    preset = load_config(config_path, overrides)
     paths = ",".join(str(p if Path(p).is_absolute() else ROOT / p) for p in preset.data.paths)
+    named = any(o.startswith("run_name=") for o in overrides)  # a given name is used as is
     return load_config(
         config_path,
         [
@@ -70,8 +77,8 @@ def _demo_config(
             f"model.load={ckpt}",
             f"data.paths=[{paths}]",
             f"output_dir={ROOT / 'runs'}",
-            f"run_name={preset.run_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            *(o for o in overrides or [] if not o.startswith(("data.paths=", "run_name="))),
+            *([] if named else [f"run_name={preset.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"]),
+            *(o for o in overrides if not o.startswith("data.paths=")),
         ],
     )
 

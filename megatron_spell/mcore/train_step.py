@@ -529,24 +529,28 @@ class PolicyEngine:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=c.dp_cp_group)
         return {**dict(zip(keys, vec.tolist())), "mismatch_max": float(top.item())}
 
+    def _per_role(self, outputs: list[dict], key: str, top_key: str, shape) -> tuple:
+        """The micro-batches' per-role sums (`key`, of `shape`) and maxima (`top_key`, [roles]),
+        reduced over the ranks; with PP only the last stage holds values."""
+        c = self.ctx
+        sums = torch.zeros(shape, dtype=torch.float64)
+        top = torch.zeros(len(self._roles), dtype=torch.float64)
+        for o in outputs:
+            if key in o:
+                sums += o[key]
+                top = torch.maximum(top, o[top_key])
+        sums, top = sums.to(self._device), top.to(self._device)
+        for group in [c.dp_cp_group] if c.pp == 1 else [c.pp_group, c.dp_cp_group]:
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        return sums.cpu(), top.cpu()
+
     def _reduce_role_mismatch(self, outputs: list[dict]) -> dict[str, float]:
         """`logprob_mismatch_mean/<role>` and `_max/<role>` over the whole batch: a role whose
         rollout is constrained (rollout.structured_outputs) reports vLLM's masked distribution, so
         its gap is not the train/rollout numerics gap the others show (docs/learning-run.md)."""
-        c = self.ctx
         n = len(self._roles)
-        sums = torch.zeros(2, n, dtype=torch.float64)
-        top = torch.zeros(n, dtype=torch.float64)
-        for o in outputs:
-            if "mismatch_role" in o:
-                sums += o["mismatch_role"]
-                top = torch.maximum(top, o["mismatch_role_max"])
-        sums, top = sums.to(self._device), top.to(self._device)
-        groups = [c.dp_cp_group] if c.pp == 1 else [c.pp_group, c.dp_cp_group]
-        for group in groups:  # with PP, only the last stage holds values
-            dist.all_reduce(sums, group=group)
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        sums, top = sums.cpu(), top.cpu()
+        sums, top = self._per_role(outputs, "mismatch_role", "mismatch_role_max", (2, n))
         out = {}
         for i, role in enumerate(self._roles):
             if sums[1, i] > 0:
@@ -556,20 +560,9 @@ class PolicyEngine:
 
     def _reduce_correction(self, outputs: list[dict]) -> dict[str, float]:
         """Rollout-correction metrics of the whole batch, per role (sums; maxima by max)."""
-        c = self.ctx
-        n = len(self._roles)
-        sums = torch.zeros(n, len(SUM_KEYS), dtype=torch.float64)
-        top = torch.zeros(n, dtype=torch.float64)
-        for o in outputs:
-            if "corr_sums" in o:
-                sums += o["corr_sums"]
-                top = torch.maximum(top, o["corr_max"])
-        sums, top = sums.to(self._device), top.to(self._device)
-        groups = [c.dp_cp_group] if c.pp == 1 else [c.pp_group, c.dp_cp_group]
-        for group in groups:  # with PP, only the last stage holds values
-            dist.all_reduce(sums, group=group)
-            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        return correction_metrics(sums.cpu(), top.cpu(), self._roles)
+        shape = (len(self._roles), len(SUM_KEYS))
+        sums, top = self._per_role(outputs, "corr_sums", "corr_max", shape)
+        return correction_metrics(sums, top, self._roles)
 
     def _grads_finite(self) -> bool:
         """True when every rank's reduced gradients are finite (a nan/inf anywhere makes its sum so)."""
