@@ -324,6 +324,18 @@ def layer_spec(
     return spec if core_attention is None else _with_core_attention(spec, core_attention)
 
 
+def _norms_in_params_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The local spec's norms (`WrappedTorchNorm` builds `torch.nn.RMSNorm` / `LayerNorm` without a
+    dtype) hold fp32 weights in a bf16 model; Megatron's mixed-precision optimizer then keeps them out
+    of its float16 groups, and its `sharded_state_dict` cannot map their state ("Param id N does not
+    match any model sharded param": no bf16 checkpoint could be saved). Transformer Engine's norms are
+    in `params_dtype`, as HF's and vLLM's are: the local ones are cast to it too (in place, so
+    attributes such as `sequence_parallel` stay)."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(dtype)
+
+
 def build_model(
     hf_config: Any,
     ctx: ParallelContext,
@@ -362,6 +374,7 @@ def build_model(
             vp_stage=vp_stage,
             **rope,
         )
+        _norms_in_params_dtype(model, config.params_dtype)
         if torch.cuda.is_available():
             model = model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -78,3 +78,55 @@ def test_recompute_old_logprobs_takes_the_shortcut_step(dense):
     assert short["metrics"]["logprob_mismatch_mean"] > 0.1  # "vLLM's" log-probs are 2-6 nats off
     diffs = max_abs_diffs(short["params"], full["params"])
     assert max(diffs.values()) < TOL, max(diffs, key=diffs.get)
+
+
+def _bf16_resume(rank, world, hf_dir, ckpt, out_dir):
+    """bf16 policy: a step, save, a fresh policy loads it; then the same next step on both."""
+    import torch
+
+    from megatron_spell.config import load_config
+    from megatron_spell.mcore.model import load_hf_config
+    from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
+    from megatron_spell.mcore.policy import MegatronPolicy
+
+    config = load_config(
+        None,
+        [f"model.hf_dir={hf_dir}", f"model.load={ckpt}", "model.dtype=bf16", "train.lr=1e-3",
+         "train.adam_eps=1e-3", "train.recompute=none", "train.max_tokens_per_microbatch=64"],
+    )  # fmt: skip
+    ctx = init_parallel(config.parallel)
+    hf = load_hf_config(hf_dir)
+    policy = MegatronPolicy(config, ctx, hf)
+    dtypes = sorted({str(p.dtype) for c in policy.chunks for p in c.parameters()})
+    batch = responder_batch(shared_batch())
+    policy.update(batch)
+    policy.save(f"{out_dir}/ck")
+    resumed = MegatronPolicy(config, ctx, hf)
+    resumed.load(f"{out_dir}/ck")
+    params = max_abs_diffs(
+        full_tensors(policy.engine.models, ctx, "data"),
+        full_tensors(resumed.engine.models, ctx, "data"),
+    )
+
+    def main_params(pol):  # the optimizer's fp32 copies of the bf16 weights
+        opts = getattr(pol.optimizer, "chained_optimizers", [pol.optimizer])
+        return [p for o in opts for g in o.fp32_from_float16_groups for p in g]
+
+    main = [float((a - b).abs().max()) for a, b in zip(main_params(policy), main_params(resumed))]
+    nxt, nxt_resumed = policy.update(batch), resumed.update(batch)
+    destroy_parallel()
+    del torch
+    return to_numpy(
+        {"dtypes": dtypes, "params": params, "main": max(main), "next": nxt, "resumed": nxt_resumed}
+    )
+
+
+def test_bf16_checkpoint_saves_and_resumes_exactly(dense, tmp_path):
+    """Every parameter is bf16 (the local spec's norms used to stay fp32, and Megatron's
+    mixed-precision optimizer could not save their state), and a bf16 run resumes exactly: the same
+    weights, fp32 main params and next step."""
+    (got,) = run_distributed(_bf16_resume, 1, *dense, str(tmp_path), timeout=300)
+    assert got["dtypes"] == ["torch.bfloat16"]
+    assert max(got["params"].values()) == 0.0 and got["main"] == 0.0
+    for key in ("loss", "grad_norm"):
+        assert got["next"][key] == got["resumed"][key], key
