@@ -369,9 +369,7 @@ def score(
         ]
         rule_all += g.scores
         final_all += final
-        formatted += [
-            scorers.parse_prediction(q.parsed.task, o.text) is not None for o in g.completions
-        ]
+        formatted += [pred is not None for pred in g.predictions]
         trajs = tuple(
             Trajectory(
                 role=Role.RESPONDER,
