@@ -445,8 +445,7 @@ class TrainConfig:
                 veto,
                 "must be in (0, 1): a sequence with a token ratio below it is dropped (e.g. 1e-4)",
             )
-        on = self.rollout_is or self.rollout_rs or veto is not None
-        if on and self.recompute_old_logprobs:
+        if self.rollout_correction_on and self.recompute_old_logprobs:
             _fail(
                 "train",
                 "recompute_old_logprobs",
@@ -455,6 +454,14 @@ class TrainConfig:
                 "set train.recompute_old_logprobs=false (same old log-probs) or turn the "
                 "correction off",
             )
+
+    @property
+    def rollout_correction_on(self) -> bool:
+        """Any of the rollout correction's weights, masks or veto is configured."""
+        return (
+            bool(self.rollout_is or self.rollout_rs)
+            or self.rollout_token_veto_threshold is not None
+        )
 
     def __post_init__(self) -> None:
         _check_literals("train", self)
@@ -554,9 +561,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        t = self.train
-        correction = t.rollout_is or t.rollout_rs or t.rollout_token_veto_threshold is not None
-        if correction and self.rollout.structured_outputs:
+        if self.train.rollout_correction_on and self.rollout.structured_outputs:
             _fail(
                 "rollout",
                 "structured_outputs",

@@ -74,8 +74,7 @@ class CorrectionSpec:
     @classmethod
     def from_train(cls, train) -> CorrectionSpec | None:
         """The settings of a `TrainConfig`, or None when the correction is off (the default)."""
-        off = train.rollout_is is None and train.rollout_rs is None
-        if off and train.rollout_token_veto_threshold is None:
+        if not train.rollout_correction_on:
             return None
         is_low = is_high = rs_low = rs_high = None
         if train.rollout_is is not None:
