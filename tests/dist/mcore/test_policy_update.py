@@ -82,8 +82,6 @@ def test_recompute_old_logprobs_takes_the_shortcut_step(dense):
 
 def _bf16_resume(rank, world, hf_dir, ckpt, out_dir):
     """bf16 policy: a step, save, a fresh policy loads it; then the same next step on both."""
-    import torch
-
     from megatron_spell.config import load_config
     from megatron_spell.mcore.model import load_hf_config
     from megatron_spell.mcore.parallel import destroy_parallel, init_parallel
@@ -115,7 +113,6 @@ def _bf16_resume(rank, world, hf_dir, ckpt, out_dir):
     main = [float((a - b).abs().max()) for a, b in zip(main_params(policy), main_params(resumed))]
     nxt, nxt_resumed = policy.update(batch), resumed.update(batch)
     destroy_parallel()
-    del torch
     return to_numpy(
         {"dtypes": dtypes, "params": params, "main": max(main), "next": nxt, "resumed": nxt_resumed}
     )
