@@ -88,11 +88,12 @@ def trend(points: list[tuple[int, float]]) -> dict[str, float]:
 
 def eval_summary(path: Path) -> dict:
     """mean@n / pass@k with SEs (overall micro row), the answer-format share, and per-question means."""
+    from megatron_spell.eval.metrics import MICRO
     from megatron_spell.eval.report import METRICS, PREDICTIONS, read_predictions
     from megatron_spell.spell.scorers import parse_prediction
 
     payload = json.loads((path / METRICS).read_text())
-    micro = next(g for g in payload["groups"] if g["name"] == "overall (micro)")
+    micro = next(g for g in payload["groups"] if g["name"] == MICRO)
     preds = read_predictions(path / PREDICTIONS)
     texts = [(p["task"], s) for p in preds for s in p["predictions"]]
     ok = sum(parse_prediction(task, t) is not None for task, t in texts)
@@ -101,11 +102,11 @@ def eval_summary(path: Path) -> dict:
 
 
 def paired(before: dict, after: dict) -> tuple[float, float, int]:
+    from megatron_spell.eval.metrics import standard_error
+
     ids = sorted(set(before["per_q"]) & set(after["per_q"]))
     d = [after["per_q"][i] - before["per_q"][i] for i in ids]
-    mu = sum(d) / len(d)
-    se = math.sqrt(sum((x - mu) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else 0.0
-    return mu, se, len(d)
+    return sum(d) / len(d), standard_error(d), len(d)
 
 
 def plot(curves, evals, path: Path) -> None:
