@@ -29,6 +29,12 @@ from typing import Any
 
 from megatron_spell import preflight
 from megatron_spell.checkpointing import CheckpointManager, RLState, capture_rng, restore_rng
+from megatron_spell.collectives import (
+    HostGroups,
+    any_rank,
+    gather_rollout_results,
+    new_host_groups,
+)
 from megatron_spell.config import Config, dump_config, format_config
 from megatron_spell.loop import Collective, Run, replay_step, spell_step
 from megatron_spell.metrics import MetricsLogger
@@ -53,35 +59,22 @@ class _Preemption:
         self.requested = True
 
 
-def _collective(rollout_tp: int) -> Collective:
+def _collective(groups: HostGroups) -> Collective:
+    """The loop's collectives on the gloo groups (never the default group, NCCL on GPU)."""
     import torch.distributed as dist
 
-    world, rank = dist.get_world_size(), dist.get_rank()
-
-    def all_gather_object(obj: Any) -> list[Any]:
-        out: list[Any] = [None] * world
-        dist.all_gather_object(out, obj)
-        return out[::rollout_tp]  # one copy per rollout group (its TP ranks hold identical results)
-
+    tp = groups.rollout_tp_size
     return Collective(
-        rollout_rank=rank // rollout_tp,
-        rollout_world=world // rollout_tp,
-        is_writer=rank == 0,
-        all_gather_object=all_gather_object,
+        rollout_rank=dist.get_rank() // tp,
+        rollout_world=dist.get_world_size() // tp,
+        is_writer=dist.get_rank() == 0,
+        all_gather_object=functools.partial(gather_rollout_results, groups=groups),
     )
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any rank (so all ranks checkpoint and exit together)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple[Run, Any, Any]:
+def build_run(
+    config: Config, checked: DryRun, *, replay: bool = False
+) -> tuple[Run, Any, Any, HostGroups]:
     """Build data, model, optimizer and (unless replaying) the vLLM engine for this rank.
 
     `checked` is the pre-flight's result (the corpus it loaded and checked).
@@ -99,6 +92,7 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
     from megatron_spell.mcore.policy import MegatronPolicy
 
     ctx = init_parallel(config.parallel, seed=config.train.seed)
+    groups = new_host_groups(config.rollout.tensor_parallel_size)
     d = config.data
     corpus = checked.corpus
     log.info("corpus: %s", checked.corpus_stats)
@@ -146,12 +140,12 @@ def build_run(config: Config, checked: DryRun, *, replay: bool = False) -> tuple
         chat=chat,
         policy=policy,
         metrics=metrics,
-        collective=_collective(config.rollout.tensor_parallel_size),
+        collective=_collective(groups),
         rng=random.Random(config.train.seed),
         doc_rng=random.Random(config.train.seed + 1),
         reseed=functools.partial(_reseed, config.rollout.seed),
     )
-    return run, ctx, policy
+    return run, ctx, policy, groups
 
 
 def _reseed(seed: int, step: int) -> None:
@@ -193,7 +187,7 @@ def run(config: Config, *, replay_dir: str | None = None) -> int:
     checked = preflight.dry_run(config, world_size=world, replay_dir=replay_dir)
     run_dir = Path(config.run_dir)
     preempt = _Preemption()
-    run_, _ctx, policy = build_run(config, checked, replay=replay_dir is not None)
+    run_, _ctx, policy, groups = build_run(config, checked, replay=replay_dir is not None)
     rank = dist.get_rank()
     if rank == 0:
         dump_config(config, run_dir / "config.yaml")
@@ -223,7 +217,7 @@ def run(config: Config, *, replay_dir: str | None = None) -> int:
         else:
             spell_step(run_)
         interval = config.checkpoint.save_interval
-        if _any_rank(preempt.requested):
+        if any_rank(preempt.requested, groups):
             save()
             log.warning(
                 "preempted: checkpoint of step %d written; exiting with code %d (requeue)",
