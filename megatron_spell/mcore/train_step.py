@@ -276,7 +276,9 @@ class PolicyEngine:
             cu_seqlens_kv_padded=mb.cu_seqlens_padded.to(d),
             max_seqlen_q=mb.max_seqlen,
             max_seqlen_kv=mb.max_seqlen,
-            cp_group=self.ctx.cp_group,
+            # None: the attention and RoPE take the static CP group from pg_collection; a group
+            # here makes TE re-register its CP communicator at every attention call
+            cp_group=None,
             unit_segments=mb.unit_segments,
         )
         if self.shared_prefix:

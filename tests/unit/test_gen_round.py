@@ -7,7 +7,7 @@ import pytest
 
 from megatron_spell.config import SpellConfig
 from megatron_spell.gen_round import QuestionerInput, run_gen_round
-from megatron_spell.rollout.lockstep import LockstepEngine
+from megatron_spell.rollout.roles import RoleEngine
 from megatron_spell.spell import prompts
 from megatron_spell.types import CaseType, Completion, DocSet, Role, Task
 
@@ -88,7 +88,7 @@ class FakeGenerator:
 
 def one_rank(gen, structured=()):
     """The round's role-level generator over a scripted engine on a single rank."""
-    return LockstepEngine(gen, structured=structured, lockstep=False)
+    return RoleEngine(gen, structured=structured)
 
 
 def run_round(gen, chat, inputs, spell, *, structured=(), uid_prefix="x"):
@@ -191,14 +191,14 @@ def test_structured_roles_call_once_per_task_with_their_constraints():
         SpellConfig(responder_n=2, verifier_n=2, verifier_tasks=("doc_general_qa",)),
         structured=("questioner", "responder"),
     )
-    tasks = list(Task)  # general QA, MC, docmath
-    # one call per task, also docmath_qa: no prompts here, not in spell.verifier_tasks (lockstep)
-    assert gen.calls[:3] == [(1, 1), (2, 1), (0, 1)]
-    assert gen.schemas[:3] == [output_constraint("questioner", t) for t in tasks]
-    # the grounding pre-filter and the responder are responder calls: constrained per task too
-    assert gen.schemas[3:9] == [output_constraint("responder", t) for t in tasks] * 2
-    assert [n for _, n in gen.calls[3:9]] == [1, 1, 1, 2, 2, 2]
-    assert gen.schemas[9:] == [None] * (len(gen.schemas) - 9)  # the verifier is not constrained
+    tasks = [Task.DOC_GENERAL_QA, Task.DOC_MC]  # in Task order; docmath_qa has no prompts: no call
+    assert gen.calls[:2] == [(1, 1), (2, 1)]
+    assert gen.schemas[:2] == [output_constraint("questioner", t) for t in tasks]
+    # the grounding pre-filter and the responder are responder calls, constrained by task; here
+    # only the general QA question parses, so the MC calls (no prompts) are not made
+    general = output_constraint("responder", Task.DOC_GENERAL_QA)
+    assert gen.calls[2:4] == [(1, 1), (1, 2)] and gen.schemas[2:4] == [general, general]
+    assert gen.schemas[4:] == [None] * (len(gen.schemas) - 4)  # the verifier is not constrained
     assert [s.uid for s in res.questioner] == ["xq0", "xq1", "xq2"]  # results keep input order
 
 

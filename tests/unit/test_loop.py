@@ -10,8 +10,8 @@ from megatron_spell.data.history import HistoryMemory
 from megatron_spell.data.sampler import DomainSampler
 from megatron_spell.loop import Collective, Run, spell_step
 from megatron_spell.metrics import MetricsLogger
-from megatron_spell.rollout.lockstep import LockstepEngine
 from megatron_spell.rollout.metrics import WeightSyncStats
+from megatron_spell.rollout.roles import RoleEngine
 from megatron_spell.spell.batching import BatchNotReadyError
 from megatron_spell.types import DocSet, Role, Task
 from tests.helpers.clock import FakeClock
@@ -24,28 +24,52 @@ DOCS = [
 
 
 class Engine(FakeGenerator):
-    def __init__(self, chat):
+    def __init__(self, chat, events=None):
         super().__init__(chat)
         self.loaded = []
+        self.events = [] if events is None else events
+
+    def generate(self, prompt_ids, n, *, max_tokens=None, constraint=None):
+        self.events.append("generate")
+        return super().generate(prompt_ids, n, max_tokens=max_tokens, constraint=constraint)
 
     def load_weights(self, weights):
         self.loaded.append(list(weights))
+        self.events.append("engine.load_weights")
         return WeightSyncStats(seconds=0.0, num_bytes=0, num_tensors=len(self.loaded[-1]))
+
+    def sleep(self, level=1):
+        self.events.append(f"engine.sleep({level})")
+
+    def wake_up(self, tags=None):
+        self.events.append(f"engine.wake_up({','.join(tags)})")
 
 
 class Policy:
-    def __init__(self):
+    def __init__(self, events=None):
         self.batches = []
+        self.events = [] if events is None else events
 
     def update(self, batch):
         self.batches.append(batch)
+        self.events.append("policy.update")
         return {"loss": 0.5, "grad_norm": 1.0}
 
     def export_weights(self):
+        self.events.append("policy.export_weights")
         yield [("model.embed_tokens.weight", [0.0])]
 
+    def onload(self):
+        self.events.append("policy.onload")
 
-def make_run(tmp_path, *overrides, docs=DOCS):
+    def offload_training_state(self):
+        self.events.append("policy.offload_training_state")
+
+    def offload_params(self):
+        self.events.append("policy.offload_params")
+
+
+def make_run(tmp_path, *overrides, docs=DOCS, events=None):
     cfg = load_config(
         None,
         [
@@ -75,9 +99,9 @@ def make_run(tmp_path, *overrides, docs=DOCS):
         sampler=sampler,
         history=HistoryMemory(3, lower=0.01, upper=0.99),
         curriculum=CurriculumSchedule(),
-        engine=LockstepEngine(Engine(chat), lockstep=False),
+        engine=RoleEngine(Engine(chat, events), sleep_level=cfg.rollout.sleep_level),
         chat=chat,
-        policy=Policy(),
+        policy=Policy(events),
         metrics=MetricsLogger(tmp_path, tensorboard=False),
         collective=Collective(),
         rng=random.Random(0),
@@ -105,6 +129,57 @@ def test_step_builds_batch_updates_and_syncs(tmp_path, monkeypatch):
     # questions with 0 < success < 1 were remembered for their rows
     assert out["data/history_size"] >= 1
     assert run.step == 1
+
+
+def test_the_device_changes_hands_in_order_and_memory_is_logged_at_each_transition(
+    tmp_path, caplog
+):
+    """docs/architecture.md "One step on one device": vLLM sleeps before the update, Megatron's state
+    comes back for it and leaves after it, the weights wake for the sync, the KV cache after it."""
+    events = []
+    run = make_run(tmp_path, events=events)
+    readings = iter(range(100))
+    run.device_memory = lambda: {"allocated_gib": float(next(readings)), "free_gib": 1.0}
+    run.empty_cache = lambda: events.append("empty_cache")
+    with caplog.at_level("INFO", logger="megatron_spell.loop"):
+        out = spell_step(run)
+    after = events[len(events) - events[::-1].index("generate") :]  # the last generate on
+    assert after == [
+        "engine.sleep(2)",
+        "empty_cache",
+        "policy.onload",
+        "policy.update",
+        "policy.offload_training_state",
+        "empty_cache",
+        "engine.wake_up(weights)",
+        "policy.export_weights",
+        "engine.load_weights",
+        "policy.offload_params",
+        "empty_cache",
+        "engine.wake_up(kv_cache)",
+    ]
+    transitions = [
+        "generated",
+        "rollout_asleep",
+        "policy_onloaded",
+        "updated",
+        "training_state_offloaded",
+        "weights_awake",
+        "synced",
+        "params_offloaded",
+        "kv_cache_awake",
+    ]
+    assert [out[f"memory/{t}/allocated_gib"] for t in transitions] == list(range(9))
+    (line,) = [r.message for r in caplog.records if "memory GiB" in r.message]
+    assert line.startswith("step 1 memory GiB (allocated/free): generated 0.00/1.00 | ")
+    assert [part.split()[0] for part in line.split(": ", 1)[1].split(" | ")] == transitions
+
+
+def test_sleep_level_0_keeps_the_engine_resident(tmp_path):
+    events = []
+    spell_step(make_run(tmp_path, "rollout.sleep_level=0", events=events))
+    assert not [e for e in events if e.startswith(("engine.sleep", "engine.wake_up"))]
+    assert "policy.update" in events
 
 
 def test_shortfall_errors_or_trains_available(tmp_path):

@@ -228,20 +228,6 @@ def test_dry_run_and_train_fail_alike(case, setup, capsys, monkeypatch):
     assert rc == 2 and expected in out.err, out.err
 
 
-def test_moe_on_cpu_needs_one_vllm_replica(setup, capsys, monkeypatch):
-    """On a CPU target the MoE model needs vLLM data parallel 1; --plan (no target) skips it."""
-    _, overrides = setup
-    monkeypatch.setattr(preflight, "target_has_gpu", lambda: False)
-    expected = "config rollout.tensor_parallel_size=4: gives vLLM data-parallel size 16 for a MoE"
-    for run in (
-        lambda: dry_run(capsys, overrides),
-        lambda: train_run(capsys, monkeypatch, overrides),
-    ):
-        rc, out = run()
-        assert rc == 2 and expected in out.err and "rollout.tensor_parallel_size=64" in out.err
-    assert main(["train", "--config", str(PRESET), "--plan", *overrides]) == 0
-
-
 def test_replay_dir_checked_alike(setup, capsys, monkeypatch):
     tmp, overrides = setup
     expected = f"--replay {tmp / 'none'}: no such directory"
@@ -275,14 +261,14 @@ def test_train_rejects_a_world_other_than_declared(setup, capsys, monkeypatch):
 
 
 def test_rollout_world_rules():
-    preflight.check_rollout_world(2, 4, moe=True, on_gpu=True)
-    preflight.check_rollout_world(4, 4, moe=True, on_gpu=False)
-    preflight.check_rollout_world(1, 4, moe=False, on_gpu=False)
-    preflight.check_rollout_world(1, 4, moe=True, on_gpu=None)  # unknown target: not judged
+    preflight.check_rollout_world(2, 4)
+    preflight.check_rollout_world(1, 4)  # four independent replicas, MoE or not
     with pytest.raises(ValueError, match="does not divide the world size 1"):
-        preflight.check_rollout_world(2, 1, moe=False, on_gpu=True)
-    with pytest.raises(ValueError, match="data-parallel size 2 for a MoE"):
-        preflight.check_rollout_world(2, 4, moe=True, on_gpu=False)
+        preflight.check_rollout_world(2, 1)
+    with pytest.raises(
+        ValueError, match=r"config --tp=3: does not divide the world size 4.*\[1, 2, 4\]"
+    ):
+        preflight.check_rollout_world(3, 4, field="--tp")
 
 
 def test_bare_dist_checkpoint_accepted(tmp_path):

@@ -27,9 +27,8 @@ from megatron_spell.convert import (
     megatron_to_hf,
 )
 from megatron_spell.convert.hf_io import iter_hf_tensors
-from megatron_spell.families import FAMILIES, ModelFamily
+from megatron_spell.families import FAMILIES, ModelFamily, is_moe_config
 from megatron_spell.layout import ModelShape
-from megatron_spell.rollout.engine import _is_moe
 from tests.helpers.tiny_models import renamed_family, tiny_family_config_kwargs
 
 # Hand-written facts of the shipped families (an independent reference for the registry).
@@ -59,11 +58,6 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(cfg.to_json_string())
 
 
-def engine_is_moe(cfg: Any, tmp_path: Path) -> bool:
-    (tmp_path / "config.json").write_text(cfg.to_json_string())
-    return _is_moe(str(tmp_path))
-
-
 def test_shipped_families_are_registered_with_their_facts():
     facts = {
         n: (f.architectures[0], f.qkv_bias, f.qk_norm, f.moe is not None)
@@ -89,7 +83,7 @@ def test_every_reader_takes_the_family_facts_from_the_registry(name, tmp_path):
     shape = ModelShape.from_hf_config(config_dict(cfg))
     assert (shape.num_experts, shape.moe_topk) == ((4, 2) if family.moe else (0, 0))
     assert shape.architecture == family.architectures[0]
-    assert engine_is_moe(cfg, tmp_path) == (family.moe is not None)
+    assert is_moe_config(config_dict(cfg)) == (family.moe is not None)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +180,7 @@ def test_a_new_entry_needs_no_edit_elsewhere(base_name, monkeypatch, tmp_path):
     shape = ModelShape.from_hf_config(config_dict(cfg))
     assert shape.architecture == arch
     assert shape.num_experts == (4 if base.moe else 0)
-    assert engine_is_moe(cfg, tmp_path) == (base.moe is not None)
+    assert is_moe_config(config_dict(cfg)) == (base.moe is not None)
     base_cfg = hf_config_of(base)
     assert expected_megatron_names(cfg) == expected_megatron_names(base_cfg)
     converter_roundtrip(cfg, tmp_path / "hf")

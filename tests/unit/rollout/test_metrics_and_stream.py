@@ -52,18 +52,27 @@ def test_flatten_buckets_and_tied_head():
     ]
 
 
-def test_engine_settings_validation_and_moe_detection(tmp_path):
-    import json
-
+def test_engine_settings_validation_and_replica_kwargs(monkeypatch):
     from megatron_spell.config import RolloutConfig
-    from megatron_spell.rollout.engine import _is_moe
+    from megatron_spell.rollout import engine
 
     assert RolloutConfig(max_prompt_length=10, max_response_length=6).max_model_len == 16
     with pytest.raises(ValueError, match="logprobs_mode"):
         RolloutConfig(logprobs_mode="raw_logits")
     with pytest.raises(ValueError, match="max_prompt_length"):
         RolloutConfig(max_prompt_length=0)
-    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 4}))
-    assert _is_moe(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 4}))
-    assert not _is_moe(str(tmp_path))
+    with pytest.raises(ValueError, match="sleep_level"):
+        RolloutConfig(sleep_level=3)
+    s = RolloutConfig(tensor_parallel_size=2, max_prompt_length=100, max_response_length=28)
+    monkeypatch.setattr(engine, "_dist_world", lambda: (5, 8))
+    kw = engine._llm_kwargs("/m", s, "bfloat16", dummy_weights=True)
+    # four independent TP=2 replicas: external launcher, no vLLM data parallel group
+    assert kw["distributed_executor_backend"] == "external_launcher"
+    assert "data_parallel_size" not in kw and kw["tensor_parallel_size"] == 2
+    assert kw["seed"] == 2  # rank 5 is in replica 2; its TP peer (rank 4) samples alike
+    assert kw["load_format"] == "dummy" and kw["enforce_eager"]  # CPU: eager
+    monkeypatch.setattr(engine, "_dist_world", lambda: (0, 1))
+    kw = engine._llm_kwargs("/m", RolloutConfig(), "float32")
+    assert "distributed_executor_backend" not in kw and "load_format" not in kw
+    with pytest.raises(ValueError, match="does not divide the world size 1"):
+        engine._llm_kwargs("/m", s, "float32")

@@ -1,17 +1,16 @@
-"""Lockstep generation: every rank makes the same sequence of engine `generate` calls.
+"""Role-level generation over one rollout engine, and the engine's phase transitions
+(docs/architecture.md "Process model").
 
-With several ranks the vLLM engines run data parallel and step in lockstep: each `generate` loops until
-every rank's requests are done, so a rank that skips a call (it has nothing to generate) leaves the other
-ranks waiting for it forever. `LockstepEngine` is the one place that rule lives:
+Every rollout TP group hosts an independent vLLM engine (vLLM's "external data parallel",
+rollout/engine.py): a rank's engine calls never wait for another group's, so a rank with nothing to
+generate (every prompt over `rollout.max_prompt_length`, or no questions left) simply makes no call.
 
-* `generate(role, tasks, prompts, n)` is role level. An unconstrained role makes one engine call. A role
-  named in `rollout.structured_outputs` makes one constrained call per task, in `Task` order, whether or
-  not this rank has prompts of that task (the verifier: one call, its format is the same for every task).
-* An engine call without prompts still enters the engine on a lockstep rank, as a one-token dummy request.
-  On one rank (or one rollout group) the empty call goes through as it is and costs nothing.
-
-The sequence of engine calls therefore depends only on the roles called and the config, never on a rank's
-prompts. The weight load (`load_weights`) returns the sync metrics of the loop (`sync/*`).
+* `generate(role, tasks, prompts, n)`: an unconstrained role makes one engine call. A role named in
+  `rollout.structured_outputs` makes one constrained call per task that has prompts, in `Task` order
+  (the verifier: one call, its format is the same for every task). No prompts: no call.
+* `load_weights(buckets)`: the in-place weight load; returns the loop's sync metrics (`sync/*`).
+* `sleep()` / `wake_up(tags)`: the engine releases its memory while Megatron trains and takes it
+  back in stages (`rollout.sleep_level`); no-ops on CPU, see `RolloutEngine.sleep`.
 
 No vLLM import: the engine (`rollout.engine.RolloutEngine`, or a fake in tests) is injected.
 """
@@ -23,9 +22,6 @@ from typing import Any, Protocol
 
 from megatron_spell.spell.schemas import output_constraint
 from megatron_spell.types import Completion, OutputConstraint, Role, Task
-
-# the request a lockstep rank sends when it has nothing to generate (its output is thrown away)
-DUMMY_PROMPT: tuple[int, ...] = (0,)
 
 
 class SyncStats(Protocol):
@@ -39,10 +35,8 @@ class SyncStats(Protocol):
 
 
 class TokenEngine(Protocol):
-    """The engine under the wrapper: generation on token ids and the in-place weight load.
-
-    An excluded (over-long) prompt yields an empty list.
-    """
+    """The engine under the wrapper: generation on token ids, the in-place weight load and the
+    memory release of the colocated step. An excluded (over-long) prompt yields an empty list."""
 
     def generate(
         self,
@@ -55,20 +49,24 @@ class TokenEngine(Protocol):
 
     def load_weights(self, weights: Iterator[list[tuple[str, Any]]]) -> SyncStats: ...
 
+    def sleep(self, level: int = 1) -> None: ...
 
-class LockstepEngine:
-    """Role-level generation with the same engine calls on every rank; see the module docstring."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None: ...
+
+
+class RoleEngine:
+    """Role-level generation and the phase transitions of one engine; see the module docstring."""
 
     def __init__(
-        self, engine: TokenEngine, *, structured: Collection[str] = (), lockstep: bool
+        self, engine: TokenEngine, *, structured: Collection[str] = (), sleep_level: int = 2
     ) -> None:
         """`structured`: the roles constrained to the formats of docs/spell-algorithm.md §2.3
-        (rollout.structured_outputs); `lockstep`: several rollout groups step together (vLLM data
-        parallel), so empty calls are dummies.
+        (rollout.structured_outputs); `sleep_level`: vLLM's sleep level while Megatron trains
+        (rollout.sleep_level: 1 keeps a host copy of the weights, 2 drops them, 0 stays resident).
         """
         self.engine = engine
         self.structured = frozenset(Role(r) for r in structured)
-        self.lockstep = lockstep
+        self.sleep_level = sleep_level
 
     def generate(
         self,
@@ -105,8 +103,7 @@ class LockstepEngine:
         max_tokens: int | None,
         constraint: OutputConstraint | None,
     ) -> list[list[Completion]]:
-        if not prompts and self.lockstep:
-            self.engine.generate([DUMMY_PROMPT], 1, max_tokens=1)
+        if not prompts:
             return []
         return self.engine.generate(prompts, n, max_tokens=max_tokens, constraint=constraint)
 
@@ -118,3 +115,13 @@ class LockstepEngine:
             "bytes": float(stats.num_bytes),
             "gb_per_s": stats.gb_per_s,
         }
+
+    def sleep(self) -> None:
+        """Release the KV cache (and, at level 2, the weights) before the update; level 0: stay."""
+        if self.sleep_level:
+            self.engine.sleep(level=self.sleep_level)
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        """Take back what `sleep` released: "weights" before the sync, "kv_cache" after it."""
+        if self.sleep_level:
+            self.engine.wake_up(tags)
